@@ -1,0 +1,1 @@
+"""Subcommands of `fleet`, one module per group; each exposes `register(app)`."""

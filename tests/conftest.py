@@ -1,0 +1,57 @@
+"""Fixtures every test area shares: a real Redis server and tiny Hugging Face model folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("FLEET_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow scenario: run with --runslow or FLEET_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator:
+    """One real redis-server for the whole session, on a free loopback port."""
+    from fleet.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`model_factory("llama")` -> path of a tiny model folder, built once per session per args."""
+    from fleet.model_factory import make_model
+
+    root = tmp_path_factory.mktemp("models")
+    built: dict[tuple, Path] = {}
+
+    def build(arch: str = "llama", size: str = "tiny", seed: int = 0, **overrides) -> Path:
+        key = (arch, size, seed, tuple(sorted(overrides.items())))
+        if key not in built:
+            name = f"{arch}-{size}-{seed}-{len(built)}"
+            built[key] = make_model(root / name, arch=arch, size=size, seed=seed, **overrides)
+        return built[key]
+
+    return build
