@@ -64,12 +64,33 @@ class EmbeddedRedis:
             self.data_dir = Path(self._tmp.name)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(self.host)
-        cmd = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
-               "--appendonly", "no", "--dir", str(self.data_dir), "--daemonize", "no",
-               "--protected-mode", "yes", "--loglevel", "warning"]
+        cmd = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+        ]
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
