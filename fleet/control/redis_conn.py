@@ -1,0 +1,98 @@
+"""Redis clients for the control plane: short timeouts so a dead or slow Redis never hangs a request.
+
+Every server and command that talks to Redis takes `--redis-url`, falling back to the environment
+variable `FLEET_REDIS_URL`, then to `DEFAULT_REDIS_URL`.
+
+Key layout (all under one prefix, default `fleet`, so several fleets or tests can share a server):
+  membership  `{prefix}:replicas` (ZSET id -> last write, ms), `{prefix}:replica:{id}` (JSON,
+              TTL for leases), channel `{prefix}:replicas:events`
+  keys        `{prefix}:keys` (SET of key ids), `{prefix}:key:{id}` (JSON record),
+              `{prefix}:keyhash:{sha256}` -> id, `{prefix}:key:{id}:rpm|tpm` (HASH second -> count),
+              `{prefix}:key:{id}:slots` (ZSET ticket -> deadline, ms), `{prefix}:key:{id}:usage`
+              (HASH), channel `{prefix}:keys:events`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL_ENV = "FLEET_REDIS_URL"
+DEFAULT_PREFIX = "fleet"
+
+# Short enough that a request waiting on Redis still answers quickly, long enough for a busy box.
+SOCKET_TIMEOUT_S = 0.5
+CONNECT_TIMEOUT_S = 0.5
+
+# What "Redis is unavailable" looks like: callers fall back or fail closed on these, never crash.
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    OSError,
+    asyncio.TimeoutError,
+    TimeoutError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+def resolve_redis_url(url: str | None = None) -> str:
+    """An explicit URL wins, then `FLEET_REDIS_URL`, then the local default."""
+    return url or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+
+
+def add_redis_url_argument(parser: argparse.ArgumentParser) -> None:
+    """`--redis-url` for the argparse-based servers (router, replica), defaulting from the env."""
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get(REDIS_URL_ENV),
+        help=f"Redis of the fleet's control plane (env {REDIS_URL_ENV})",
+    )
+
+
+def async_client(
+    url: str | None = None,
+    *,
+    socket_timeout: float = SOCKET_TIMEOUT_S,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+    max_connections: int = 64,
+) -> aioredis.Redis:
+    """A `redis.asyncio` client (bytes in, bytes out) that gives up fast instead of retrying.
+
+    Its pool makes a burst of callers queue for a connection (up to `socket_timeout`) rather
+    than fail, so a burst is not mistaken for an outage.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        resolve_redis_url(url),
+        max_connections=max_connections,
+        timeout=socket_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def sync_client(
+    url: str | None = None,
+    *,
+    socket_timeout: float = 2.0,
+    connect_timeout: float = 2.0,
+) -> redis.Redis:
+    """A blocking client for the CLI, where a slightly longer wait beats a spurious failure."""
+    return redis.Redis.from_url(
+        resolve_redis_url(url),
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
