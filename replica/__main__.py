@@ -1,0 +1,113 @@
+"""`python -m replica` (also `fleet replica`): serve one model over the OpenAI API.
+
+SIGTERM (or a first Ctrl-C) drains: new requests get 503, in-flight ones finish within
+`--drain-grace` seconds, the replica leaves the fleet's membership, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from fleet.control.redis_conn import add_redis_url_argument
+from replica.config import EngineArgs
+
+API_KEY_ENV = "FLEET_REPLICA_API_KEY"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fleet replica", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face folder or hub id")
+    p.add_argument("--served-model-name", help="name clients use (default: --model as given)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    engine.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    engine.add_argument("--max-model-len", type=int)
+    engine.add_argument("--max-num-seqs", type=int, default=256)
+    engine.add_argument("--max-num-batched-tokens", type=int)
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--kv-cache-tokens", type=int, help="KV cache size in tokens (exact)")
+    engine.add_argument("--kv-cache-memory", type=int, help="KV cache budget in bytes (CPU)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
+    )
+    engine.add_argument("--kernel-backend", default="auto", help="auto, torch or triton")
+    engine.add_argument("--seed", type=int, default=0)
+    fleet = p.add_argument_group("fleet")
+    fleet.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"static key (env {API_KEY_ENV})"
+    )
+    add_redis_url_argument(fleet)
+    fleet.add_argument("--advertise-url", help="URL routers use to reach this replica")
+    fleet.add_argument("--replica-id", help="membership id (default: random)")
+    serving = p.add_argument_group("serving")
+    serving.add_argument(
+        "--max-waiting", type=int, help="503 new requests while this many are queued"
+    )
+    serving.add_argument(
+        "--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
+    )
+    serving.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    serving.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    """EngineArgs from the flags of the same names, so the two can never drift apart."""
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values["served_model_name"] = args.served_model_name or args.model
+    return EngineArgs(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        eargs = engine_args(args)
+    except ValueError as exc:
+        print(f"fleet replica: {exc}", file=sys.stderr)
+        return 2
+    # Server-only imports stay here: `from replica import LLM` must work without them.
+    import uvicorn
+
+    from replica.async_engine import AsyncEngine
+    from replica.server.app import build_app
+    from replica.server.runtime import ServerSettings
+    from replica.server.serve import DrainingServer
+
+    settings = ServerSettings(
+        model=args.model,
+        served_model_name=eargs.served_model_name or args.model,
+        host=args.host,
+        port=args.port,
+        device=str(eargs.resolve_device()),
+        api_key=args.api_key,
+        redis_url=args.redis_url,
+        advertise_url=args.advertise_url,
+        replica_id=args.replica_id,
+        max_waiting=args.max_waiting,
+        drain_grace_s=args.drain_grace,
+        max_body_bytes=args.max_body_bytes,
+    )
+    app = build_app(settings, lambda: AsyncEngine(eargs))
+    # The drain already waited for in-flight work; uvicorn's own wait only has to close sockets.
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
+        timeout_graceful_shutdown=2,
+    )  # fmt: skip
+    server = DrainingServer(config, app.state.runtime)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

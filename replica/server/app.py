@@ -1,0 +1,91 @@
+"""The replica's ASGI app: routes, error handlers, request counting, and the runtime's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from replica.server import info_routes
+from replica.server.body import json_response
+from replica.server.chat import create_chat_completion
+from replica.server.completions import create_completion
+from replica.server.errors import EXCEPTION_HANDLERS
+from replica.server.metrics import ServerMetrics
+from replica.server.openapi import openapi_document
+from replica.server.runtime import ReplicaRuntime, ServerSettings
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(openapi_document())
+
+
+ROUTES = [
+    Route("/v1/completions", create_completion, methods=["POST"]),
+    Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+    Route("/v1/models", info_routes.list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", info_routes.get_model, methods=["GET"]),
+    Route("/tokenize", info_routes.tokenize, methods=["POST"]),
+    Route("/detokenize", info_routes.detokenize, methods=["POST"]),
+    Route("/health", info_routes.health, methods=["GET"]),
+    Route("/load", info_routes.load, methods=["GET"]),
+    Route("/metrics", info_routes.metrics, methods=["GET"]),
+    Route("/version", info_routes.version_route, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+]
+
+
+class RequestCounter:
+    """Counts every response by route template and status (pure ASGI: leaves `receive` untouched,
+    so the handlers' disconnect watching sees the real channel)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(_route_of(scope), str(status)).inc()
+
+
+def _route_of(scope: Scope) -> str:
+    """The router leaves the matched route in the (shared) scope; unknown paths have none."""
+    route = scope.get("route")
+    return route.path if isinstance(route, Route) else "unmatched"
+
+
+def build_app(settings: ServerSettings, engine_factory: Callable[[], Any]) -> Starlette:
+    """`engine_factory` builds the AsyncEngine (called in a thread at startup: loading is slow)."""
+    runtime = ReplicaRuntime(settings, engine_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.state.runtime = runtime
+    app.add_middleware(RequestCounter, metrics=runtime.metrics)
+    return app

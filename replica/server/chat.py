@@ -1,0 +1,142 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template, `n` choices, chat
+logprobs, whole or streamed (a role chunk per choice first, then content deltas)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from fleet.control.errors import APIError
+from replica.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from replica.sampling_params import SamplingParams
+from replica.server.body import json_response, read_body, runtime_of
+from replica.server.generation import RequestScope, run_prompt, sampling_params
+from replica.server.prompts import check_length, encode_chat, render_chat
+from replica.server.protocol import ChatCompletionRequest, parse_body, plain_messages
+from replica.server.responses import (
+    ResponseHead,
+    chat_choice,
+    chat_chunk,
+    chat_logprobs,
+    chat_response,
+    usage,
+    usage_chunk,
+)
+from replica.server.sse import SSEResponse, frame, until_disconnect
+
+
+async def create_chat_completion(request: Request) -> Response:
+    arrival = time.time()
+    runtime = runtime_of(request)
+    record = await runtime.auth.authenticate(request)
+    engine = runtime.accept()
+    body = parse_body(ChatCompletionRequest, await read_body(request))
+    model = runtime.check_model(body.model)
+    text = render_chat(
+        engine.tokenizer,
+        plain_messages(body.messages),
+        body.add_generation_prompt,
+        body.continue_final_message,
+        body.chat_template_kwargs,
+    )
+    prompt_ids = encode_chat(engine.tokenizer, text)
+    requested = body.requested_max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    # Without a limit the completion may use the rest of the context.
+    max_tokens = requested or max(1, engine.max_model_len - len(prompt_ids))
+    check_length(len(prompt_ids), max_tokens, engine.max_model_len, param)
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, runtime.vocab_size, max_tokens, top_n)
+    admission = await runtime.auth.admit(record, model, len(prompt_ids) + max_tokens * params.n)
+    job = ChatJob(
+        RequestScope(runtime, admission, arrival),
+        ResponseHead.new("chatcmpl", model),
+        body,
+        prompt_ids,
+        params,
+        top_n,
+    )
+    if body.stream:
+        return SSEResponse(job.stream(), on_close=job.scope.close)
+    try:
+        return json_response(await until_disconnect(request, job.collect()))
+    finally:
+        await job.scope.close()
+
+
+@dataclass
+class ChatJob:
+    scope: RequestScope
+    head: ResponseHead
+    body: ChatCompletionRequest
+    prompt_ids: list[int]
+    params: SamplingParams
+    top_n: int | None  # None: no logprobs
+
+    def _outputs(self) -> AsyncIterator[RequestOutput]:
+        runtime = self.scope.runtime
+        return run_prompt(runtime, self.head.id, self.prompt_ids, self.params, self.scope.arrival)
+
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        texts = self.scope.runtime.texts
+        if self.top_n is None or texts is None:
+            return None
+        return chat_logprobs(entries or [], texts, self.top_n)
+
+    def _usage(self, final: RequestOutput) -> dict:
+        completion = sum(len(o.token_ids) for o in final.outputs)
+        return usage(len(self.prompt_ids), completion, final.num_cached_tokens)
+
+    async def collect(self) -> dict:
+        final = None
+        async for out in self._outputs():
+            final = out
+        if final is None or not final.finished:
+            raise APIError(500, "the engine ended a request without finishing it")
+        choices = [
+            chat_choice(o.index, o.text, self._logprobs(o.logprobs), o.finish_reason)
+            for o in final.outputs
+        ]
+        body_usage = self._usage(final)
+        await self.scope.settle(body_usage["prompt_tokens"], body_usage["completion_tokens"])
+        return chat_response(self.head, choices, body_usage)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        include_usage = self.body.include_usage
+        head = self.head
+        role = {"role": "assistant", "content": ""}
+        yield b"".join(
+            frame(orjson.dumps(chat_chunk(head, k, role, None, None, include_usage)))
+            for k in range(self.params.n)
+        )
+        done: set[int] = set()
+        final = None
+        async for out in self._outputs():
+            final = out
+            frames = [
+                frame(orjson.dumps(chat_chunk(head, o.index, *self._delta(o), include_usage)))
+                for o in out.outputs
+                if o.index not in done and self._has_news(o)
+            ]
+            done.update(o.index for o in out.outputs if o.finished)
+            if frames:
+                yield b"".join(frames)
+        if final is None or not final.finished:
+            raise APIError(500, "the engine ended a request without finishing it")
+        body_usage = self._usage(final)
+        await self.scope.settle(body_usage["prompt_tokens"], body_usage["completion_tokens"])
+        if include_usage:
+            yield frame(orjson.dumps(usage_chunk(head, "chat.completion.chunk", body_usage)))
+
+    def _has_news(self, o: CompletionOutput) -> bool:
+        """Text, a finish, or (with logprobs) tokens whose text is still held back."""
+        return bool(o.delta_text or o.finished or (self.top_n is not None and o.delta_token_ids))
+
+    def _delta(self, o: CompletionOutput) -> tuple[dict, dict | None, str | None]:
+        delta = {"content": o.delta_text} if o.delta_text else {}
+        return delta, self._logprobs(o.delta_logprobs), o.finish_reason

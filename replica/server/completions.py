@@ -1,0 +1,194 @@
+"""POST /v1/completions: one or several prompts (text or token ids), `n` choices each, optional echo
+and logprobs, whole or streamed. Choice `index` runs over prompt x n, prompt 0's choices first."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from fleet.control.errors import APIError
+from replica.outputs import CompletionOutput, RequestOutput
+from replica.sampling_params import SamplingParams
+from replica.server.body import json_response, read_body, runtime_of
+from replica.server.generation import RequestScope, run_prompts, sampling_params
+from replica.server.prompts import check_length, check_token_ids, encode
+from replica.server.protocol import CompletionRequest, parse_body
+from replica.server.responses import (
+    CompletionLogprobs,
+    ResponseHead,
+    completion_choice,
+    completion_chunk,
+    completion_response,
+    usage,
+    usage_chunk,
+)
+from replica.server.sse import SSEResponse, frame, until_disconnect
+
+DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str  # what echo prepends: the prompt as given, or its ids decoded
+
+
+async def create_completion(request: Request) -> Response:
+    arrival = time.time()
+    runtime = runtime_of(request)
+    record = await runtime.auth.authenticate(request)
+    engine = runtime.accept()
+    body = parse_body(CompletionRequest, await read_body(request))
+    model = runtime.check_model(body.model)
+    tokenizer = engine.tokenizer
+    prompts = []
+    for p in body.prompts:
+        if isinstance(p, str):
+            prompts.append(Prompt(encode(tokenizer, p), p))
+        else:
+            check_token_ids(p, runtime.vocab_size, "prompt")
+            prompts.append(Prompt(p, tokenizer.decode(p)))
+    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    for p in prompts:
+        check_length(len(p.token_ids), max_tokens, engine.max_model_len)
+    echo_logprobs = body.logprobs if body.echo else None
+    params = sampling_params(
+        body, runtime.vocab_size, max(max_tokens, 1), body.logprobs, echo_logprobs
+    )
+    reserve = sum(len(p.token_ids) + max_tokens * params.n for p in prompts)
+    admission = await runtime.auth.admit(record, model, reserve)
+    job = CompletionJob(
+        RequestScope(runtime, admission, arrival),
+        ResponseHead.new("cmpl", model),
+        body,
+        prompts,
+        params,
+        output_wanted=max_tokens > 0,
+    )
+    if body.stream:
+        return SSEResponse(job.stream(), on_close=job.scope.close)
+    try:
+        return json_response(await until_disconnect(request, job.collect()))
+    finally:
+        await job.scope.close()
+
+
+@dataclass
+class CompletionJob:
+    scope: RequestScope
+    head: ResponseHead
+    body: CompletionRequest
+    prompts: list[Prompt]
+    params: SamplingParams
+    output_wanted: bool  # False for echo with max_tokens=0: the prompt (and its logprobs) only
+
+    def _outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        token_ids = [p.token_ids for p in self.prompts]
+        return run_prompts(
+            self.scope.runtime, self.head.id, token_ids, self.params, self.scope.arrival
+        )
+
+    def _logprobs(self) -> CompletionLogprobs | None:
+        texts = self.scope.runtime.texts
+        return None if self.body.logprobs is None or texts is None else CompletionLogprobs(texts)
+
+    def _echo(self, i: int, out: RequestOutput, lp: CompletionLogprobs | None) -> tuple[str, dict]:
+        """The prompt part of an echoed choice: its text and, with logprobs, its token entries."""
+        if lp is None:
+            return self.prompts[i].text, {}
+        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return self.prompts[i].text, lp.build(out.prompt_token_ids, entries)
+
+    def _generated(self, o: CompletionOutput, lp: CompletionLogprobs | None, delta: bool) -> dict:
+        entries = o.delta_logprobs if delta else o.logprobs
+        if lp is None or not entries:
+            return {}
+        return lp.build([e.token_id for e in entries], entries)
+
+    def _usage(self, finals: dict[int, RequestOutput]) -> dict:
+        completion = 0
+        if self.output_wanted:
+            completion = sum(len(o.token_ids) for out in finals.values() for o in out.outputs)
+        return usage(
+            sum(len(p.token_ids) for p in self.prompts),
+            completion,
+            sum(out.num_cached_tokens for out in finals.values()),
+        )
+
+    async def collect(self) -> dict:
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in self._outputs():
+            if out.finished:
+                finals[i] = out
+        if len(finals) != len(self.prompts):
+            raise APIError(500, "the engine ended a request without finishing it")
+        choices = []
+        for i in range(len(self.prompts)):
+            out = finals[i]
+            for o in out.outputs:
+                lp = self._logprobs()
+                text, lp_dict = self._echo(i, out, lp) if self.body.echo else ("", {})
+                finish = o.finish_reason
+                if self.output_wanted:
+                    text += o.text
+                    lp_dict = _merge(lp_dict, self._generated(o, lp, delta=False))
+                else:
+                    finish = "length"
+                index = i * self.params.n + o.index
+                choices.append(completion_choice(index, text, lp_dict or None, finish))
+        body_usage = self._usage(finals)
+        await self.scope.settle(body_usage["prompt_tokens"], body_usage["completion_tokens"])
+        return completion_response(self.head, choices, body_usage)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        n = self.params.n
+        include_usage = self.body.include_usage
+        logprobs = {k: self._logprobs() for k in range(len(self.prompts) * n)}
+        started: set[int] = set()
+        done: set[int] = set()
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in self._outputs():
+            frames = []
+            for o in out.outputs:
+                index = i * n + o.index
+                if index in done:
+                    continue
+                lp = logprobs[index]
+                text, lp_dict = "", {}
+                if self.body.echo and index not in started:
+                    text, lp_dict = self._echo(i, out, lp)
+                started.add(index)
+                finish = o.finish_reason
+                if self.output_wanted:
+                    text += o.delta_text
+                    lp_dict = _merge(lp_dict, self._generated(o, lp, delta=True))
+                else:
+                    finish = "length"
+                if not text and not lp_dict and finish is None:
+                    continue
+                if finish is not None:
+                    done.add(index)
+                choice = completion_choice(index, text, lp_dict or None, finish)
+                frames.append(
+                    frame(orjson.dumps(completion_chunk(self.head, choice, include_usage)))
+                )
+            if out.finished:
+                finals[i] = out
+            if frames:
+                yield b"".join(frames)
+        body_usage = self._usage(finals)
+        await self.scope.settle(body_usage["prompt_tokens"], body_usage["completion_tokens"])
+        if include_usage:
+            yield frame(orjson.dumps(usage_chunk(self.head, "text_completion", body_usage)))
+
+
+def _merge(first: dict, second: dict) -> dict:
+    """Concatenate two completions logprobs objects (echoed prompt, then generated tokens)."""
+    if not first or not second:
+        return first or second
+    return {key: first[key] + second[key] for key in first}

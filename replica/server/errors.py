@@ -1,0 +1,47 @@
+"""Every failure leaves as OpenAI error JSON: our own APIErrors, unknown paths (404), wrong methods
+(405), and anything unexpected (500; starlette re-raises it afterwards so the server logs the
+traceback, which never goes on the wire)."""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from fleet.control.errors import APIError
+from replica.server.sse import ClientGone
+
+# nginx's "client closed request": the status recorded (never sent) when the client left first.
+CLIENT_CLOSED = 499
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_CLOSED)
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    return APIError(500, "internal server error").response()
+
+
+EXCEPTION_HANDLERS = {
+    APIError: api_error,
+    HTTPException: http_error,
+    ClientGone: client_gone,
+    Exception: unexpected,
+}

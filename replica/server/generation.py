@@ -1,0 +1,167 @@
+"""What both generation routes share: running prompts on the engine (aborting whatever is left when
+the caller stops listening), latency metrics per engine request, and the per-request bookkeeping
+(in-flight count for draining, the API key's admission) that must be released exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fleet.control.errors import APIError
+from replica.outputs import RequestOutput
+from replica.sampling_params import SamplingParams, SamplingParamsError
+from replica.server.auth import Admission
+from replica.server.metrics import ServerMetrics
+from replica.server.protocol import SamplingFields
+from replica.server.runtime import ReplicaRuntime
+
+
+def sampling_params(
+    body: SamplingFields,
+    vocab_size: int,
+    max_tokens: int,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """The engine's SamplingParams from validated request fields (OpenAI defaults where unset)."""
+    try:
+        return SamplingParams(
+            n=body.n or 1,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            # top_p=0 is legal in OpenAI's API and means "only the most likely token".
+            top_p=1.0 if body.top_p is None else max(body.top_p, 1e-9),
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias=body.logit_bias_ids(vocab_size),
+            stop=body.stop_strings,
+            stop_token_ids=body.stop_token_ids or [],
+            include_stop_str_in_output=bool(body.include_stop_str_in_output),
+            ignore_eos=bool(body.ignore_eos),
+            min_tokens=body.min_tokens or 0,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=body.skip_special_tokens is not False,
+        )
+    except SamplingParamsError as exc:
+        raise APIError(400, str(exc), exc.param) from None
+
+
+class LatencyTracker:
+    """TTFT, inter-token latency, end-to-end and queue time of one engine request."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
+        self.metrics = metrics
+        self.arrival = arrival
+        self.last_token_at: float | None = None
+
+    def saw(self, out: RequestOutput) -> None:
+        if not any(o.delta_token_ids for o in out.outputs):
+            return
+        now = time.time()
+        if self.last_token_at is None:
+            self.metrics.ttft.observe(now - self.arrival)
+        else:
+            self.metrics.itl.observe(now - self.last_token_at)
+        self.last_token_at = now
+        if out.finished:
+            self.finished(out)
+
+    def finished(self, out: RequestOutput) -> None:
+        m = self.metrics
+        m.e2e.observe(time.time() - self.arrival)
+        if out.metrics is not None and out.metrics.first_scheduled_time is not None:
+            m.queue.observe(out.metrics.first_scheduled_time - out.metrics.arrival_time)
+        m.prompt_tokens.inc(len(out.prompt_token_ids))
+        m.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
+
+
+async def run_prompt(
+    runtime: ReplicaRuntime,
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    arrival: float,
+) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs for one prompt; leaving early (disconnect, error) aborts the request."""
+    engine = runtime.engine
+    tracker = LatencyTracker(runtime.metrics, arrival)
+    finished = False
+    try:
+        async for out in engine.generate(request_id, prompt_ids, params):
+            tracker.saw(out)
+            finished = out.finished
+            yield out
+    finally:
+        if not finished:
+            engine.abort(request_id)
+
+
+_END = object()
+
+
+async def run_prompts(
+    runtime: ReplicaRuntime,
+    request_id: str,
+    prompts: Sequence[list[int]],
+    params: SamplingParams,
+    arrival: float,
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) for several prompts running side by side in the engine."""
+    if len(prompts) == 1:
+        async for out in run_prompt(runtime, request_id, prompts[0], params, arrival):
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, prompt: list[int]) -> None:
+        try:
+            async for out in run_prompt(runtime, f"{request_id}-{i}", prompt, params, arrival):
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, _END))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class RequestScope:
+    """One generation request's holds: the in-flight count (drain waits on it) and the API key's
+    admission. `close` releases both exactly once, however the request ends."""
+
+    def __init__(self, runtime: ReplicaRuntime, admission: Admission, arrival: float) -> None:
+        self.runtime = runtime
+        self.admission = admission
+        self.arrival = arrival
+        self._closed = False
+        runtime.request_started()
+
+    async def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
+        await self.admission.settle(prompt_tokens, completion_tokens)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.runtime.request_finished()
+        await self.admission.release()

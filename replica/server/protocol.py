@@ -1,0 +1,264 @@
+"""Request bodies of the OpenAI routes, validated strictly so bad input becomes a 400 naming the field.
+
+Ranges follow the OpenAI spec; vLLM's sampling extensions (top_k, min_p, repetition_penalty,
+stop_token_ids, ignore_eos, min_tokens, ...) are accepted under vLLM's names. Fields we do not know
+are kept in `model_extra` (newer OpenAI clients send them) and ignored by the caller after logging.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fleet.control.errors import APIError
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+NonNegative = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[NonNegative], Field(min_length=1)]
+logger = logging.getLogger(__name__)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class SamplingFields(_Body):
+    """Fields both generation routes share; the engine's SamplingParams is built from these."""
+
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    stop_token_ids: list[NonNegative] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: NonNegative | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise _field_error("stream_options", "is only allowed when 'stream' is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def logit_bias_ids(self, vocab_size: int) -> dict[int, float] | None:
+        """Keys arrive as strings of token ids (JSON objects have string keys)."""
+        if not self.logit_bias:
+            return None
+        bias: dict[int, float] = {}
+        for key, value in self.logit_bias.items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+                raise APIError(
+                    400,
+                    f"logit_bias key {key!r} is not a token id in [0, {vocab_size})",
+                    "logit_bias",
+                )
+            bias[int(key)] = value
+        return bias
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: NonNegative | None = None
+    echo: bool | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> CompletionRequest:
+        if self.suffix:
+            raise _field_error("suffix", "is not supported: this server does not do insertion")
+        if self.best_of is not None and self.best_of > (self.n or 1):
+            raise _field_error("best_of", "greater than n is not supported")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise _field_error("prompt", "must not be an empty list")
+        if self.max_tokens == 0 and not self.echo:
+            raise _field_error("max_tokens", "must be at least 1 unless echo is true")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of single prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str | None:
+        """Content as one string: text parts joined by newlines; other part types are refused."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        texts = []
+        for k, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(
+                    400,
+                    f"only text content parts are supported (got type {part.get('type')!r})",
+                    f"messages.{index}.content.{k}",
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # vLLM's extensions
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _field_error("top_logprobs", "requires 'logprobs' to be true")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise _field_error(
+                "response_format",
+                f"type {self.response_format.type!r} is not supported yet; use 'text'",
+            )
+        if self.tools:
+            raise _field_error("tools", "tool calling is not supported yet")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise _field_error(
+                "continue_final_message", "cannot be combined with add_generation_prompt=true"
+            )
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise _field_error("prompt", "give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[NonNegative]
+
+
+BodyT = TypeVar("BodyT", bound=_Body)
+
+
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages in the form chat templates expect: string content, optional name."""
+    out = []
+    for i, m in enumerate(messages):
+        msg: dict[str, Any] = {"role": m.role, "content": m.text(i) or ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def _field_error(param: str, problem: str) -> APIError:
+    return APIError(400, f"'{param}' {problem}", param)
+
+
+_UNION_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string or a list of content parts",
+}
+_logged_unknown: set[str] = set()
+
+
+def parse_body(model: type[BodyT], body: bytes) -> BodyT:
+    """Validate a JSON body; any problem becomes one 400 whose `param` names the field."""
+    try:
+        parsed = model.model_validate_json(body)
+    except ValidationError as exc:
+        raise _to_api_error(exc) from None
+    for name in parsed.model_extra or ():
+        if name not in _logged_unknown:
+            _logged_unknown.add(name)
+            logger.info("ignoring unknown request field %r (logged once)", name)
+    return parsed
+
+
+def _to_api_error(exc: ValidationError) -> APIError:
+    err = exc.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {err['msg']}")
+    if err["type"] == "model_type" and not err["loc"]:
+        return APIError(400, "request body must be a JSON object")
+    path = [str(p) for p in err["loc"] if isinstance(p, int) or not _is_union_tag(p)]
+    param = ".".join(path) or None
+    if err["type"] == "missing":
+        return APIError(400, f"'{param}' is required", param)
+    tagged = any(isinstance(p, str) and _is_union_tag(p) for p in err["loc"])
+    hint = _UNION_HINTS.get(path[-1] if path and not path[-1].isdigit() else "", "")
+    if tagged and hint:
+        return APIError(400, f"'{param}' {hint}", param)
+    return APIError(400, f"'{param}': {err['msg']} (got {err.get('input')!r:.80})", param)
+
+
+def _is_union_tag(part: str) -> bool:
+    """Pydantic puts the union member tried (`str`, `list[int]`, `TextPart`) into error paths."""
+    return (
+        "[" in part or part in {"str", "int", "float", "bool", "dict", "list"} or part[:1].isupper()
+    )

@@ -1,0 +1,205 @@
+"""The replica's life: load the engine, take requests, join the fleet, drain on shutdown.
+
+States: `loading` until the engine is up, `ready`, then `draining` (SIGTERM: new requests get 503,
+in-flight ones finish up to a grace period, the membership entry goes "draining" then away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fleet.control.errors import APIError
+from fleet.control.keys import KeyStore
+from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
+from replica.server.auth import Auth
+from replica.server.metrics import ServerMetrics
+from replica.server.token_text import TokenTexts
+
+log = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "draining", "stopped"]
+
+
+@dataclass
+class ServerSettings:
+    """What the HTTP layer needs to know beyond the engine's own arguments."""
+
+    model: str
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8001
+    device: str = "cpu"
+    api_key: str | None = None
+    redis_url: str | None = None
+    advertise_url: str | None = None
+    replica_id: str | None = None
+    max_waiting: int | None = None
+    drain_grace_s: float = 30.0
+    max_body_bytes: int = 32 * 1024 * 1024
+
+    @property
+    def url(self) -> str:
+        """Where routers and users reach this replica directly."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        return f"http://{host}:{self.port}"
+
+
+class ReplicaRuntime:
+    """Shared by all handlers through `request.app.state.runtime`."""
+
+    def __init__(self, settings: ServerSettings, engine_factory: Callable[[], Any]) -> None:
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self.engine: Any = None
+        self.status: Status = "loading"
+        self.started_at = int(time.time())
+        self.metrics = ServerMetrics(settings.served_model_name, self.load)
+        self.auth = Auth(settings.api_key, None)
+        self.texts: TokenTexts | None = None
+        self.lease: MembershipLease | None = None
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+        self._register_task: asyncio.Task | None = None
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Load the engine (in a thread: it takes seconds) and connect to the control plane."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.engine = await asyncio.to_thread(self._engine_factory)
+        self.texts = TokenTexts(self.engine.tokenizer)
+        if self.settings.redis_url:
+            keystore = KeyStore(self.settings.redis_url)
+            await keystore.start()
+            self.auth = Auth(self.settings.api_key, keystore)
+            self._register_task = asyncio.create_task(self._register_when_listening())
+        self.status = "ready"
+        log.info("replica ready: %s at %s", self.settings.served_model_name, self.settings.url)
+
+    async def _register_when_listening(self) -> None:
+        """Join the fleet once the port accepts connections (the server starts after lifespan)."""
+        probe_host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else self.settings.host
+        probe_host = "::1" if probe_host == "::" else probe_host
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(probe_host, self.settings.port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
+        load = self.engine.load()
+        info = ReplicaInfo(
+            id=self.settings.replica_id or new_replica_id(),
+            url=self.settings.url,
+            model=self.settings.served_model_name,
+            device=self.settings.device,
+            max_model_len=self.engine.max_model_len,
+            block_size=load["block_size"],
+            kv_capacity_tokens=load["num_blocks"] * load["block_size"],
+        )
+        self.lease = MembershipLease(info, self.settings.redis_url)
+        await self.lease.register()
+        if self.status == "draining":
+            await self.lease.set_state("draining")
+        log.info("registered in fleet membership as %s", info.id)
+
+    async def drain(self) -> None:
+        """Stop taking work, let in-flight requests finish (up to the grace period), leave the fleet."""
+        if self.status != "ready":
+            return
+        self.status = "draining"
+        grace = self.settings.drain_grace_s
+        log.info("draining: %d request(s) in flight, grace %.0f s", self._inflight, grace)
+        if self.lease is not None:
+            await self.lease.set_state("draining")
+        assert self._idle is not None
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("grace period over: %d request(s) will be aborted", self._inflight)
+        await self._leave_fleet()
+
+    async def _leave_fleet(self) -> None:
+        if self._register_task is not None:
+            self._register_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._register_task
+            self._register_task = None
+        if self.lease is not None:
+            await self.lease.close()
+            self.lease = None
+
+    async def stop(self) -> None:
+        self.status = "stopped"
+        await self._leave_fleet()
+        if self.auth.keystore is not None:
+            await self.auth.keystore.close()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+
+    # -- per request
+
+    def accept(self) -> Any:
+        """The engine, if this replica takes new generation work now; else 503 with Retry-After."""
+        if self.status != "ready":
+            raise APIError(
+                503,
+                f"replica is {self.status}; retry on another replica",
+                code=f"replica_{self.status}",
+                headers={"Retry-After": "1"},
+            )
+        limit = self.settings.max_waiting
+        if limit is not None and self.engine.load()["waiting"] >= limit:
+            raise APIError(
+                503,
+                f"replica is overloaded: {limit} or more requests are waiting; retry shortly",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        return self.engine
+
+    def request_started(self) -> None:
+        """Counts generation requests so a drain knows when the last one is done."""
+        assert self._idle is not None
+        self._inflight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        assert self._idle is not None
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.engine.tokenizer)
+
+    def load(self) -> dict | None:
+        return None if self.engine is None else self.engine.load()
+
+    def check_model(self, model: str | None) -> str:
+        """The served name for a request's `model` field; 404 for any other model."""
+        served = self.settings.served_model_name
+        if model is None or model in (served, self.settings.model):
+            return served
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this replica serves '{served}'.",
+            "model",
+            code="model_not_found",
+        )

@@ -1,0 +1,114 @@
+"""Server-sent events and client-disconnect detection.
+
+A client that goes away must stop its engine request at once, streaming or not. Uvicorn silently
+drops writes to a closed socket, so writing is no signal: we watch the ASGI receive channel for
+`http.disconnect` next to the work and cancel the work when it arrives. Cancellation runs the
+generator's `finally`, which aborts the engine request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from fleet.control.errors import APIError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the response was complete."""
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Returns when the client disconnects; call only once the request body has been read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+def frame(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+class SSEResponse(Response):
+    """Streams `data:` frames from `frames`; ends with `[DONE]` (the iterator does not send it).
+
+    An exception after the 200 went out becomes one error frame and `[DONE]`. A disconnect cancels
+    the iterator, so its cleanup (engine abort) runs immediately rather than at the next write.
+    `on_close` runs once however the response ends, even if the iterator never started.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(
+            status_code=200,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            media_type=self.media_type,
+        )
+        self.frames = frames
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.ensure_future(self._stream(send))
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await asyncio.wait((streaming, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not streaming.done():
+                streaming.cancel()
+                await asyncio.gather(streaming, return_exceptions=True)
+            if self.on_close is not None:
+                await self.on_close()
+        if not streaming.cancelled():
+            streaming.result()
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        try:
+            async for chunk in self.frames:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            tail = DONE_FRAME
+        except APIError as exc:
+            tail = exc.sse_frames()
+        except Exception:
+            log.exception("stream failed after the response began")
+            tail = APIError(500, "internal error while streaming").sse_frames()
+        finally:
+            await _close(self.frames)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _close(frames: AsyncIterator[bytes]) -> None:
+    aclose = getattr(frames, "aclose", None)
+    if aclose is not None:
+        await aclose()
