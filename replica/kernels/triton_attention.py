@@ -21,7 +21,7 @@ import triton.language as tl
 from replica.kernels.triton_common import check_launchable, next_pow2
 
 _LOG2E = 1.4426950408889634
-_NEG_BIG = -1.0e30  # finite "minus infinity": fully masked rows stay NaN-free
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": fully masked rows stay NaN-free
 
 
 @triton.jit
@@ -54,8 +54,6 @@ def _paged_attention_kernel(
     scale_log2,
     num_seqs,
     num_q_heads,
-    head_dim,
-    block_size,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -64,6 +62,8 @@ def _paged_attention_kernel(
     stride_cs,
     stride_ch,
     stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -71,6 +71,7 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     ONE_QBLOCK_PER_SEQ: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -96,7 +97,7 @@ def _paged_attention_kernel(
     row_valid = (rows < BLOCK_Q * GROUP) & (q_tok < q_len)
     q_pos = context_len + q_tok
     dims = tl.arange(0, BLOCK_D)
-    dim_valid = dims < head_dim
+    dim_valid = dims < HEAD_DIM
 
     q_rows = (q_start + q_tok).to(tl.int64)
     q = tl.load(
@@ -124,22 +125,17 @@ def _paged_attention_kernel(
     for tile in range(tile_lo, tile_hi):
         kpos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_valid = kpos < kv_end
-        phys = tl.load(block_row + kpos // block_size, mask=k_valid, other=0).to(tl.int64)
-        kv_off = phys * stride_cb + (kpos % block_size) * stride_cs + kv_head * stride_ch
-        k = tl.load(
-            k_cache_ptr + kv_off[None, :] + dims[:, None],
-            mask=k_valid[None, :] & dim_valid[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_cache_ptr + kv_off[:, None] + dims[None, :],
-            mask=k_valid[:, None] & dim_valid[None, :],
-            other=0.0,
-        )
+        phys = tl.load(block_row + kpos // BLOCK_SIZE, mask=k_valid, other=0)
+        if WIDE_OFFSETS:
+            phys = phys.to(tl.int64)
+        kv_off = phys * stride_cb + (kpos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        kv_mask = k_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = (kpos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -211,6 +207,11 @@ class AttentionConfig:
     num_splits: int
     num_warps: int
     num_stages: int
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """Largest element offset inside `t`: 32-bit cache offsets save registers when it fits."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
 @functools.cache
@@ -324,8 +325,6 @@ def paged_attention(
         scale * _LOG2E,
         num_seqs,
         num_q_heads,
-        head_dim,
-        k_cache.shape[1],
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -334,6 +333,8 @@ def paged_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
         GROUP=group,
         BLOCK_Q=config.block_q,
         BLOCK_M=config.block_m,
@@ -341,6 +342,7 @@ def paged_attention(
         BLOCK_D=block_d,
         NUM_SPLITS=splits,
         ONE_QBLOCK_PER_SEQ=one_qblock,
+        WIDE_OFFSETS=_max_offset(k_cache) >= 2**31,
         UPCAST=interpreted,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,

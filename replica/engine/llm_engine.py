@@ -1,0 +1,308 @@
+"""The synchronous engine core: requests in, one scheduled model step at a time, outputs out.
+
+Not thread-safe: `LLM` drives it directly and `AsyncEngine` from its one step thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from replica.config import EngineArgs, ModelConfig, pick_dtype, resolve_model_path
+from replica.engine.block_manager import BlockManager
+from replica.engine.detokenizer import IncrementalDetokenizer
+from replica.engine.memory import plan_kv_blocks
+from replica.engine.model_runner import ModelRunner, StepResult
+from replica.engine.scheduler import Scheduler
+from replica.engine.sequence import Request, Sequence
+from replica.kernels import get_ops
+from replica.models import load_model
+from replica.outputs import CompletionOutput, RequestOutput
+from replica.sampling_params import SamplingParams, SamplingParamsError
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs) -> None:
+        from transformers import AutoTokenizer
+
+        self.args = args
+        path = resolve_model_path(args.model)
+        self.model_config = cfg = ModelConfig.from_folder(path)
+        self.device = args.resolve_device()
+        self.dtype = pick_dtype(args.dtype, cfg.dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or path))
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        self.eos_token_ids = list(cfg.eos_token_ids)
+        if (
+            self.tokenizer.eos_token_id is not None
+            and self.tokenizer.eos_token_id not in self.eos_token_ids
+        ):
+            self.eos_token_ids.append(self.tokenizer.eos_token_id)
+        self.vocab_size = cfg.vocab_size
+        self.ops = get_ops(args.kernel_backend, self.device)
+        torch.manual_seed(args.seed)
+        model = load_model(path, cfg, self.ops, self.dtype, self.device, max(self.max_model_len, 1))
+        max_batched = args.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
+        num_blocks = plan_kv_blocks(
+            args, cfg, model, self.dtype, self.device, self.max_model_len, max_batched
+        )
+        if num_blocks * args.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * args.block_size} tokens, fewer than max_model_len "
+                f"{self.max_model_len}: give it more memory or lower max_model_len"
+            )
+        self.runner = ModelRunner(
+            model,
+            cfg,
+            num_blocks,
+            args.block_size,
+            self.dtype,
+            self.device,
+            self.eos_token_ids,
+            args.seed,
+        )
+        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max_batched)
+        self.requests: dict[str, Request] = {}
+        self._decode = _make_decoder(self.tokenizer)
+        log.info(
+            "engine ready: %s on %s (%s, kernels=%s), %d KV blocks of %d tokens, max_model_len %d",
+            path,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.ops.name,
+            num_blocks,
+            args.block_size,
+            self.max_model_len,
+        )
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise SamplingParamsError (param, message) for a request this engine cannot serve."""
+        if not prompt_ids:
+            raise SamplingParamsError("prompt", "the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                "prompt", f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})"
+            )
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise SamplingParamsError(
+                "prompt",
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} "
+                "tokens and at least one must be left to generate",
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise SamplingParamsError(
+                "max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this "
+                f"model's context of {self.max_model_len} tokens",
+            )
+        for name, tokens in (
+            ("logit_bias", params.logit_bias or {}),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            for token in tokens:
+                if not 0 <= token < self.vocab_size:
+                    raise SamplingParamsError(
+                        name, f"token id {token} is outside the vocabulary (size {self.vocab_size})"
+                    )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise SamplingParamsError(name, f"{name} must be at most {self.vocab_size}")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.tokenize(prompt)
+        self.validate(prompt_ids, params)
+        request = Request(
+            request_id,
+            prompt if isinstance(prompt, str) else None,
+            prompt_ids,
+            params,
+            self._new_detokenizer,
+            cache_salt,
+        )
+        self.requests[request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+        return request
+
+    def abort_request(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = seq.finish_reason or "abort"
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """Run one step. Returns outputs of the requests it advanced (all of them when `stream`,
+        else only the ones that finished)."""
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        now = time.time()
+        for seq in batch.seqs:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+        result = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        touched = self._process(result)
+        outputs = []
+        for request in touched:
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+                outputs.append(self._output(request))
+            elif stream:
+                outputs.append(self._output(request))
+        return outputs
+
+    def _process(self, result: StepResult) -> list[Request]:
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq, logprobs in result.prompt_logprobs.items():
+            assert seq.request.prompt_logprobs is not None
+            seq.request.prompt_logprobs.extend(logprobs)
+        sampled = result.sampled
+        for seq, token, logprob in zip(
+            result.seqs, sampled.token_ids, sampled.logprobs, strict=True
+        ):
+            if seq.finished:  # aborted meanwhile
+                continue
+            request = seq.request
+            touched[request.request_id] = request
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            seq.token_ids.append(token)
+            if seq.logprobs is not None and logprob is not None:
+                seq.logprobs.append(logprob)
+            self._check_stop(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                if request.finished:
+                    metrics.finished_time = now
+        return list(touched.values())
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        ended = seq.num_output_tokens >= params.min_tokens
+        if ended and token in params.stop_token_ids:
+            if params.include_stop_str_in_output:
+                seq.detokenizer.add_token(token)
+            return self._finish(seq, "stop", token)
+        if ended and not params.ignore_eos and token in self.eos_token_ids:
+            return self._finish(seq, "stop", None)
+        stop = seq.detokenizer.add_token(token)
+        if stop is not None and ended:
+            return self._finish(seq, "stop", stop)
+        if (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
+            seq.num_tokens >= self.max_model_len
+        ):
+            return self._finish(seq, "length", None)
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if not isinstance(stop_reason, str):  # a stop string already cut the text
+            seq.detokenizer.flush()
+
+    def _output(self, request: Request) -> RequestOutput:
+        choices = []
+        for seq in request.seqs:
+            detok = seq.detokenizer
+            text = detok.text if seq.finished else detok.text[: detok.safe_length()]
+            new_text = text[seq.emitted_chars :]
+            new_ids = seq.token_ids[seq.num_prompt_tokens + seq.emitted_tokens :]
+            new_logprobs = seq.logprobs[seq.emitted_tokens :] if seq.logprobs is not None else None
+            seq.emitted_chars = len(text)
+            seq.emitted_tokens = seq.num_output_tokens
+            choices.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=seq.output_token_ids,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    delta_text=new_text,
+                    delta_token_ids=new_ids,
+                    delta_logprobs=new_logprobs,
+                )
+            )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=choices,
+            finished=request.finished,
+            num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=request.prompt_logprobs,
+            metrics=request.metrics,
+        )
+
+    def _new_detokenizer(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(
+            self._decode,
+            prompt_ids,
+            list(params.stop or []),
+            params.include_stop_str_in_output,
+            params.skip_special_tokens,
+        )
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def load(self) -> dict:
+        blocks = self.blocks
+        return {
+            "running": len({s.request.request_id for s in self.scheduler.running}),
+            "waiting": len({s.request.request_id for s in self.scheduler.waiting}),
+            "kv_usage": blocks.usage,
+            "num_blocks": blocks.num_blocks,
+            "free_blocks": blocks.num_free_blocks,
+            "block_size": blocks.block_size,
+            "prefix_cache_queries": blocks.prefix_cache_queries,
+            "prefix_cache_hits": blocks.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def _make_decoder(tokenizer) -> Callable[[list[int], bool], str]:
+    """The Rust tokenizer's decode when there is one (several times cheaper per call)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
