@@ -1,0 +1,187 @@
+"""The engine for an asyncio server: steps run in one background thread, off the event loop.
+
+Requests and aborts reach the step thread through a command list; its outputs come back once per
+step with a single `call_soon_threadsafe` per event loop, and are fanned out to per-request queues
+there. A step's torch work releases the GIL, so the server keeps parsing and streaming meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from replica.config import EngineArgs
+from replica.engine.llm_engine import EngineCore
+from replica.outputs import RequestOutput
+from replica.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step thread is gone (shut down or failed); no request can be served."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class _Aborted:
+    """Queue marker: the request was aborted from outside its generator."""
+
+
+class AsyncEngine:
+    def __init__(self, args: EngineArgs | str, **engine_args) -> None:
+        if isinstance(args, str):
+            args = EngineArgs(model=args, **engine_args)
+        self.core = EngineCore(args)
+        self.args = args
+        self.tokenizer = self.core.tokenizer
+        self.max_model_len = self.core.max_model_len
+        self._streams: dict[str, _Stream] = {}
+        self._commands: list[tuple] = []
+        self._wakeup = threading.Condition()
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._load = self.core.load()
+        self._thread = threading.Thread(target=self._run, name="engine-steps", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side --------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, one per step it advanced; the last has `finished` set.
+
+        Raises SamplingParamsError (a ValueError with `.param`) for a request the engine cannot
+        serve, before anything is yielded. Leaving the iteration early aborts the request.
+        """
+        if self._stopped:
+            raise EngineDeadError("the engine is not running") from self.error
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.core.tokenize(prompt)
+        self.core.validate(prompt_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        text = prompt if isinstance(prompt, str) else None
+        self._submit(("add", request_id, text, prompt_ids, params, cache_salt))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if isinstance(item, _Aborted):
+                    finished = True
+                    return
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            if not finished:
+                self._submit(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks before the next step; safe from any thread."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _Aborted())
+        self._submit(("abort", request_id))
+
+    def load(self) -> dict:
+        """running, waiting, kv_usage, num_blocks, free_blocks, block_size, prefix-cache counters."""
+        return dict(self._load)
+
+    @property
+    def is_running(self) -> bool:
+        return not self._stopped and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        with self._wakeup:
+            self._stopped = True
+            self._wakeup.notify()
+        self._thread.join(timeout=30)
+
+    def _submit(self, command: tuple) -> None:
+        with self._wakeup:
+            self._commands.append(command)
+            self._wakeup.notify()
+
+    @staticmethod
+    def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+        for queue, item in items:
+            queue.put_nowait(item)
+
+    # -- step thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        core = self.core
+        while True:
+            with self._wakeup:
+                while not (self._commands or core.has_unfinished or self._stopped):
+                    self._wakeup.wait()
+                if self._stopped:
+                    break
+                commands, self._commands = self._commands, []
+            for command in commands:
+                self._apply(command)
+            if core.has_unfinished:
+                try:
+                    outputs = core.step(stream=True)
+                except Exception as exc:
+                    log.exception("engine step failed; failing the requests in flight")
+                    self._fail_all(exc)
+                    outputs = []
+                self._send([(out.request_id, out) for out in outputs])
+            self._load = core.load()
+        self._fail_all(EngineDeadError("the engine shut down"))
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            self.core.abort_request(command[1])
+            return
+        _, request_id, text, prompt_ids, params, cache_salt = command
+        if request_id not in self._streams:  # abandoned before it started
+            return
+        try:
+            self.core.add_request(request_id, prompt_ids, params, cache_salt)
+        except ValueError as exc:
+            self._send([(request_id, exc)])
+            return
+        self.core.requests[request_id].prompt = text
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self.error = exc
+        for request_id in list(self.core.requests):
+            self.core.abort_request(request_id)
+        self._send([(request_id, exc) for request_id in list(self._streams)])
+
+    def _send(self, items: list[tuple[str, object]]) -> None:
+        """Hand a step's results to their event loops: one thread-safe call per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                for _, item in batch:
+                    if isinstance(item, RequestOutput):
+                        self.core.abort_request(item.request_id)
