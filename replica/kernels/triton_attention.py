@@ -233,35 +233,34 @@ def choose_config(
 ) -> AttentionConfig:
     """Pick tiles by heuristics (autotuning is unavailable under the interpreter and in graphs).
 
-    Decode-like batches use 16-row tiles (one query token x the GQA group); prefill chunks use
-    64/128-row tiles. Splitting keys only pays when too few programs would cover the GPU's
-    `num_sms` (None: never split); it depends on `max_seq_len` and the batch only, never on
-    device data, so a captured graph stays valid.
+    Decode-like batches use 16-row tiles (one query token x the GQA group) and 32-key tiles,
+    which keep a program's registers low enough for several to share an SM; prefill chunks use
+    64/128-row tiles. Keys are split across programs only when the batch alone would leave some
+    of the GPU's `num_sms` idle (None: never split), at least two key tiles per split. The choice
+    depends on `max_seq_len` and the batch only, never on device data, so a captured graph stays
+    valid.
     """
     rows_needed = max(1, max_query_len) * group
+    decode_like = rows_needed <= 16
     block_m = max(16, next_pow2(group))
-    if rows_needed > 16:
+    if not decode_like:
         block_m = max(block_m, 64 if rows_needed <= 64 else 128)
     block_q = max(1, block_m // group)
-    block_d = max(16, next_pow2(head_dim))
+    wide_head = next_pow2(head_dim) > 128
     if block_n is None:
-        block_n = 64 if block_d <= 128 else 32
+        block_n = (16 if wide_head else 32) if decode_like else (32 if wide_head else 64)
     if num_splits is None:
         num_splits = 1
-        decode_like = rows_needed <= 16
-        if decode_like and num_sms is not None:
-            programs = num_seqs * num_kv_heads
-            target = 2 * num_sms
-            max_tiles = triton.cdiv(max(1, max_seq_len), block_n)
-            if programs < target and max_tiles >= 4:
-                num_splits = min(triton.cdiv(target, programs), max_tiles, 64)
-    big = block_m >= 64 and block_d >= 64
+        programs = num_seqs * num_kv_heads
+        max_tiles = triton.cdiv(max(1, max_seq_len), block_n)
+        if decode_like and num_sms is not None and programs < num_sms and max_tiles >= 4:
+            num_splits = min(triton.cdiv(2 * num_sms, programs), max_tiles // 2, 64)
     return AttentionConfig(
         block_q=block_q,
         block_m=block_m,
         block_n=block_n,
         num_splits=num_splits,
-        num_warps=8 if big else 4,
+        num_warps=4 if block_m <= 16 else 8,
         num_stages=2,
     )
 

@@ -141,10 +141,11 @@ def test_config_heuristics() -> None:
     """Decodes get 16-row tiles; splits only on a GPU with too few programs to fill it."""
     decode = dict(num_kv_heads=8, group=4, head_dim=128, max_query_len=1, max_seq_len=1024)
     small = choose_config(num_seqs=1, num_sms=132, **decode)
-    assert (small.block_m, small.block_q, small.num_splits) == (16, 4, 16)
+    assert (small.block_m, small.block_q, small.block_n, small.num_splits) == (16, 4, 32, 16)
+    assert choose_config(num_seqs=4, num_sms=132, **decode).num_splits == 9
     assert choose_config(num_seqs=1, num_sms=None, **decode).num_splits == 1
-    assert choose_config(num_seqs=128, num_sms=132, **decode).num_splits == 1
-    short = dict(decode, max_seq_len=100)
+    assert choose_config(num_seqs=32, num_sms=132, **decode).num_splits == 1
+    short = dict(decode, max_seq_len=64)
     assert choose_config(num_seqs=1, num_sms=132, **short).num_splits == 1
     prefill = dict(decode, max_query_len=512)
     assert choose_config(num_seqs=4, num_sms=132, **prefill).block_m == 128

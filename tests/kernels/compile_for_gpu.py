@@ -1,0 +1,167 @@
+"""Compile every Triton kernel for a real GPU target on a machine without one.
+
+The interpreter accepts code the compiler rejects (non-constexpr globals, type mismatches in
+loops) and says nothing about registers, so this compiles each kernel with the configurations the
+heuristics pick for a Llama-3-8B shape and prints, as JSON lines, registers and spilled bytes read
+back from the cubin with the cuobjdump that Triton ships. Run with TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from replica.kernels import (
+    triton_activation,
+    triton_attention,
+    triton_cache,
+    triton_norm,
+    triton_rotary,
+)
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    assert found, out
+    return int(found.group(1)), int(found.group(2))
+
+
+def compile_kernel(kernel, pointers: dict[str, str], constexprs: dict, floats=(), **options):
+    """Compile for sm_90; args not named are i32 scalars. Returns (registers, spilled bytes)."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options=options,
+    )
+    return _resources(compiled.asm["cubin"])
+
+
+def _attention_cases():
+    pointers = dict.fromkeys(("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"), "bf16")
+    pointers.update(
+        dict.fromkeys(("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"), "i32")
+    )
+    pointers.update(
+        dict.fromkeys(("partial_out_ptr", "partial_max_ptr", "partial_sum_ptr"), "fp32")
+    )
+    shapes = {
+        "decode b1 ctx1024 (split)": dict(num_seqs=1, max_query_len=1, max_seq_len=1024),
+        "decode b128": dict(num_seqs=128, max_query_len=1, max_seq_len=1024),
+        "prefill 12 tokens": dict(num_seqs=4, max_query_len=12, max_seq_len=1024),
+        "prefill 512 tokens": dict(num_seqs=4, max_query_len=512, max_seq_len=1024),
+    }
+    for name, shape in shapes.items():
+        config = triton_attention.choose_config(
+            num_kv_heads=8, group=4, head_dim=128, num_sms=132, **shape
+        )
+        constexprs = dict(
+            HEAD_DIM=128,
+            BLOCK_SIZE=16,
+            GROUP=4,
+            BLOCK_Q=config.block_q,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_D=128,
+            NUM_SPLITS=config.num_splits,
+            ONE_QBLOCK_PER_SEQ=shape["max_query_len"] <= config.block_q,
+            WIDE_OFFSETS=False,
+            UPCAST=False,
+            DOT_PRECISION="tf32",
+        )
+        yield (
+            f"paged_attention {name}",
+            triton_attention._paged_attention_kernel,
+            pointers,
+            constexprs,
+            ("scale_log2",),
+            dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        )
+    yield (
+        "merge_splits",
+        triton_attention._merge_splits_kernel,
+        dict(
+            out_ptr="bf16", partial_out_ptr="fp32", partial_max_ptr="fp32", partial_sum_ptr="fp32"
+        ),
+        dict(NUM_SPLITS=16, BLOCK_S=16, BLOCK_D=128),
+        (),
+        dict(num_warps=4),
+    )
+
+
+def _layer_cases():
+    yield (
+        "store_kv",
+        triton_cache._store_kv_kernel,
+        dict.fromkeys(("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr"), "bf16")
+        | {"slot_ptr": "i64"},
+        dict(BLOCK_H=8, BLOCK_D=128),
+        (),
+        dict(num_warps=4),
+    )
+    yield (
+        "rms_norm+residual",
+        triton_norm._rms_norm_kernel,
+        dict.fromkeys(
+            ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr"), "bf16"
+        ),
+        dict(HAS_RESIDUAL=True, BLOCK=4096),
+        ("eps",),
+        dict(num_warps=16),
+    )
+    yield (
+        "rotary",
+        triton_rotary._rotary_kernel,
+        dict(positions_ptr="i64", q_ptr="bf16", k_ptr="bf16", cache_ptr="fp32"),
+        dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_R=64),
+        (),
+        dict(num_warps=4),
+    )
+    yield (
+        "silu_and_mul",
+        triton_activation._silu_and_mul_kernel,
+        dict(x_ptr="bf16", out_ptr="bf16"),
+        dict(BLOCK=1024),
+        (),
+        dict(num_warps=4),
+    )
+
+
+def main() -> None:
+    for name, kernel, pointers, constexprs, floats, options in (
+        *_attention_cases(),
+        *_layer_cases(),
+    ):
+        registers, spilled = compile_kernel(kernel, pointers, constexprs, floats, **options)
+        print(json.dumps({"kernel": name, "registers": registers, "spilled_bytes": spilled}))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
