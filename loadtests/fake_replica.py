@@ -1,0 +1,484 @@
+"""A fake replica: the HTTP surface of a fleetserve replica with no model behind it.
+
+It answers `/v1/completions` and `/v1/chat/completions` (streaming or not, with
+`stream_options.include_usage`), `/v1/models`, `/health`, `/load`, `/tokenize`, `/detokenize` and
+`/metrics`, instantly or after configured delays, so the router can be tested and benchmarked with
+real sockets and processes but without the cost of an engine. A simulated prefix cache (chained
+hashes of 4-character "tokens" in blocks, LRU-bounded by `--kv-cache-tokens`) makes `/load` report
+prefix-cache hits the way a real replica would, and `--prefill-us-per-token` turns cache misses
+into time to first token.
+
+Tests steer it at run time: `POST /fake/config` with any of `delay`, `chunk_delay`, `chunks`,
+`status` (answer generation requests with this HTTP error), `fail_after_chunks` (drop the
+connection after that many frames), `healthy`, `hang` (accept but never answer); `GET /fake/stats`
+reports counters (requests, active, completed, aborted, per-path counts, last request body);
+`POST /fake/reset` restores the command-line behaviour and zeroes the counters and the cache.
+
+    python loadtests/fake_replica.py --port 8101 --model tiny --chunks 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+
+CHARS_PER_TOKEN = 4
+
+
+@dataclass
+class Behaviour:
+    """What the fake does now; every field can be changed with `POST /fake/config`."""
+
+    delay: float = 0.0
+    chunk_delay: float = 0.0
+    chunks: int = 8
+    status: int = 0
+    fail_after_chunks: int = -1
+    healthy: bool = True
+    hang: bool = False
+    prefill_us_per_token: float = 0.0
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    active: int = 0
+    completed: int = 0
+    aborted: int = 0
+    by_path: dict[str, int] = field(default_factory=dict)
+    last_body: Any = None
+
+
+class PrefixCache:
+    """Blocks of `block_size` fake tokens keyed by chained hashes, LRU-evicted at capacity."""
+
+    def __init__(self, capacity_tokens: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.capacity_blocks = max(capacity_tokens // block_size, 0)
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.queries = 0
+        self.hits = 0
+
+    def lookup_and_insert(self, text: str) -> int:
+        """Cached tokens for this prompt; then the prompt's blocks become the most recent."""
+        num_tokens = len(text) // CHARS_PER_TOKEN
+        self.queries += num_tokens
+        if not self.capacity_blocks:
+            return 0
+        width = self.block_size * CHARS_PER_TOKEN
+        chain, hashes = 0, []
+        for start in range(0, len(text) - width + 1, width):
+            chain = hash((chain, text[start : start + width]))
+            hashes.append(chain)
+        cached = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            cached += 1
+        for h in reversed(hashes):
+            self.blocks[h] = None
+            self.blocks.move_to_end(h)
+        while len(self.blocks) > self.capacity_blocks:
+            self.blocks.popitem(last=False)
+        hit_tokens = cached * self.block_size
+        self.hits += hit_tokens
+        return hit_tokens
+
+    @property
+    def used_blocks(self) -> int:
+        return len(self.blocks)
+
+
+def render_chat(messages: list[dict]) -> str:
+    parts = []
+    for message in messages:
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts.append(f"<|im_start|>{message.get('role', '')}\n{content}<|im_end|>\n")
+    return "".join(parts) + "<|im_start|>assistant\n"
+
+
+def prompt_text(body: dict, chat: bool) -> str:
+    if chat:
+        return render_chat(body.get("messages") or [])
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        if prompt and isinstance(prompt[0], int):
+            return "".join(f"{t:04d}"[-4:] for t in prompt)
+        return "".join(p if isinstance(p, str) else "" for p in prompt)
+    return str(prompt)
+
+
+class FakeReplica:
+    """The ASGI app. One instance per process; state is plain attributes."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.model = args.model
+        self.replica_id = args.id or f"fake-{args.port}"
+        self.max_model_len = args.max_model_len
+        self.engine = args.engine
+        self.args = args
+        self.behaviour = self._initial_behaviour()
+        self.stats = Stats()
+        self.cache = PrefixCache(args.kv_cache_tokens, args.block_size)
+        self.kv_cache_tokens = args.kv_cache_tokens
+        self.block_size = args.block_size
+        self.counter = 0
+        self.routes = {
+            ("POST", "/v1/completions"): self.generate,
+            ("POST", "/v1/chat/completions"): self.generate,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/health"): self.health,
+            ("GET", "/load"): self.load,
+            ("POST", "/tokenize"): self.tokenize,
+            ("POST", "/detokenize"): self.detokenize,
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/fake/stats"): self.get_stats,
+            ("POST", "/fake/config"): self.set_config,
+            ("POST", "/fake/reset"): self.reset,
+        }
+        if self.engine == "vllm":
+            del self.routes[("GET", "/load")]
+
+    def _initial_behaviour(self) -> Behaviour:
+        args = self.args
+        return Behaviour(
+            delay=args.delay,
+            chunk_delay=args.chunk_delay,
+            chunks=args.chunks,
+            prefill_us_per_token=args.prefill_us_per_token,
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path = scope["path"]
+        self.stats.by_path[path] = self.stats.by_path.get(path, 0) + 1
+        handler = self.routes.get((scope["method"], path))
+        if handler is None:
+            await respond(send, 404, error_body(f"no route {path}", "not_found_error"))
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        await handler(scope, receive, send, body)
+
+    async def health(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        status = 200 if self.behaviour.healthy else 503
+        await respond(send, status, b'{"status":"ok"}' if status == 200 else b'{"status":"down"}')
+
+    async def models(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        card = {
+            "id": self.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "fleetserve",
+            "max_model_len": self.max_model_len,
+        }
+        await respond(send, 200, orjson.dumps({"object": "list", "data": [card]}))
+
+    async def load(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        num_blocks = self.kv_cache_tokens // self.block_size if self.kv_cache_tokens else 0
+        used = self.cache.used_blocks
+        report = {
+            "running": self.stats.active,
+            "waiting": 0,
+            "kv_usage": used / num_blocks if num_blocks else 0.0,
+            "num_blocks": num_blocks,
+            "free_blocks": num_blocks - used,
+            "block_size": self.block_size,
+            "prefix_cache_queries": self.cache.queries,
+            "prefix_cache_hits": self.cache.hits,
+        }
+        await respond(send, 200, orjson.dumps(report))
+
+    async def metrics(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        model = self.model
+        lines = [
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{model_name="{model}"}} {float(self.stats.active)}',
+            "# TYPE vllm:num_requests_waiting gauge",
+            f'vllm:num_requests_waiting{{model_name="{model}"}} 0.0',
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f'vllm:kv_cache_usage_perc{{model_name="{model}"}} 0.0',
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f'vllm:prefix_cache_queries_total{{model_name="{model}"}} {float(self.cache.queries)}',
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f'vllm:prefix_cache_hits_total{{model_name="{model}"}} {float(self.cache.hits)}',
+        ]
+        await respond(send, 200, ("\n".join(lines) + "\n").encode(), b"text/plain; version=0.0.4")
+
+    async def tokenize(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        request = orjson.loads(body or b"{}")
+        text = prompt_text(request, "messages" in request)
+        tokens = [ord(c) % 1000 for c in text[::CHARS_PER_TOKEN]]
+        reply = {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens}
+        await respond(send, 200, orjson.dumps(reply))
+
+    async def detokenize(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        request = orjson.loads(body or b"{}")
+        text = "".join(chr(32 + t % 90) for t in request.get("tokens", []))
+        await respond(send, 200, orjson.dumps({"prompt": text}))
+
+    async def get_stats(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        await respond(send, 200, orjson.dumps(asdict(self.stats)))
+
+    async def set_config(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        changes = orjson.loads(body or b"{}")
+        for name, value in changes.items():
+            if not hasattr(self.behaviour, name):
+                await respond(send, 400, error_body(f"unknown setting {name}", "invalid_request"))
+                return
+            setattr(self.behaviour, name, value)
+        await respond(send, 200, orjson.dumps(asdict(self.behaviour)))
+
+    async def reset(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        self.behaviour = self._initial_behaviour()
+        self.stats = Stats()
+        self.cache = PrefixCache(self.kv_cache_tokens, self.block_size)
+        await respond(send, 200, b"{}")
+
+    async def generate(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        """One generation request; a disconnect watcher counts aborts the way an engine would."""
+        self.stats.requests += 1
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            await respond(send, 400, error_body("body is not JSON", "invalid_request_error"))
+            return
+        self.stats.last_body = request
+        behaviour = self.behaviour
+        if request.get("model") != self.model:
+            message = f"The model `{request.get('model')}` does not exist."
+            await respond(send, 404, error_body(message, "not_found_error"))
+            return
+        if behaviour.status:
+            await respond(send, behaviour.status, error_body("injected failure", "api_error"))
+            return
+        self.stats.active += 1
+        task = asyncio.current_task()
+        finished = False
+
+        async def watch() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not finished and task is not None:
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            if behaviour.hang:
+                await asyncio.Event().wait()
+            await self._answer(scope["path"] == "/v1/chat/completions", request, send)
+            finished = True
+            self.stats.completed += 1
+        except asyncio.CancelledError:
+            self.stats.aborted += 1
+        except ConnectionDroppedError:
+            pass
+        finally:
+            self.stats.active -= 1
+            if not watcher.done():
+                watcher.cancel()
+
+    async def _answer(self, chat: bool, request: dict, send: Any) -> None:
+        behaviour = self.behaviour
+        text = prompt_text(request, chat)
+        prompt_tokens = len(text) // CHARS_PER_TOKEN
+        cached = self.cache.lookup_and_insert(text)
+        prefill = (prompt_tokens - cached) * behaviour.prefill_us_per_token / 1e6
+        if behaviour.delay or prefill:
+            await asyncio.sleep(behaviour.delay + prefill)
+        self.counter += 1
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{self.replica_id}-{self.counter}"
+        max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
+        count = behaviour.chunks if max_tokens is None else min(behaviour.chunks, int(max_tokens))
+        pieces = [f"t{i} " for i in range(count)]
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": count,
+            "total_tokens": prompt_tokens + count,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+        finish = "length" if max_tokens is not None and count == int(max_tokens) else "stop"
+        if not request.get("stream"):
+            await respond(
+                send,
+                200,
+                orjson.dumps(full_response(chat, ident, self.model, pieces, finish, usage)),
+            )
+            return
+        options = request.get("stream_options") or {}
+        include_usage = bool(options.get("include_usage"))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                ],
+            }
+        )
+        frames = stream_frames(
+            chat, ident, self.model, pieces, finish, usage if include_usage else None
+        )
+        for i, frame in enumerate(frames):
+            if i and behaviour.chunk_delay:
+                await asyncio.sleep(behaviour.chunk_delay)
+            if i == behaviour.fail_after_chunks:
+                raise ConnectionDroppedError
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+class ConnectionDroppedError(Exception):
+    """Raised to abandon a stream mid-way: uvicorn then closes the connection without a last chunk."""
+
+
+def full_response(
+    chat: bool, ident: str, model: str, pieces: list[str], finish: str, usage: dict
+) -> dict:
+    text = "".join(pieces)
+    if chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        kind = "text_completion"
+    return {
+        "id": ident,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+def stream_frames(
+    chat: bool, ident: str, model: str, pieces: list[str], finish: str, usage: dict | None
+) -> list[bytes]:
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": ident, "object": kind, "created": created, "model": model}
+    frames = []
+
+    def frame(choices: list, with_usage: dict | None = None) -> bytes:
+        chunk = {**head, "choices": choices}
+        if usage is not None:
+            chunk["usage"] = with_usage
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    if chat:
+        frames.append(
+            frame(
+                [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+        )
+    last = len(pieces) - 1
+    for i, piece in enumerate(pieces):
+        done = finish if i == last else None
+        if chat:
+            choice = {
+                "index": 0,
+                "delta": {"content": piece},
+                "logprobs": None,
+                "finish_reason": done,
+            }
+        else:
+            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": done}
+        frames.append(frame([choice]))
+    if not pieces:
+        frames.append(frame([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}]))
+    if usage is not None:
+        frames.append(frame([], usage))
+    return frames
+
+
+def error_body(message: str, kind: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+async def respond(
+    send: Any, status: int, body: bytes, content_type: bytes = b"application/json"
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type)],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--id", default="", help="replica id reported in response ids")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before the first chunk")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between chunks")
+    parser.add_argument("--chunks", type=int, default=8, help="content chunks per response")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument(
+        "--kv-cache-tokens", type=int, default=0, help="simulated prefix cache size"
+    )
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prefill-us-per-token", type=float, default=0.0)
+    parser.add_argument(
+        "--engine",
+        choices=["fleetserve", "vllm"],
+        default="fleetserve",
+        help="vllm: no /load, so routers must read /metrics",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args = parse_args(argv)
+    uvicorn.run(
+        FakeReplica(args),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+    )
+
+
+if __name__ == "__main__":
+    main()

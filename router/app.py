@@ -1,0 +1,469 @@
+"""The router's ASGI application.
+
+The generation routes (`/v1/chat/completions`, `/v1/completions`) and per-replica pinning
+(`/replicas/{id}/...`) are dispatched by path straight to their handlers, with no framework
+request objects: they are the data path, and every microsecond there is paid per request.
+Everything else (`/v1/models`, `/tokenize`, `/detokenize`, `/health`, `/metrics`, `/admin/...`) is
+an ordinary Starlette app.
+
+Per generation request: read the body, authenticate (cached), parse it once with orjson, check
+the model, take the key's limits, pick a replica, proxy, then settle the key's usage from the
+upstream's own `usage` (streams ask the replica for `include_usage`; see sse.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import unquote
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fleet.control.errors import APIError
+from fleet.control.keys import KeyStore, Ticket
+from fleet.control.membership import MembershipWatcher
+from router import admin
+from router.auth import Gate
+from router.config import RouterConfig
+from router.flight import CLIENT_GONE, Flight, Watchdog, watch_disconnect
+from router.metrics import RouterMetrics
+from router.policies import RouteRequest, make_policy
+from router.pool import ReplicaPool
+from router.prompt_key import Units, chat_units, completion_units
+from router.proxy import Exchange, Proxy, Upstream, status_text
+from router.replica import Replica
+from router.retry_budget import RetryBudget
+from router.sse import UsageTap
+from router.tokens import TokenEstimator
+
+log = logging.getLogger("router")
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+GENERATION_ROUTES = {CHAT_PATH: "chat", COMPLETIONS_PATH: "completions"}
+PLAIN_ROUTES = frozenset({"/tokenize", "/detokenize"})
+PINNED_PREFIX = "/replicas/"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+class RouterApp:
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        key_store: KeyStore | None = None,
+        watcher: MembershipWatcher | None = None,
+    ) -> None:
+        self.config = config
+        self.started_at = time.time()
+        if config.redis_url:
+            key_store = key_store or KeyStore(config.redis_url)
+            watcher = watcher or MembershipWatcher(config.redis_url)
+        self.key_store = key_store
+        self.policy = make_policy(config.policy, queue_weight=config.prefix_queue_weight)
+        self.metrics = RouterMetrics(lambda: self.pool.gauges())
+        self.pool = ReplicaPool(
+            config.replicas,
+            config.pool,
+            watcher,
+            on_eject=lambda replica: self.metrics.ejected(replica.id),
+            on_leave=lambda replica: self.policy.forget(replica.id),
+        )
+        self.gate = Gate(key_store, config.api_keys)
+        self.upstream = Upstream(config.connect_timeout_s, config.upstream_api_key)
+        self.watchdog = Watchdog()
+        self.tokens = TokenEstimator()
+        self.proxy = Proxy(
+            self.pool,
+            self.policy,
+            self.upstream,
+            self.metrics,
+            ttfb_timeout_s=config.ttfb_timeout_s,
+            idle_timeout_s=config.idle_timeout_s,
+            max_attempts=config.max_attempts,
+            budget=RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
+        )
+        self.web = Starlette(
+            routes=[
+                Route("/health", self.health),
+                Route("/metrics", self.prometheus),
+                Route("/v1/models", self.models),
+                *admin.routes(self),
+            ],
+            exception_handlers={APIError: _api_error, HTTPException: _http_error},
+            lifespan=self._lifespan,
+        )
+
+    # -- lifecycle
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        if self.key_store is not None:
+            await self.key_store.start()
+        await self.pool.start()
+        self.watchdog.start()
+        log.info(
+            "router up: policy=%s, %d replicas, auth=%s",
+            self.policy.name,
+            len(self.pool.replicas),
+            "open" if self.gate.open else ("keystore" if self.key_store else "static keys"),
+        )
+
+    async def stop(self) -> None:
+        await self.watchdog.stop()
+        await self.pool.close()
+        if self.key_store is not None:
+            await self.key_store.close()
+        await self.upstream.close()
+
+    # -- dispatch
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            route = GENERATION_ROUTES.get(path)
+            if route is not None and scope["method"] == "POST":
+                await self._generation(scope, receive, send, route, path, None)
+                return
+            if path in PLAIN_ROUTES and scope["method"] == "POST":
+                await self._plain(scope, receive, send, path[1:], path, None)
+                return
+            if path.startswith(PINNED_PREFIX):
+                await self._pinned(scope, receive, send)
+                return
+        await self.web(scope, receive, send)
+
+    async def _pinned(self, scope: dict, receive, send) -> None:
+        """`/replicas/{id}/<path>`: the same API, served by exactly that replica (no retries)."""
+        path = scope["path"]
+        slash = path.find("/", len(PINNED_PREFIX))
+        replica_id = unquote(path[len(PINNED_PREFIX) : slash if slash > 0 else None])
+        rest = path[slash:] if slash > 0 else "/"
+        replica = self.pool.replicas.get(replica_id)
+        missing = None
+        if replica is None:
+            missing = APIError(404, f"No replica with id '{replica_id}'.", code="replica_not_found")
+        route = GENERATION_ROUTES.get(rest)
+        if route is not None and scope["method"] == "POST":
+            await self._generation(scope, receive, send, route, rest, replica, missing)
+            return
+        query = scope.get("query_string") or b""
+        full = rest + ("?" + query.decode("latin-1") if query else "")
+        await self._plain(scope, receive, send, "pinned", full, replica, missing)
+
+    # -- the generation data path
+
+    async def _generation(
+        self,
+        scope: dict,
+        receive,
+        send,
+        route: str,
+        path: str,
+        pinned: Replica | None,
+        pinned_error: APIError | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        flight = Flight(asyncio.current_task())  # type: ignore[arg-type]
+        ex = Exchange(route, path, send, flight, started)
+        ticket: Ticket | None = None
+        units: Units = ""
+        try:
+            body = await read_body(receive, self.config.max_body_bytes)
+            asyncio.get_running_loop().create_task(watch_disconnect(receive, flight))
+            self.watchdog.flights.add(flight)
+            authorization, session_id = request_headers(scope)
+            record = await self.gate.authenticate(authorization, None)
+            if pinned_error is not None:
+                raise pinned_error
+            request = parse_object(body)
+            model = request.get("model")
+            if not isinstance(model, str) or not model:
+                raise APIError(400, "You must provide a model parameter.", param="model")
+            replicas = self.pool.by_model.get(model)
+            if replicas is None and pinned is None:
+                raise model_not_found(model)
+            ex.model = model
+            if record is not None:
+                record.check_model(model)
+            units = (
+                chat_units(request.get("messages"))
+                if route == "chat"
+                else completion_units(request.get("prompt"))
+            )
+            prompt_tokens = self.tokens.estimate(model, units)
+            if request.get("stream") is True:
+                ex.stream = True
+                if not self.gate.open:
+                    body = self._ask_for_usage(ex, request, body)
+            max_model_len = replicas[0].max_model_len if replicas else None
+            reserve = prompt_tokens + completion_budget(
+                request, route, prompt_tokens, max_model_len
+            )
+            ticket = await self.gate.admit(record, reserve)
+            route_request = RouteRequest(
+                model, units, prompt_tokens, self.tokens.ratio(model), session_id
+            )
+            await self.proxy.forward(ex, route_request, body, "POST", pinned)
+        except APIError as err:
+            await self._refuse(ex, err)
+        except asyncio.CancelledError:
+            reason = flight.absorb()
+            if reason is None:
+                raise
+            if reason == CLIENT_GONE:
+                ex.status = 499
+            else:
+                await self._refuse(ex, APIError(504, "The replica did not answer in time."))
+        finally:
+            flight.done = True
+            self.watchdog.flights.discard(flight)
+        if ticket is not None:
+            await self._settle(ex, ticket, units)
+        elif ex.status == 200 and not ex.stream and self.tokens.wants_sample(ex.model):
+            self._learn(ex, units, self._usage_of(ex))
+        model_label = ex.model if ex.model in self.pool.by_model else "unknown"
+        self.metrics.request_done(
+            route,
+            model_label,
+            ex.replica_id or "none",
+            status_text(ex.status),
+            time.perf_counter() - started,
+        )
+
+    def _ask_for_usage(self, ex: Exchange, request: dict, body: bytes) -> bytes:
+        """Usage is needed to settle the key: ask the replica for it, strip it if unasked."""
+        options = request.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            return body
+        wants = bool(options and options.get("include_usage") is True)
+        ex.tap = UsageTap(strip=not wants)
+        if wants:
+            return body
+        request["stream_options"] = {**(options or {}), "include_usage": True}
+        return orjson.dumps(request)
+
+    def _usage_of(self, ex: Exchange) -> dict | None:
+        if ex.stream:
+            return ex.tap.usage if ex.tap is not None else None
+        if ex.status != 200 or not ex.body_out:
+            return None
+        try:
+            usage = orjson.loads(ex.body_out).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return usage if isinstance(usage, dict) else None
+
+    def _learn(self, ex: Exchange, units: Units, usage: dict | None) -> None:
+        if usage is not None and isinstance(usage.get("prompt_tokens"), int):
+            self.tokens.observe(ex.model, units, usage["prompt_tokens"])
+
+    async def _settle(self, ex: Exchange, ticket: Ticket, units: Units) -> None:
+        """Charge what the replica reports; with no report, the estimate; nothing if nothing ran."""
+        if ex.status != 200:
+            await self.gate.release(ticket)
+            return
+        usage = self._usage_of(ex)
+        if usage is not None:
+            self._learn(ex, units, usage)
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+        else:
+            prompt = self.tokens.estimate(ex.model, units)
+            completion = ex.tap.frames if ex.tap is not None else 0
+        await self.gate.settle(ticket, prompt, completion)
+
+    async def _refuse(self, ex: Exchange, err: APIError) -> None:
+        ex.status = err.status
+        if ex.head_sent:
+            return
+        ex.head_sent = True
+        await send_error(ex.send, err)
+
+    # -- everything else that is proxied: tokenize, detokenize, pinned non-generation paths
+
+    async def _plain(
+        self,
+        scope: dict,
+        receive,
+        send,
+        route: str,
+        path: str,
+        pinned: Replica | None,
+        pinned_error: APIError | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        flight = Flight(asyncio.current_task())  # type: ignore[arg-type]
+        ex = Exchange(route, path, send, flight, started)
+        try:
+            body = await read_body(receive, self.config.max_body_bytes)
+            self.watchdog.flights.add(flight)
+            authorization, _ = request_headers(scope)
+            record = await self.gate.authenticate(authorization, None)
+            if pinned_error is not None:
+                raise pinned_error
+            model = ""
+            if pinned is None:
+                model = self._model_for(parse_object(body))
+                if record is not None:
+                    record.check_model(model)
+            ex.model = model or (pinned.model if pinned else "") or ""
+            request = RouteRequest(model, "", 0)
+            await self.proxy.forward(ex, request, body, scope["method"], pinned)
+        except APIError as err:
+            await self._refuse(ex, err)
+        except asyncio.CancelledError:
+            if flight.absorb() is None:
+                raise
+            await self._refuse(ex, APIError(504, "The replica did not answer in time."))
+        finally:
+            flight.done = True
+            self.watchdog.flights.discard(flight)
+        model_label = ex.model if ex.model in self.pool.by_model else "unknown"
+        self.metrics.request_done(
+            route,
+            model_label,
+            ex.replica_id or "none",
+            status_text(ex.status),
+            time.perf_counter() - started,
+        )
+
+    def _model_for(self, request: dict) -> str:
+        model = request.get("model")
+        if model is None and len(self.pool.by_model) == 1:
+            return next(iter(self.pool.by_model))
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "You must provide a model parameter.", param="model")
+        if model not in self.pool.by_model:
+            raise model_not_found(model)
+        return model
+
+    # -- local routes
+
+    async def health(self, request: Request) -> Response:
+        now = time.monotonic()
+        routable = sum(r.routable(now) for r in self.pool.replicas.values())
+        body = {"status": "ok", "replicas": len(self.pool.replicas), "routable": routable}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Request) -> Response:
+        record = await self.gate.authenticate(request.headers.get("authorization"), None)
+        cards = [
+            {
+                "id": model,
+                "object": "model",
+                "created": int(self.started_at),
+                "owned_by": "fleetserve",
+                "max_model_len": max_model_len,
+            }
+            for model, max_model_len in sorted(self.pool.models().items())
+            if record is None or record.allows_model(model)
+        ]
+        return Response(
+            orjson.dumps({"object": "list", "data": cards}), media_type="application/json"
+        )
+
+
+def completion_budget(
+    request: dict, route: str, prompt_tokens: int, max_model_len: int | None
+) -> int:
+    """Tokens the answer may take, to reserve against the key's tpm before dispatch."""
+    n = request.get("n")
+    n = n if isinstance(n, int) and n > 0 else 1
+    limit = request.get("max_completion_tokens") if route == "chat" else None
+    limit = limit or request.get("max_tokens")
+    if isinstance(limit, int) and limit > 0:
+        return limit * n
+    if route != "chat":
+        return COMPLETIONS_DEFAULT_MAX_TOKENS * n
+    return max((max_model_len or 0) - prompt_tokens, 0) * n
+
+
+def request_headers(scope: dict) -> tuple[str | None, str | None]:
+    """(Authorization, X-Session-Id), in one pass over the raw headers."""
+    authorization = session = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"x-session-id":
+            session = value.decode("latin-1")
+    return authorization, session
+
+
+async def read_body(receive, limit: int) -> bytes:
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body"):
+        return body
+    parts = [body]
+    size = len(body)
+    while message.get("more_body"):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"The request body is larger than {limit} bytes.")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_object(body: bytes) -> dict:
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise APIError(400, "We could not parse the JSON body of your request.") from None
+    if not isinstance(request, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    return request
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model '{model}' does not exist or has no replica.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+async def send_error(send, err: APIError) -> None:
+    body = orjson.dumps(err.body())
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in err.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = "Not found." if exc.status_code == 404 else str(exc.detail)
+    return APIError(exc.status_code, f"{message} ({request.method} {request.url.path})").response()

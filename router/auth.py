@@ -1,0 +1,47 @@
+"""Who may call the router, and within which limits: the control plane's KeyStore when the fleet
+has Redis, a fixed list of `--api-key`s without it, or nobody checked when neither is given."""
+
+from __future__ import annotations
+
+import hmac
+
+from fleet.control.errors import APIError
+from fleet.control.keys import KeyRecord, KeyStore, Ticket, bearer_token
+
+
+class Gate:
+    def __init__(self, store: KeyStore | None = None, static_keys: list[str] | tuple = ()) -> None:
+        self.store = store
+        self.static_keys = tuple(k.encode() for k in static_keys)
+
+    @property
+    def open(self) -> bool:
+        return self.store is None and not self.static_keys
+
+    async def authenticate(self, authorization: str | None, model: str | None) -> KeyRecord | None:
+        """The caller's key record (None for static keys and open routers), or APIError 401/403/503."""
+        if self.open:
+            return None
+        token = bearer_token(authorization)
+        if token is not None and self.static_keys:
+            presented = token.encode()
+            if any(hmac.compare_digest(presented, key) for key in self.static_keys):
+                return None
+        if self.store is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return await self.store.authenticate(token, model)
+
+    async def admit(self, record: KeyRecord | None, reserve_tokens: int) -> Ticket | None:
+        if record is None or self.store is None:
+            return None
+        return await self.store.admit(record, reserve_tokens)
+
+    async def settle(
+        self, ticket: Ticket | None, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        if ticket is not None and self.store is not None:
+            await self.store.settle(ticket, prompt_tokens, completion_tokens)
+
+    async def release(self, ticket: Ticket | None) -> None:
+        if ticket is not None and self.store is not None:
+            await self.store.release(ticket)

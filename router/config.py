@@ -1,0 +1,32 @@
+"""Every knob of one router process, with the defaults `python -m router` uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from router.pool import PoolSettings
+
+
+@dataclass
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+    policy: str = "prefix"
+    replicas: list[str] = field(default_factory=list)
+    admin_key: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    upstream_api_key: str | None = None
+    connect_timeout_s: float = 3.0
+    ttfb_timeout_s: float = 300.0
+    idle_timeout_s: float = 60.0
+    max_attempts: int = 3
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_s: float = 5.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    prefix_queue_weight: float = 64.0
+    pool: PoolSettings = field(default_factory=PoolSettings)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.redis_url or self.api_keys)

@@ -1,0 +1,61 @@
+"""Turn a replica's `/load` JSON or a vLLM/SGLang `/metrics` page into one `LoadReport`."""
+
+from __future__ import annotations
+
+import time
+
+from router.replica import LoadReport
+
+_VLLM_NAMES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_usage",
+    "vllm:gpu_cache_usage_perc": "kv_usage",
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "sglang:num_running_reqs": "running",
+    "sglang:num_queue_reqs": "waiting",
+    "sglang:token_usage": "kv_usage",
+}
+
+
+def from_load_json(data: dict) -> LoadReport:
+    block_size = int(data.get("block_size") or 0)
+    num_blocks = int(data.get("num_blocks") or 0)
+    return LoadReport(
+        running=int(data.get("running") or 0),
+        waiting=int(data.get("waiting") or 0),
+        kv_usage=float(data.get("kv_usage") or 0.0),
+        kv_capacity_tokens=int(data.get("kv_capacity_tokens") or block_size * num_blocks),
+        prefix_cache_queries=int(data.get("prefix_cache_queries") or 0),
+        prefix_cache_hits=int(data.get("prefix_cache_hits") or 0),
+        updated_at=time.monotonic(),
+    )
+
+
+def from_prometheus_text(text: str) -> LoadReport:
+    """Sum each known series over its labels (one engine may report per model or per engine id)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
+        if name_end < 0:
+            continue
+        field = _VLLM_NAMES.get(line[:name_end])
+        if field is None:
+            continue
+        rest = line[line.rfind("}") + 1 :] if line[name_end] == "{" else line[name_end:]
+        try:
+            value = float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+        values[field] = values.get(field, 0.0) + value
+    return LoadReport(
+        running=int(values.get("running", 0)),
+        waiting=int(values.get("waiting", 0)),
+        kv_usage=values.get("kv_usage", 0.0),
+        prefix_cache_queries=int(values.get("prefix_cache_queries", 0)),
+        prefix_cache_hits=int(values.get("prefix_cache_hits", 0)),
+        updated_at=time.monotonic(),
+    )

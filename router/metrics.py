@@ -1,0 +1,168 @@
+"""Router metrics, counted in plain dicts on the hot path and turned into Prometheus families
+only when scraped (prometheus-client's labelled children take a lock and a label lookup per call,
+which the data path's CPU budget cannot spare).
+
+Exposed names:
+  fleet_router_requests_total{route,model,replica,status}
+  fleet_router_ttft_seconds{route,model}            first byte to the client, as the router sees it
+  fleet_router_e2e_seconds{route,model}             whole request
+  fleet_router_retries_total{model,reason}
+  fleet_router_ejections_total{replica}
+  fleet_router_policy_decisions_total{policy,outcome}   prefix_hit / prefix_miss / load_fallback / ...
+  fleet_router_replica_in_flight{replica}, fleet_router_replica_routable{replica}
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+
+
+class Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total, out = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
+
+
+class RouterMetrics:
+    def __init__(self, replica_gauges: Callable[[], list[tuple[str, int, bool]]] = list) -> None:
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.ttft: dict[tuple[str, str], Histogram] = {}
+        self.e2e: dict[tuple[str, str], Histogram] = {}
+        self.retries: dict[tuple[str, str], int] = {}
+        self.ejections: dict[str, int] = {}
+        self.decisions: dict[tuple[str, str], int] = {}
+        self._replica_gauges = replica_gauges
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def request_done(self, route: str, model: str, replica: str, status: str, e2e: float) -> None:
+        key = (route, model, replica, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        hist = self.e2e.get((route, model))
+        if hist is None:
+            hist = self.e2e[(route, model)] = Histogram()
+        hist.observe(e2e)
+
+    def first_byte(self, route: str, model: str, seconds: float) -> None:
+        hist = self.ttft.get((route, model))
+        if hist is None:
+            hist = self.ttft[(route, model)] = Histogram()
+        hist.observe(seconds)
+
+    def retried(self, model: str, reason: str) -> None:
+        self.retries[(model, reason)] = self.retries.get((model, reason), 0) + 1
+
+    def ejected(self, replica: str) -> None:
+        self.ejections[replica] = self.ejections.get(replica, 0) + 1
+
+    def decided(self, policy: str, outcome: str) -> None:
+        key = (policy, outcome)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def collect(self) -> Iterator:
+        family = CounterMetricFamily(
+            "fleet_router_requests",
+            "Requests by route, model, replica and status",
+            labels=["route", "model", "replica", "status"],
+        )
+        for labels, value in list(self.requests.items()):
+            family.add_metric(list(labels), value)
+        yield family
+        for name, doc, hists in (
+            ("fleet_router_ttft_seconds", "Time to the first byte sent to the client", self.ttft),
+            ("fleet_router_e2e_seconds", "Whole-request latency seen by the router", self.e2e),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["route", "model"])
+            for labels, hist in list(hists.items()):
+                family.add_metric(list(labels), hist.cumulative(), hist.sum)
+            yield family
+        family = CounterMetricFamily(
+            "fleet_router_retries",
+            "Requests retried on another replica",
+            labels=["model", "reason"],
+        )
+        for labels, value in list(self.retries.items()):
+            family.add_metric(list(labels), value)
+        yield family
+        family = CounterMetricFamily(
+            "fleet_router_ejections", "Replicas ejected by the circuit breaker", labels=["replica"]
+        )
+        for replica, value in list(self.ejections.items()):
+            family.add_metric([replica], value)
+        yield family
+        family = CounterMetricFamily(
+            "fleet_router_policy_decisions",
+            "Routing decisions by outcome",
+            labels=["policy", "outcome"],
+        )
+        for labels, value in list(self.decisions.items()):
+            family.add_metric(list(labels), value)
+        yield family
+        in_flight = GaugeMetricFamily(
+            "fleet_router_replica_in_flight",
+            "Requests this router has open on each replica",
+            labels=["replica"],
+        )
+        routable = GaugeMetricFamily(
+            "fleet_router_replica_routable",
+            "1 when the replica takes new requests",
+            labels=["replica"],
+        )
+        for replica_id, count, ok in self._replica_gauges():
+            in_flight.add_metric([replica_id], count)
+            routable.add_metric([replica_id], 1 if ok else 0)
+        yield in_flight
+        yield routable
+
+    def exposition(self) -> bytes:
+        """Ours plus the process-wide registry (the control plane's Redis health lives there)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+    def snapshot(self) -> dict:
+        """Totals for the admin stats endpoint."""
+        by_status: dict[str, int] = {}
+        for (_route, _model, _replica, status), value in list(self.requests.items()):
+            by_status[status] = by_status.get(status, 0) + value
+        return {
+            "requests": sum(by_status.values()),
+            "requests_by_status": by_status,
+            "retries": sum(self.retries.values()),
+            "ejections": dict(self.ejections),
+            "policy_decisions": {f"{p}:{o}": v for (p, o), v in self.decisions.items()},
+        }

@@ -1,0 +1,25 @@
+"""Routing policies, one small class each behind `Policy.choose`."""
+
+from __future__ import annotations
+
+from router.policies.base import Decision, Policy, RouteRequest
+from router.policies.least_load import LeastLoadPolicy
+from router.policies.prefix import PrefixPolicy
+from router.policies.round_robin import RoundRobinPolicy
+
+POLICIES: dict[str, type[Policy]] = {
+    "prefix": PrefixPolicy,
+    "least-load": LeastLoadPolicy,
+    "round-robin": RoundRobinPolicy,
+}
+
+
+def make_policy(name: str, queue_weight: float | None = None) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    if name == "prefix" and queue_weight is not None:
+        return PrefixPolicy(queue_weight=queue_weight)
+    return POLICIES[name]()
+
+
+__all__ = ["POLICIES", "Decision", "Policy", "RouteRequest", "make_policy"]

@@ -1,0 +1,17 @@
+"""Each replica in turn, blind to load and prompts: the baseline the other policies must beat."""
+
+from __future__ import annotations
+
+from router.policies.base import Decision, Policy, RouteRequest
+from router.replica import Replica
+
+
+class RoundRobinPolicy(Policy):
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(self, request: RouteRequest, candidates: list[Replica]) -> Decision:
+        self._turn += 1
+        return Decision(candidates[self._turn % len(candidates)], "round_robin")

@@ -1,0 +1,252 @@
+"""The replicas the router may use: from `--replica` URLs and/or the fleet's Redis membership,
+kept honest by active probes (`/health`, plus `/load` or vLLM's `/metrics` for load) and by the
+circuit breaker that real requests feed (see breaker.py).
+
+Probes use httpx (control path); the data path never waits on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from fleet.control.membership import MembershipEvent, MembershipWatcher, ReplicaInfo
+from router.breaker import CircuitBreaker
+from router.load_signals import from_load_json, from_prometheus_text
+from router.replica import Replica
+
+log = logging.getLogger("router.pool")
+
+
+@dataclass
+class PoolSettings:
+    probe_interval_s: float = 1.0
+    load_interval_s: float = 0.5
+    probe_timeout_s: float = 1.0
+    unhealthy_after: int = 2
+    breaker_threshold: int = 3
+    breaker_base_s: float = 1.0
+    breaker_max_s: float = 30.0
+
+
+def static_replica_id(spec: str) -> tuple[str, str]:
+    """`[ID=]URL` -> (id, url); without an id, the URL's host and port name the replica."""
+    head, sep, tail = spec.partition("=")
+    if sep and "://" not in head:
+        return head, tail
+    parts = urlsplit(spec)
+    return f"{parts.hostname}-{parts.port or (443 if parts.scheme == 'https' else 80)}", spec
+
+
+class ReplicaPool:
+    def __init__(
+        self,
+        static: list[str],
+        settings: PoolSettings | None = None,
+        watcher: MembershipWatcher | None = None,
+        on_eject: Callable[[Replica], None] = lambda replica: None,
+        on_leave: Callable[[Replica], None] = lambda replica: None,
+    ) -> None:
+        self.settings = settings or PoolSettings()
+        self.replicas: dict[str, Replica] = {}
+        self.by_model: dict[str, list[Replica]] = {}
+        self._watcher = watcher
+        self._on_eject = on_eject
+        self._on_leave = on_leave
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._uses_metrics: set[str] = set()
+        for spec in static:
+            replica_id, url = static_replica_id(spec)
+            self._add(Replica(replica_id, url, breaker=self._new_breaker()))
+
+    def _new_breaker(self) -> CircuitBreaker:
+        s = self.settings
+        return CircuitBreaker(s.breaker_threshold, s.breaker_base_s, s.breaker_max_s)
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=self.settings.probe_timeout_s)
+        if self._watcher is not None:
+            self._watcher.add_listener(self._on_membership)
+            await self._watcher.start()
+            for info in self._watcher.replicas.values():
+                self._on_membership(MembershipEvent("join", info))
+        await self.probe_all()
+        self._tasks = [
+            asyncio.create_task(self._every(self.settings.probe_interval_s, self.probe_all)),
+            asyncio.create_task(self._every(self.settings.load_interval_s, self.poll_loads)),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._watcher is not None:
+            await self._watcher.stop()
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _every(self, interval: float, job: Callable) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except Exception:
+                log.exception("replica pool background job failed")
+
+    # -- membership
+
+    def _on_membership(self, event: MembershipEvent) -> None:
+        info = event.replica
+        if event.kind == "leave":
+            replica = self.replicas.get(info.id)
+            if replica is not None and replica.source == "redis":
+                self._remove(replica)
+            return
+        replica = self.replicas.get(info.id)
+        if replica is None or replica.url != info.url.rstrip("/"):
+            if replica is not None:
+                self._remove(replica)
+            replica = Replica(info.id, info.url, source="redis", breaker=self._new_breaker())
+            self._apply_info(replica, info)
+            self._add(replica)
+        else:
+            model_changed = replica.model != info.model
+            self._apply_info(replica, info)
+            if model_changed:
+                self._reindex()
+
+    @staticmethod
+    def _apply_info(replica: Replica, info: ReplicaInfo) -> None:
+        replica.model = info.model
+        replica.engine = info.engine
+        replica.state = info.state
+        replica.max_model_len = info.max_model_len or None
+        replica.kv_capacity_tokens = info.kv_capacity_tokens
+
+    def _add(self, replica: Replica) -> None:
+        self.replicas[replica.id] = replica
+        self._reindex()
+
+    def _remove(self, replica: Replica) -> None:
+        del self.replicas[replica.id]
+        self._reindex()
+        self._on_leave(replica)
+
+    def _reindex(self) -> None:
+        by_model: dict[str, list[Replica]] = {}
+        for replica in sorted(self.replicas.values(), key=lambda r: r.id):
+            if replica.model is not None:
+                by_model.setdefault(replica.model, []).append(replica)
+        self.by_model = by_model
+
+    # -- queries
+
+    def routable(
+        self, model: str, exclude: tuple[Replica, ...] | set[Replica] = ()
+    ) -> list[Replica]:
+        now = time.monotonic()
+        return [r for r in self.by_model.get(model, ()) if r.routable(now) and r not in exclude]
+
+    def models(self) -> dict[str, int | None]:
+        """Models with at least one replica that is not draining, with their context length."""
+        out: dict[str, int | None] = {}
+        for model, replicas in self.by_model.items():
+            lengths = [r.max_model_len for r in replicas if not r.draining]
+            if lengths:
+                known = [n for n in lengths if n]
+                out[model] = min(known) if known else None
+        return out
+
+    # -- passive health (fed by the proxy)
+
+    def succeeded(self, replica: Replica) -> None:
+        if replica.breaker.state != "closed" or replica.breaker.failures:
+            replica.breaker.succeeded()
+
+    def failed(self, replica: Replica) -> None:
+        replica.failures += 1
+        if replica.breaker.failed():
+            log.warning(
+                "ejected replica %s for %.1f s after %d failures",
+                replica.id,
+                replica.breaker.open_until - time.monotonic(),
+                replica.breaker.failures,
+            )
+            self._on_eject(replica)
+
+    # -- active probes
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values())))
+
+    async def _probe(self, replica: Replica) -> None:
+        assert self._client is not None
+        try:
+            response = await self._client.get(replica.url + "/health")
+            ok = response.status_code == 200
+            if ok and replica.model is None:
+                await self._discover(replica)
+        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            if not replica.healthy:
+                log.info("replica %s is healthy again", replica.id)
+            replica.healthy = True
+            replica.probe_failures = 0
+        else:
+            replica.probe_failures += 1
+            if replica.healthy and replica.probe_failures >= self.settings.unhealthy_after:
+                log.warning(
+                    "replica %s failed %d health probes", replica.id, replica.probe_failures
+                )
+                replica.healthy = False
+
+    async def _discover(self, replica: Replica) -> None:
+        """A static replica's model and context length, from its own `/v1/models`."""
+        assert self._client is not None
+        response = await self._client.get(replica.url + "/v1/models")
+        response.raise_for_status()
+        cards = orjson.loads(response.content).get("data") or []
+        if cards:
+            replica.model = cards[0]["id"]
+            replica.max_model_len = cards[0].get("max_model_len") or None
+            self._reindex()
+
+    async def poll_loads(self) -> None:
+        await asyncio.gather(
+            *(self._poll_load(r) for r in list(self.replicas.values()) if r.healthy)
+        )
+
+    async def _poll_load(self, replica: Replica) -> None:
+        assert self._client is not None
+        try:
+            if replica.id not in self._uses_metrics and replica.engine == "fleetserve":
+                response = await self._client.get(replica.url + "/load")
+                if response.status_code == 200:
+                    replica.load = from_load_json(orjson.loads(response.content))
+                    return
+                if response.status_code != 404:
+                    return
+                self._uses_metrics.add(replica.id)
+            response = await self._client.get(replica.url + "/metrics")
+            if response.status_code == 200:
+                replica.load = from_prometheus_text(response.text)
+        except (httpx.HTTPError, OSError, ValueError):
+            return
+
+    def gauges(self) -> list[tuple[str, int, bool]]:
+        now = time.monotonic()
+        return [(r.id, r.in_flight, r.routable(now)) for r in self.replicas.values()]

@@ -1,0 +1,60 @@
+"""The prompt as the replica will see it, in a form the router can hash without a tokenizer.
+
+Chat messages become a canonical rendering (role and text of each message, in order, with
+separators no text contains), which keeps the prefix property of a chat template: a conversation's
+next turn starts with the rendering of everything before it. Completions use the prompt text, or
+its token ids when given as ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Units = str | Sequence[int]
+
+
+def _text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    return ""
+
+
+def chat_units(messages: object) -> str:
+    if not isinstance(messages, list):
+        return ""
+    return "".join(
+        f"{m.get('role', '')}\x1f{_text_of(m.get('content'))}\x1e"
+        for m in messages
+        if isinstance(m, dict)
+    )
+
+
+def completion_units(prompt: object) -> Units:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, int):
+            return prompt
+        if isinstance(first, str):
+            return "\x1e".join(p for p in prompt if isinstance(p, str))
+        if isinstance(first, list):
+            return [t for ids in prompt if isinstance(ids, list) for t in ids]
+    return ""
+
+
+def chunk_hashes(units: Units, chunk: int) -> list[int]:
+    """Chained hashes of the full `chunk`-sized pieces: hash i identifies the whole prefix to i."""
+    hashes: list[int] = []
+    chain = 0
+    if isinstance(units, str):
+        for end in range(chunk, len(units) + 1, chunk):
+            chain = hash((chain, units[end - chunk : end]))
+            hashes.append(chain)
+    else:
+        for end in range(chunk, len(units) + 1, chunk):
+            chain = hash((chain, *units[end - chunk : end]))
+            hashes.append(chain)
+    return hashes

@@ -1,0 +1,337 @@
+"""The data path: send one request to a replica and its answer back to the client.
+
+aiohttp's client carries the upstream traffic (on this kind of machine it costs several times
+less CPU per request than httpx). A request may be retried on a different replica, within the
+retry budget, only while nothing has reached the client: connection failures, 429/502/503/504
+answers, a stream that ends before its first byte, or no first byte within the TTFB timeout.
+Once the first byte is out, an upstream failure becomes one SSE error event and `[DONE]`.
+Streams pass through frame by frame as they arrive; nothing waits for the whole answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
+
+from fleet.control.errors import APIError
+from router.flight import IDLE_TIMEOUT, TTFB_TIMEOUT, Flight
+from router.metrics import RouterMetrics
+from router.policies import Decision, Policy, RouteRequest
+from router.pool import ReplicaPool
+from router.replica import Replica
+from router.retry_budget import RetryBudget
+from router.sessions import sticky_replica
+from router.sse import UsageTap
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+NOT_REPLICA_FAULTS = frozenset({429})
+_CONNECTION_ERRORS = (aiohttp.ClientError, OSError, asyncio.IncompleteReadError)
+_STATUS_TEXT = {}
+
+
+def status_text(status: int) -> str:
+    text = _STATUS_TEXT.get(status)
+    if text is None:
+        text = _STATUS_TEXT[status] = str(status)
+    return text
+
+
+class Retryable(Exception):
+    """This attempt failed before anything reached the client; another replica may serve it."""
+
+    def __init__(self, reason: str, status: int = 502, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.detail = detail
+
+
+Send = Callable[[dict], Awaitable[None]]
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One client request on its way through the router."""
+
+    route: str
+    path: str
+    send: Send
+    flight: Flight
+    started: float
+    model: str = ""
+    stream: bool = False
+    tap: UsageTap | None = None
+    replica_id: str = ""
+    status: int = 0
+    head_sent: bool = False
+    usage: dict | None = None
+    body_out: bytes = b""
+    tried: list[Replica] = field(default_factory=list)
+
+
+class Upstream:
+    """The pooled aiohttp session every replica request goes through."""
+
+    def __init__(self, connect_timeout_s: float, api_key: str | None = None) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+class Proxy:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        policy: Policy,
+        upstream: Upstream,
+        metrics: RouterMetrics,
+        *,
+        ttfb_timeout_s: float,
+        idle_timeout_s: float,
+        max_attempts: int,
+        budget: RetryBudget,
+    ) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.upstream = upstream
+        self.metrics = metrics
+        self.ttfb_timeout_s = ttfb_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_attempts = max_attempts
+        self.budget = budget
+
+    # -- choosing
+
+    def pick(self, request: RouteRequest, exclude: list[Replica]) -> Decision | None:
+        candidates = self.pool.routable(request.model, exclude)
+        if not candidates:
+            return None
+        if request.session_id:
+            replica = sticky_replica(request.session_id, candidates)
+            decision = self.policy.place(request, replica, "session")
+        else:
+            decision = self.policy.choose(request, candidates)
+        self.metrics.decided(self.policy.name, decision.outcome)
+        return decision
+
+    # -- forwarding with retries
+
+    async def forward(
+        self,
+        ex: Exchange,
+        request: RouteRequest,
+        body: bytes,
+        method: str = "POST",
+        pinned: Replica | None = None,
+    ) -> None:
+        """Serve `ex` from one replica, retrying elsewhere only before the first byte."""
+        self.budget.deposit()
+        try:
+            await self._attempt(ex, request, body, method, pinned)
+            return
+        except Retryable as exc:
+            if pinned is not None or self.max_attempts <= 1:
+                raise self._give_up(ex, exc) from None
+            first_failure = exc
+        last = first_failure
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts - 1),
+            retry=retry_if_exception_type(Retryable),
+            wait=wait_none(),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if not self.budget.withdraw():
+                        raise self._give_up(ex, last, "the retry budget is spent")
+                    self.metrics.retried(ex.model, last.reason)
+                    try:
+                        await self._attempt(ex, request, body, method, None)
+                    except Retryable as exc:
+                        last = exc
+                        raise
+        except Retryable as exc:
+            raise self._give_up(ex, exc) from None
+
+    def _give_up(self, ex: Exchange, exc: Retryable, why: str = "") -> APIError:
+        if exc.reason == "no_replica":
+            return APIError(
+                503,
+                f"No replica is available for model '{ex.model}'; retry shortly.",
+                code="no_replica_available",
+                headers={"Retry-After": "1"},
+            )
+        tried = ", ".join(r.id for r in ex.tried) or "none"
+        detail = f" ({exc.detail})" if exc.detail else ""
+        note = f"; {why}" if why else ""
+        message = f"Upstream replica failed: {exc.reason}{detail}; tried {tried}{note}."
+        return APIError(exc.status, message, code="upstream_error")
+
+    async def _attempt(
+        self,
+        ex: Exchange,
+        request: RouteRequest,
+        body: bytes,
+        method: str,
+        pinned: Replica | None,
+    ) -> None:
+        if pinned is None:
+            decision = self.pick(request, ex.tried)
+            if decision is None:
+                raise Retryable("no_replica", 503)
+        else:
+            decision = Decision(pinned, "pinned")
+        replica = decision.replica
+        ex.tried.append(replica)
+        ex.replica_id = replica.id
+        prefill = max(request.prompt_tokens - decision.cached_tokens, 0)
+        replica.in_flight += 1
+        replica.pending_prefill += prefill
+        replica.requests += 1
+        replica.breaker.dispatched()
+        flight = ex.flight
+        flight.phase = TTFB_TIMEOUT
+        flight.deadline = asyncio.get_running_loop().time() + self.ttfb_timeout_s
+        response: aiohttp.ClientResponse | None = None
+        verdict = False
+        try:
+            try:
+                assert self.upstream.session is not None
+                response = await self.upstream.session.request(
+                    method, replica.endpoint(ex.path), data=body, headers=self.upstream.headers
+                )
+                status = response.status
+                if status in RETRY_STATUSES:
+                    detail = (await response.read())[:200].decode(errors="replace")
+                    if status not in NOT_REPLICA_FAULTS:
+                        verdict = True
+                        self.pool.failed(replica)
+                    raise Retryable(f"status {status}", 503 if status == 429 else status, detail)
+                if not ex.stream or status != 200:
+                    payload = await response.read()
+                    first = b""
+                else:
+                    first = await response.content.readany()
+                    if not first:
+                        raise Retryable("stream ended before its first byte")
+            except asyncio.CancelledError:
+                if flight.reason != TTFB_TIMEOUT:
+                    raise
+                flight.absorb()
+                verdict = True
+                self.pool.failed(replica)
+                raise Retryable("no first byte in time", 504) from None
+            except _CONNECTION_ERRORS as exc:
+                verdict = True
+                self.pool.failed(replica)
+                raise Retryable(type(exc).__name__, 502, str(exc)[:200]) from None
+            flight.deadline = 0.0
+            replica.pending_prefill -= prefill
+            prefill = 0
+            verdict = True
+            self.pool.succeeded(replica)
+            if first:
+                await self._stream(ex, replica, response, first)
+            else:
+                await self._send_whole(ex, replica, response, payload)
+        finally:
+            replica.in_flight -= 1
+            replica.pending_prefill -= prefill
+            if not verdict:
+                replica.breaker.released()
+            if response is not None:
+                response.release() if response.content.is_eof() else response.close()
+
+    async def _send_whole(
+        self, ex: Exchange, replica: Replica, response: aiohttp.ClientResponse, payload: bytes
+    ) -> None:
+        ex.status = response.status
+        headers = [
+            (b"content-type", response.headers.get("Content-Type", "application/json").encode()),
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-fleet-replica", replica.id_header),
+        ]
+        await ex.send({"type": "http.response.start", "status": ex.status, "headers": headers})
+        ex.head_sent = True
+        self.metrics.first_byte(ex.route, ex.model, time.perf_counter() - ex.started)
+        await ex.send({"type": "http.response.body", "body": payload, "more_body": False})
+        ex.flight.done = True
+        ex.body_out = payload
+
+    async def _stream(
+        self, ex: Exchange, replica: Replica, response: aiohttp.ClientResponse, first: bytes
+    ) -> None:
+        send = ex.send
+        flight = ex.flight
+        tap = ex.tap
+        ex.status = 200
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            (b"x-fleet-replica", replica.id_header),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        ex.head_sent = True
+        self.metrics.first_byte(ex.route, ex.model, time.perf_counter() - ex.started)
+        data = tap.feed(first) if tap is not None else first
+        if data:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        content = response.content
+        clock = asyncio.get_running_loop().time
+        idle = self.idle_timeout_s
+        flight.phase = IDLE_TIMEOUT
+        failure: APIError | None = None
+        try:
+            while True:
+                flight.deadline = clock() + idle
+                chunk = await content.readany()
+                flight.deadline = 0.0
+                if not chunk:
+                    break
+                if tap is not None:
+                    chunk = tap.feed(chunk)
+                    if not chunk:
+                        continue
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except asyncio.CancelledError:
+            if flight.reason != IDLE_TIMEOUT:
+                raise
+            flight.absorb()
+            failure = APIError(
+                504, f"The replica sent nothing for {idle:g} s.", code="upstream_idle"
+            )
+        except _CONNECTION_ERRORS as exc:
+            failure = APIError(
+                502, f"The replica's stream broke: {type(exc).__name__}.", code="upstream_error"
+            )
+        if failure is not None:
+            self.pool.failed(replica)
+            ex.status = failure.status
+            await send(
+                {"type": "http.response.body", "body": failure.sse_frames(), "more_body": False}
+            )
+        else:
+            tail = tap.flush() if tap is not None else b""
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        flight.done = True

@@ -1,0 +1,111 @@
+"""What the router knows about one replica: where it is, what it serves, how busy and healthy it is."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import yarl
+
+from router.breaker import CircuitBreaker
+
+DEFAULT_KV_CAPACITY_TOKENS = 65536
+
+
+@dataclass
+class LoadReport:
+    """The replica's own view of its load, polled from `/load` or parsed from vLLM's `/metrics`."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    kv_capacity_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    updated_at: float = 0.0
+
+
+@dataclass(eq=False)
+class Replica:
+    id: str
+    url: str
+    model: str | None = None
+    engine: str = "fleetserve"
+    source: str = "static"
+    max_model_len: int | None = None
+    kv_capacity_tokens: int | None = None
+    state: str = "ready"
+    admin_drained: bool = False
+    healthy: bool = True
+    probe_failures: int = 0
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    load: LoadReport = field(default_factory=LoadReport)
+    in_flight: int = 0
+    pending_prefill: int = 0
+    requests: int = 0
+    failures: int = 0
+    id_header: bytes = field(init=False, repr=False)
+    _endpoints: dict[str, yarl.URL] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.id_header = self.id.encode()
+
+    def endpoint(self, path: str) -> yarl.URL:
+        """The upstream URL for `path` (with its query), parsed once per path."""
+        url = self._endpoints.get(path)
+        if url is None:
+            url = yarl.URL(self.url + path, encoded=True)
+            if len(self._endpoints) < 64:
+                self._endpoints[path] = url
+        return url
+
+    @property
+    def draining(self) -> bool:
+        return self.admin_drained or self.state == "draining"
+
+    def routable(self, now: float) -> bool:
+        """Can take a new request: known model, healthy, not draining, breaker closed or trial."""
+        return (
+            self.model is not None
+            and self.healthy
+            and not self.draining
+            and self.breaker.admits(now)
+        )
+
+    def queue_depth(self) -> int:
+        """Requests ahead of a new one: ours, or the replica's own count when other routers add more."""
+        return max(self.in_flight, self.load.running + self.load.waiting)
+
+    def capacity_tokens(self) -> int:
+        return self.kv_capacity_tokens or self.load.kv_capacity_tokens or DEFAULT_KV_CAPACITY_TOKENS
+
+    def describe(self) -> dict:
+        """The admin API's view of this replica."""
+        now = time.monotonic()
+        return {
+            "id": self.id,
+            "url": self.url,
+            "model": self.model,
+            "engine": self.engine,
+            "source": self.source,
+            "state": "draining" if self.draining else self.state,
+            "admin_drained": self.admin_drained,
+            "healthy": self.healthy,
+            "routable": self.routable(now),
+            "breaker": self.breaker.state,
+            "ejections": self.breaker.ejections,
+            "in_flight": self.in_flight,
+            "pending_prefill_tokens": self.pending_prefill,
+            "requests": self.requests,
+            "failures": self.failures,
+            "load": {
+                "running": self.load.running,
+                "waiting": self.load.waiting,
+                "kv_usage": self.load.kv_usage,
+                "kv_capacity_tokens": self.capacity_tokens(),
+                "prefix_cache_queries": self.load.prefix_cache_queries,
+                "prefix_cache_hits": self.load.prefix_cache_hits,
+                "age_s": round(now - self.load.updated_at, 3) if self.load.updated_at else None,
+            },
+        }
