@@ -1,0 +1,422 @@
+"""`fleet up / down / status / logs / restart / scale`: run a whole fleet and operate it.
+
+`fleet up` reads an optional YAML spec (see fleet.spec); each flag below overrides one spec field
+(`--set a.b=value` reaches any other), and `fleet up` with no arguments serves the factory's tiny
+model on two CPU replicas behind the router at 127.0.0.1:8000. The other commands find the running
+fleet through the state file in its run folder ($FLEET_HOME, default ~/.cache/fleetserve/run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from fleet.launch import control
+from fleet.launch.daemon import SPEC_FILE
+from fleet.launch.runner import ERROR_FILE
+from fleet.launch.state import FleetState
+from fleet.spec import FleetSpec, SpecError, load_spec, parse_assignment, run_dir
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+RUN_DIR_HELP = (
+    "Run folder of the fleet (state, logs); default $FLEET_HOME or ~/.cache/fleetserve/run."
+)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Flag values that were given, as dotted spec paths (model flags apply to every model)."""
+    paths = {
+        "name": "name",
+        "backend": "backend",
+        "ray_address": "ray_address",
+        "redis_url": "redis.url",
+        "host": "router.host",
+        "port": "router.port",
+        "policy": "router.policy",
+        "keys": "keys.enabled",
+        "admin_key": "keys.admin_key",
+        "model": "models.*.path",
+        "served_model_name": "models.*.served_model_name",
+        "replicas": "models.*.replicas",
+        "device": "models.*.device",
+        "dtype": "models.*.dtype",
+        "max_model_len": "models.*.max_model_len",
+        "max_num_seqs": "models.*.max_num_seqs",
+        "kv_cache_tokens": "models.*.kv_cache_tokens",
+        "max_restarts": "supervision.max_restarts",
+        "ready_timeout": "supervision.ready_timeout_s",
+        "drain_timeout": "supervision.drain_timeout_s",
+    }
+    out: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None or value == []:
+            continue
+        if flag == "replicas":
+            value = value if value == "auto" else _int(value, "--replicas")
+        out[paths[flag]] = value
+    return out
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{flag}: expected a number or 'auto', got {text!r}") from None
+
+
+def build_spec(
+    spec_file: Path | None, run_dir_opt: Path | None, sets: list[str], **flags: Any
+) -> FleetSpec:
+    overrides = _overrides(**flags)
+    if run_dir_opt is not None:
+        overrides["run_dir"] = str(run_dir_opt)
+    try:
+        for assignment in sets:
+            key, value = parse_assignment(assignment)
+            overrides[key] = value
+        return load_spec(spec_file, overrides)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+        raise  # unreachable: _fail exits
+
+
+def _running_state(folder: Path) -> FleetState:
+    state = FleetState.load(folder)
+    if state is None:
+        _fail(f"no fleet is running from {folder} (start one with `fleet up`)")
+    assert state is not None
+    if not state.manager_alive():
+        _fail(
+            f"the fleet manager (pid {state.manager_pid}) of {folder} is gone; "
+            "`fleet down` cleans up what it left"
+        )
+    return state
+
+
+def _call(state: FleetState, op: str, args: dict | None = None, quiet: bool = False) -> Any:
+    printer = None if quiet else (lambda m: console.print(f"[cyan]•[/] {m}"))
+    try:
+        return control.call(state.control_socket, op, args, on_progress=printer)
+    except control.ControlError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot reach the fleet manager at {state.control_socket}: {exc}")
+
+
+def print_ready(state: FleetState) -> None:
+    url = state.router_url
+    console.print(f"\n[bold green]fleet ready[/]  OpenAI endpoint: [bold]{url}/v1[/]")
+    models = [m.get("served_model_name") or m.get("path") for m in state.spec.get("models", [])]
+    model = next((p.model for p in state.processes if p.kind == "replica"), None) or models[0]
+    auth = ""
+    if state.admin_key:
+        console.print(f"admin key: [bold]{state.admin_key}[/]  (admin API, `fleet keys`)")
+    if state.example_key:
+        console.print(f"API key for you: [bold]{state.example_key}[/]")
+        auth = f' \\\n  -H "Authorization: Bearer {state.example_key}"'
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}],
+                       "max_tokens": 32})  # fmt: skip
+    console.print(
+        f"try it:\n  curl -s {url}/v1/chat/completions{auth} \\\n"
+        f"  -H 'Content-Type: application/json' -d '{body}'",
+        soft_wrap=True,
+    )
+    console.print(f"logs: {state.run_dir}/logs   status: fleet status   stop: fleet down\n")
+
+
+def _up_foreground(spec: FleetSpec, folder: Path) -> int:
+    from fleet.launch.manager import FleetManager
+    from fleet.launch.runner import run_fleet
+    from fleet.launch.view import fleet_view
+
+    manager = FleetManager(spec, folder)
+
+    async def main() -> int:
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            stopping = False
+
+            async def refresh() -> None:
+                while not stopping:
+                    try:
+                        live.update(fleet_view(await manager.status()))
+                    except Exception as exc:  # the view must never take the fleet down
+                        live.update(f"status unavailable: {exc}")
+                    await asyncio.sleep(1.0)
+
+            def ready() -> None:
+                assert manager.state is not None
+                live.console.print("[dim]Ctrl-C drains and stops the fleet[/]")
+                print_ready(manager.state)
+
+            def halt() -> None:
+                nonlocal stopping
+                stopping = True
+                live.console.print("[yellow]stopping: draining replicas…[/]")
+
+            view = asyncio.create_task(refresh())
+            try:
+                return await run_fleet(manager, on_ready=ready, on_stopping=halt)
+            finally:
+                view.cancel()
+                await asyncio.gather(view, return_exceptions=True)
+
+    code = asyncio.run(main())
+    if code:
+        err.print(f"[red]{(folder / ERROR_FILE).read_text().strip()}[/]")
+    return code
+
+
+def _up_detached(spec: FleetSpec, folder: Path, timeout: float) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "logs").mkdir(exist_ok=True)
+    (folder / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+    (folder / ERROR_FILE).unlink(missing_ok=True)
+    with open(folder / "logs" / "manager.log", "ab") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "fleet.launch.daemon", str(folder)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    with console.status("starting the fleet…") as spinner:
+        while time.monotonic() < deadline:
+            if daemon.poll() is not None:
+                error = folder / ERROR_FILE
+                message = error.read_text().strip() if error.exists() else _log_tail(folder)
+                _fail(f"the fleet did not start:\n{message}")
+            state = FleetState.load(folder)
+            if state is not None and state.manager_pid == daemon.pid:
+                if state.phase == "ready":
+                    print_ready(state)
+                    console.print(f"manager pid {daemon.pid}; it keeps running in the background")
+                    return 0
+                spinner.update(_progress_line(state))
+            time.sleep(0.25)
+    daemon.terminate()
+    _fail(f"the fleet was not ready within {timeout:.0f}s; see {folder}/logs")
+    return 1
+
+
+def _progress_line(state: FleetState) -> str:
+    try:
+        status = control.call(state.control_socket, "status", timeout=5.0)
+    except (OSError, control.ControlError, ValueError):
+        return "starting the fleet…"
+    rows = status.get("replicas", [])
+    ready = sum(1 for r in rows if r.get("state") == "ready")
+    return f"starting the fleet… replicas ready {ready}/{len(rows)}"
+
+
+def _log_tail(folder: Path, lines: int = 30) -> str:
+    from fleet.launch.process import tail
+
+    return tail(folder / "logs" / "manager.log", lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def up(
+        spec_file: Path = typer.Argument(None, help="Fleet spec (YAML); none: the default fleet."),
+        port: int = typer.Option(None, "--port", "-p", help="Router port (router.port, 8000)."),
+        host: str = typer.Option(None, help="Router bind address (router.host, 127.0.0.1)."),
+        policy: str = typer.Option(None, help="prefix, least-load or round-robin (router.policy)."),
+        model: str = typer.Option(
+            None, "--model", "-m", help="Model folder or HF id (models.*.path)."
+        ),
+        served_model_name: str = typer.Option(None, help="Name clients use for the model."),
+        replicas: str = typer.Option(None, "--replicas", "-n", help="Replicas per model, or auto."),
+        device: str = typer.Option(None, help="auto, cpu or cuda (models.*.device)."),
+        dtype: str = typer.Option(None, help="auto, float32, float16 or bfloat16."),
+        max_model_len: int = typer.Option(None, help="Context length per replica."),
+        max_num_seqs: int = typer.Option(None, help="Concurrent sequences per replica."),
+        kv_cache_tokens: int = typer.Option(None, help="KV cache size per replica, in tokens."),
+        redis_url: str = typer.Option(
+            None, envvar="FLEET_REDIS_URL", help="Use this Redis instead of an embedded one."
+        ),
+        keys: bool = typer.Option(None, "--keys/--no-keys", help="Require API keys (default on)."),
+        admin_key: str = typer.Option(None, envvar="FLEET_ADMIN_KEY", help="Admin key to use."),
+        backend: str = typer.Option(None, help="local or ray."),
+        ray_address: str = typer.Option(None, help="Ray cluster address (backend ray)."),
+        name: str = typer.Option(None, help="Fleet name (Ray actor names)."),
+        max_restarts: int = typer.Option(None, help="Quick crashes in a row before giving up."),
+        ready_timeout: float = typer.Option(None, help="Seconds a replica may take to load."),
+        drain_timeout: float = typer.Option(None, help="Seconds a stop waits for drains."),
+        set_: list[str] = typer.Option(
+            [], "--set", help="Any spec field: --set models.0.replicas=3"
+        ),
+        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
+        detach: bool = typer.Option(
+            False, "--detach", "-d", help="Return once ready; run in the background."
+        ),
+        print_spec: bool = typer.Option(
+            False, "--print-spec", help="Print the resolved spec and exit."
+        ),
+    ) -> None:
+        """Start a fleet: Redis, the router and the replicas of a spec, supervised."""
+        spec = build_spec(
+            spec_file, run_dir_opt, set_,
+            port=port, host=host, policy=policy, model=model, served_model_name=served_model_name,
+            replicas=replicas, device=device, dtype=dtype, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens, redis_url=redis_url,
+            keys=keys, admin_key=admin_key, backend=backend, ray_address=ray_address, name=name,
+            max_restarts=max_restarts, ready_timeout=ready_timeout, drain_timeout=drain_timeout,
+        )  # fmt: skip
+        if print_spec:
+            from fleet.spec import dump_spec
+
+            console.print(dump_spec(spec), end="")
+            return
+        folder = spec.resolved_run_dir()
+        state = FleetState.load(folder)
+        if state is not None and state.manager_alive():
+            _fail(
+                f"a fleet is already running from {folder} (pid {state.manager_pid}); `fleet down` first"
+            )
+        if detach:
+            raise typer.Exit(_up_detached(spec, folder, spec.supervision.ready_timeout_s + 120))
+        raise typer.Exit(_up_foreground(spec, folder))
+
+    @app.command()
+    def down(
+        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
+        timeout: float = typer.Option(120.0, help="Seconds to wait for the drain before killing."),
+    ) -> None:
+        """Stop a fleet: drain replicas, stop router and Redis; no process or membership is left."""
+        from fleet.launch.teardown import teardown
+
+        folder = run_dir(run_dir_opt)
+        state = FleetState.load(folder)
+        if state is None:
+            console.print(f"no fleet is running from {folder}")
+            return
+        for line in teardown(state, timeout):
+            console.print(line)
+        console.print("[green]fleet stopped[/]")
+
+    @app.command()
+    def status(
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        redis_url: str = typer.Option(
+            None, envvar="FLEET_REDIS_URL", help="Read a fleet that `fleet up` did not start."
+        ),
+        router_url: str = typer.Option(None, help="With --redis-url: the router to ask."),
+        admin_key: str = typer.Option(
+            None, envvar="FLEET_ADMIN_KEY", help="For the router's view."
+        ),
+        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
+    ) -> None:
+        """Per-replica table (state, load, KV, prefix hits, direct URL) plus the router's view."""
+        from fleet.launch.view import fleet_view
+
+        folder = run_dir(run_dir_opt)
+        state = FleetState.load(folder)
+        if state is not None and state.manager_alive():
+            result = _call(state, "status", quiet=True)
+        elif redis_url:
+            from fleet.launch.status import collect_status
+
+            result = asyncio.run(
+                collect_status(
+                    redis_url=redis_url,
+                    router_url=router_url,
+                    admin_key=admin_key,
+                    fleet={"name": "external", "phase": "-"},
+                )
+            )
+        else:
+            _running_state(folder)
+            return
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            console.print(fleet_view(result))
+
+    @app.command()
+    def logs(
+        replica: str = typer.Argument(
+            None, help="Replica name (e.g. tiny-0) or 'router'; none: all."
+        ),
+        lines: int = typer.Option(100, "--lines", "-n", help="Last lines to show."),
+        follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
+    ) -> None:
+        """Show a replica's (or the router's) log."""
+        folder = run_dir(run_dir_opt)
+        state = FleetState.load(folder)
+        if state is not None and state.manager_alive():
+            result = _call(state, "logs", {"replica": replica, "lines": lines}, quiet=True)
+            for name, text in result.items():
+                if len(result) > 1:
+                    console.print(f"[bold]==> {name} <==[/]")
+                typer.echo(text, nl=False)
+            if follow:
+                _follow(folder, replica)
+            return
+        log_file = folder / "logs" / f"{replica or 'manager'}.log"
+        if not log_file.exists():
+            _fail(f"no fleet is running from {folder} and there is no {log_file}")
+        from fleet.launch.process import tail
+
+        typer.echo(tail(log_file, lines), nl=False)
+        if follow:
+            _follow(folder, replica)
+
+    @app.command()
+    def restart(
+        replica: str = typer.Argument(None, help="Only this replica; none: every replica."),
+        model: str = typer.Option(None, "--model", "-m", help="Only the replicas of this model."),
+        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
+    ) -> None:
+        """Rolling restart: drain one replica, restart it, wait until it serves, then the next."""
+        state = _running_state(run_dir(run_dir_opt))
+        result = _call(state, "restart", {"replica": replica, "model": model})
+        console.print(f"[green]restarted[/] {', '.join(result['restarted'])}")
+
+    @app.command()
+    def scale(
+        model: str = typer.Argument(..., help="Served model name."),
+        replicas: int = typer.Argument(..., min=0, help="Replicas wanted."),
+        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
+    ) -> None:
+        """Add replicas of a model (waits until they serve) or drain and stop some."""
+        state = _running_state(run_dir(run_dir_opt))
+        result = _call(state, "scale", {"model": model, "replicas": replicas})
+        console.print(f"[green]{result['model']}[/]: {result['replicas']} replicas")
+
+
+def _follow(folder: Path, replica: str | None) -> None:
+    """`tail -f` of the local log file (Ctrl-C ends it)."""
+    path = folder / "logs" / f"{replica or 'router'}.log"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            while True:
+                chunk = fh.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.3)
+    except KeyboardInterrupt:
+        return
+    except OSError as exc:
+        _fail(f"cannot follow {path}: {exc}")

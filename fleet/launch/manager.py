@@ -1,0 +1,528 @@
+"""The fleet manager: starts Redis, the router and the replicas of a spec, keeps them alive, and
+performs the operations behind `fleet status / restart / scale / down` until told to stop.
+
+It runs in the foreground under `fleet up`, or as a background process (`fleet up --detach`, see
+fleet.launch.daemon); either way it records the fleet in a state file and answers on a control
+socket in the run folder. Replica servers register themselves in Redis membership once healthy;
+the manager only starts, watches and stops processes (or Ray actors) and reads what they publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from rich.text import Text
+
+from fleet.control import membership
+from fleet.control.keys import KeyAdmin, admin_key_from_env, new_admin_key
+from fleet.control.redis_conn import REDIS_DOWN_ERRORS, async_client
+from fleet.embedded_redis import EmbeddedRedis
+from fleet.launch.control import ControlError, ControlServer, Progress
+from fleet.launch.local import LocalBackend
+from fleet.launch.process import ProcessSpec
+from fleet.launch.replicas import ReplicaHandle, ReplicaLaunch
+from fleet.launch.state import FleetState, ProcessRecord
+from fleet.launch.status import collect_status
+from fleet.launch.supervisor import RestartPolicy, Supervisor, SupervisorEvent
+from fleet.spec import FleetSpec, ModelSpec, replica_count, replica_device
+
+log = logging.getLogger("fleet.manager")
+
+
+class FleetStartError(RuntimeError):
+    """The fleet could not become ready; the message says which part and why."""
+
+
+class FleetManager:
+    def __init__(self, spec: FleetSpec, run_dir: Path) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.log_dir = run_dir / "logs"
+        self.events: deque[str] = deque(maxlen=200)
+        self.listeners: list[Callable[[str], None]] = []
+        self.policy = RestartPolicy(**spec.supervision.model_dump())
+        self.redis: EmbeddedRedis | None = None
+        self.redis_url = spec.redis.url or ""
+        self.admin_key = spec.keys.admin_key or admin_key_from_env()
+        # What the router presents to replicas (their static key): never shown, never stored.
+        self.internal_key = "sk-fleet-internal-" + secrets.token_urlsafe(24)
+        self.router: Supervisor | None = None
+        self.replicas: dict[str, ReplicaHandle] = {}
+        self.model_names: list[str] = []  # served name of each spec model, in spec order
+        self.model_paths: dict[str, str] = {}
+        self.backend = None
+        self.state: FleetState | None = None
+        self.control: ControlServer | None = None
+        self._stop = asyncio.Event()
+        self._ops = asyncio.Lock()
+        self._next_index: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ events
+
+    def note(self, message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        self.events.append(line)
+        log.info("%s", Text.from_markup(message).plain)
+        for listener in list(self.listeners):
+            listener(line)
+
+    def _on_supervisor(self, event: SupervisorEvent) -> None:
+        if event.kind == "gave_up":
+            self.note(f"[red]{event.name} gave up[/]: {event.detail}")
+        elif event.kind == "crashed":
+            self.note(f"[yellow]{event.name} crashed[/] ({event.detail}); restarting with backoff")
+        elif event.kind in ("started", "ready"):
+            self.note(f"{event.name} {event.kind} {event.detail}".rstrip())
+        if event.kind in ("started", "gave_up") and self.state is not None:
+            self._save()
+
+    # ------------------------------------------------------------------ start
+
+    @property
+    def router_url(self) -> str:
+        host = self.spec.router.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.spec.router.port}"
+
+    async def start(self) -> None:
+        """Launch everything (returns before replicas are ready; see `wait_ready`)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o700)
+        self.log_dir.mkdir(exist_ok=True)
+        existing = FleetState.load(self.run_dir)
+        if (
+            existing is not None
+            and existing.manager_alive()
+            and existing.manager_pid != os.getpid()
+        ):
+            raise FleetStartError(
+                f"a fleet is already running from {self.run_dir} (manager pid "
+                f"{existing.manager_pid}); stop it with `fleet down` or use another --run-dir"
+            )
+        if not self.spec.keys.enabled:
+            raise FleetStartError(
+                "keys.enabled=false (--no-keys) is not available yet: the router and replicas "
+                "always check API keys when they share a Redis; keep keys on and use the printed key"
+            )
+        self.backend = await self._make_backend()
+        await self._start_redis()
+        if self.spec.keys.enabled and not self.admin_key:
+            self.admin_key = new_admin_key()
+        self.state = FleetState(
+            name=self.spec.name,
+            backend=self.spec.backend,
+            run_dir=str(self.run_dir),
+            manager_pid=os.getpid(),
+            redis_url=self.redis_url,
+            router_url=self.router_url,
+            admin_key=self.admin_key,
+            spec=self.spec.model_dump(mode="json"),
+        )
+        self._save()
+        self.control = ControlServer(self.state.control_socket, self._handlers())
+        await self.control.start()
+        await self._resolve_models()
+        await self._start_router()
+        for index, model in enumerate(self.spec.models):
+            for _ in range(self._count(model)):
+                await self._add_replica(index)
+        self._save()
+
+    async def _make_backend(self):
+        if self.spec.backend == "ray":
+            from fleet.launch.ray_backend import RayBackend
+
+            backend = RayBackend(self.spec.name, self.spec.ray_address, self.policy, self.note)
+            await asyncio.to_thread(backend.connect)
+            return backend
+        return LocalBackend(self.log_dir, self.policy, self._on_supervisor)
+
+    async def _start_redis(self) -> None:
+        if self.spec.redis.url:
+            self.note(f"using Redis at {self.spec.redis.url}")
+            return
+        host = "127.0.0.1" if self.spec.backend == "local" else self.backend.head_address()
+        self.redis = EmbeddedRedis(host=host, data_dir=self.run_dir / "redis")
+        await asyncio.to_thread(self.redis.start)
+        self.redis_url = self.redis.url
+        self.note(f"embedded Redis at {self.redis_url}")
+
+    async def _resolve_models(self) -> None:
+        from fleet.model_factory import cached_model
+
+        for model in self.spec.models:
+            if model.path is None:
+                self.note("preparing the factory's tiny model (built once, then cached)")
+                path = await asyncio.to_thread(cached_model)
+                self.model_names.append(model.display_name(path))
+                self.model_paths[self.model_names[-1]] = str(path)
+            else:
+                self.model_names.append(model.display_name())
+                self.model_paths[self.model_names[-1]] = model.path
+
+    def _count(self, model: ModelSpec) -> int:
+        return replica_count(model, self.backend.gpu_count())
+
+    async def _start_router(self) -> None:
+        router = self.spec.router
+        argv = [
+            sys.executable,
+            "-m",
+            "router",
+            "--host",
+            router.host,
+            "--port",
+            str(router.port),
+            "--redis-url",
+            self.redis_url,
+            "--policy",
+            router.policy,
+        ]
+        env = {"FLEET_UPSTREAM_API_KEY": self.internal_key}
+        if self.admin_key:
+            env["FLEET_ADMIN_KEY"] = self.admin_key
+        spec = ProcessSpec(argv + router.args, self.log_dir / "router.log", env)
+        self.router = Supervisor(
+            "router", spec, self.policy, f"{self.router_url}/health", self._on_supervisor
+        )
+        self.router.start()
+
+    async def _add_replica(self, model_index: int) -> ReplicaHandle:
+        model = self.spec.models[model_index]
+        name = self.model_names[model_index]
+        index = self._next_index.get(name, 0)
+        self._next_index[name] = index + 1
+        gpus = self.backend.gpu_count()
+        device = replica_device(model, gpus) if self.spec.backend == "local" else model.device
+        env = {
+            "TOKENIZERS_PARALLELISM": "false",
+            "FLEET_REPLICA_API_KEY": self.internal_key,
+            **model.env,
+        }
+        if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            env.setdefault("OMP_NUM_THREADS", str(self.backend.cpu_threads(self._count(model))))
+        launch = ReplicaLaunch(
+            name=f"{name}-{index}",
+            model=name,
+            model_path=self.model_paths[name],
+            device=device,
+            redis_url=self.redis_url,
+            flags=model.engine_flags(),
+            env=env,
+        )
+        handle = self.backend.create(launch)
+        self.replicas[handle.name] = handle
+        await handle.start()
+        return handle
+
+    # ------------------------------------------------------------------ readiness
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Until the router answers and every replica is healthy and in membership."""
+        timeout = timeout or self.policy.ready_timeout_s
+        deadline = time.monotonic() + timeout
+        assert self.router is not None
+        if not await self.router.wait_ready(timeout):
+            raise FleetStartError(self._failure("router", self.router.crash_report))
+        for handle in list(self.replicas.values()):
+            await self._wait_replica(handle, deadline)
+        if self.spec.keys.enabled and self.spec.keys.example_key and self.state:
+            self.state.example_key = await self._create_example_key()
+        assert self.state is not None
+        self.state.phase = "ready"
+        self._save()
+        self.note(f"[green]fleet ready[/] at {self.router_url}")
+
+    async def _wait_replica(self, handle: ReplicaHandle, deadline: float) -> None:
+        remaining = max(1.0, deadline - time.monotonic())
+        if not await handle.wait_ready(remaining):
+            snap = await handle.snapshot()
+            raise FleetStartError(
+                self._failure(handle.name, snap.get("crash_report"), snap.get("state"))
+            )
+        if not await self._wait_member(handle, max(1.0, deadline - time.monotonic())):
+            raise FleetStartError(
+                f"{handle.name} is healthy at {handle.url} but never joined membership in "
+                f"{self.redis_url}; see `fleet logs {handle.name}`"
+            )
+
+    def _failure(self, name: str, report: object, state: str | None = None) -> str:
+        if report is None:
+            return f"{name} did not become ready ({state or 'timed out'}); see `fleet logs {name}`"
+        return str(report.render() if hasattr(report, "render") else report)
+
+    async def _members(self) -> list[membership.ReplicaInfo]:
+        client = async_client(self.redis_url, socket_timeout=2.0, connect_timeout=2.0)
+        try:
+            return await membership.list_replicas(client)
+        except REDIS_DOWN_ERRORS:
+            return []
+        finally:
+            await client.aclose()
+
+    async def _wait_member(self, handle: ReplicaHandle, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            urls = {m.url.rstrip("/"): m.state for m in await self._members()}
+            if handle.url and urls.get(handle.url.rstrip("/")) == "ready":
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def _create_example_key(self) -> str | None:
+        client = async_client(self.redis_url, socket_timeout=2.0, connect_timeout=2.0)
+        try:
+            _, secret = await KeyAdmin(client).create("fleet-up-example")
+            return secret
+        except REDIS_DOWN_ERRORS as exc:
+            self.note(f"could not create the example API key: {exc}")
+            return None
+        finally:
+            await client.aclose()
+
+    # ------------------------------------------------------------------ run and stop
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run_until_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        """Drain and stop replicas, then the router and Redis; leave no process and no membership."""
+        if self.state is not None:
+            self.state.phase = "stopping"
+            self._save()
+        self.note("stopping: draining replicas")
+        await asyncio.gather(*(h.stop() for h in self.replicas.values()), return_exceptions=True)
+        if self.router is not None:
+            await self.router.stop()
+        await self._remove_stale_members()
+        if self.backend is not None:
+            await self.backend.close()
+        if self.control is not None:
+            await self.control.close()
+        if self.redis is not None:
+            await asyncio.to_thread(self.redis.stop)
+        FleetState.remove(self.run_dir)
+        self.note("fleet stopped")
+
+    async def _remove_stale_members(self) -> None:
+        """Entries of our replicas that a crash left behind (a clean exit removes its own)."""
+        ours = {h.url.rstrip("/") for h in self.replicas.values() if h.url}
+        ids = {h.name for h in self.replicas.values()}
+        client = async_client(self.redis_url, socket_timeout=2.0, connect_timeout=2.0)
+        try:
+            for member in await membership.list_replicas(client):
+                if member.managed == "lease" and (
+                    member.url.rstrip("/") in ours or member.id in ids
+                ):
+                    await membership.unregister(client, member.id)
+        except REDIS_DOWN_ERRORS:
+            pass
+        finally:
+            await client.aclose()
+
+    def _save(self) -> None:
+        if self.state is None:
+            return
+        records: list[ProcessRecord] = []
+        if self.redis is not None and self.redis.process is not None:
+            records.append(ProcessRecord("redis", "redis", self.redis.process.pid, self.redis_url))
+        if self.router is not None:
+            records.append(
+                ProcessRecord(
+                    "router",
+                    "router",
+                    self.router.pid,
+                    self.router_url,
+                    str(self.router.spec.log_path),
+                )
+            )
+        records += [h.record() for h in self.replicas.values()]
+        self.state.processes = records
+        self.state.spec = self.spec.model_dump(mode="json")
+        self.state.save()
+
+    # ------------------------------------------------------------------ operations
+
+    def _handlers(self):
+        return {
+            "status": self._op_status,
+            "logs": self._op_logs,
+            "restart": self._op_restart,
+            "scale": self._op_scale,
+            "stop": self._op_stop,
+        }
+
+    async def _op_stop(self, args: dict, progress: Progress) -> str:
+        self.request_stop()
+        return "stopping"
+
+    async def _op_status(self, args: dict, progress: Progress) -> dict:
+        return await self.status()
+
+    async def status(self) -> dict:
+        supervised = {name: await h.snapshot() for name, h in self.replicas.items()}
+        return await collect_status(
+            fleet={
+                "name": self.spec.name,
+                "backend": self.spec.backend,
+                "phase": self.state.phase if self.state else "starting",
+                "router_url": self.router_url,
+                "redis_url": self.redis_url,
+                "run_dir": str(self.run_dir),
+                "manager_pid": os.getpid(),
+                "events": list(self.events)[-10:],
+            },
+            redis_url=self.redis_url,
+            router_url=self.router_url,
+            admin_key=self.admin_key,
+            router=self.router.snapshot() if self.router else None,
+            supervised=supervised,
+        )
+
+    async def _op_logs(self, args: dict, progress: Progress) -> dict:
+        lines = int(args.get("lines") or 100)
+        name = args.get("replica")
+        if name in (None, "", "router"):
+            targets = {"router": self.router.log_tail(lines) if self.router else ""}
+            if name is None:
+                for replica, handle in self.replicas.items():
+                    targets[replica] = await handle.logs(lines)
+            return targets
+        handle = self.replicas.get(name) or self._by_member_id(name)
+        if handle is None:
+            raise ControlError(f"no replica {name!r}; known: {', '.join(self.replicas) or 'none'}")
+        return {handle.name: await handle.logs(lines)}
+
+    def _by_member_id(self, name: str) -> ReplicaHandle | None:
+        return next((h for h in self.replicas.values() if h.url and h.url.endswith(name)), None)
+
+    async def _op_restart(self, args: dict, progress: Progress) -> dict:
+        return await self.rolling_restart(args.get("model"), args.get("replica"), progress)
+
+    async def rolling_restart(
+        self, model: str | None = None, replica: str | None = None, progress: Progress = print
+    ) -> dict:
+        """One replica at a time: drain it, restart it, wait until it serves again, then the next."""
+        async with self._ops:
+            targets = [
+                h
+                for h in self.replicas.values()
+                if (model is None or h.model == model) and (replica is None or h.name == replica)
+            ]
+            if not targets:
+                raise ControlError("nothing to restart: no replica matches")
+            timings = {}
+            for handle in targets:
+                began = time.monotonic()
+                progress(f"draining {handle.name}")
+                await self._router_admin("drain", handle)
+                progress(f"restarting {handle.name}")
+                if not await handle.restart(self.policy.ready_timeout_s):
+                    snap = await handle.snapshot()
+                    raise ControlError(self._failure(handle.name, snap.get("crash_report")))
+                if not await self._wait_member(handle, 60.0):
+                    raise ControlError(f"{handle.name} restarted but did not rejoin membership")
+                await self._router_admin("undrain", handle)
+                await self._router_sees(handle)
+                timings[handle.name] = round(time.monotonic() - began, 2)
+                progress(f"{handle.name} ready again ({timings[handle.name]:.1f}s)")
+                self._save()
+            return {"restarted": timings}
+
+    async def _router_admin(self, action: str, handle: ReplicaHandle) -> None:
+        """Best effort: the replica marks itself draining anyway; this only closes the gap sooner."""
+        if not self.admin_key:
+            return
+        headers = {"Authorization": f"Bearer {self.admin_key}"}
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            with contextlib.suppress(httpx.HTTPError):
+                await client.post(
+                    f"{self.router_url}/admin/replicas/{handle.name}/{action}", headers=headers
+                )
+
+    async def _router_sees(self, handle: ReplicaHandle, timeout: float = 10.0) -> bool:
+        """Until the router lists the replica as routable (when its admin API can tell us)."""
+        if not self.admin_key:
+            await asyncio.sleep(1.0)
+            return True
+        headers = {"Authorization": f"Bearer {self.admin_key}"}
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    response = await client.get(
+                        f"{self.router_url}/admin/replicas", headers=headers
+                    )
+                    if response.status_code != 200:
+                        await asyncio.sleep(1.0)
+                        return False
+                    for entry in _router_entries(response.json()):
+                        if entry.get("id") == handle.name and _routable(entry):
+                            return True
+                await asyncio.sleep(0.1)
+        return False
+
+    async def _op_scale(self, args: dict, progress: Progress) -> dict:
+        return await self.scale(str(args["model"]), int(args["replicas"]), progress)
+
+    async def scale(self, model: str, replicas: int, progress: Progress = print) -> dict:
+        """Add replicas (started, waited for) or drain and stop the newest ones."""
+        if replicas < 0:
+            raise ControlError("the replica count must be 0 or more")
+        async with self._ops:
+            try:
+                index = self.spec.find_model(model)
+            except ValueError:
+                index = self.model_names.index(model) if model in self.model_names else -1
+                if index < 0:
+                    raise ControlError(
+                        f"no model named {model!r}; this fleet serves {', '.join(self.model_names)}"
+                    ) from None
+            name = self.model_names[index]
+            current = [h for h in self.replicas.values() if h.model == name]
+            added, removed = [], []
+            for _ in range(replicas - len(current)):
+                handle = await self._add_replica(index)
+                progress(f"starting {handle.name}")
+                added.append(handle)
+            self._save()
+            for handle in added:
+                await self._wait_replica(handle, time.monotonic() + self.policy.ready_timeout_s)
+                progress(f"{handle.name} ready")
+            for handle in reversed(current[replicas:]):
+                progress(f"draining and stopping {handle.name}")
+                await self._router_admin("drain", handle)
+                await handle.stop()
+                self.backend.release(handle.name)
+                del self.replicas[handle.name]
+                removed.append(handle.name)
+            self.spec.models[index].replicas = replicas
+            self._save()
+            return {"model": name, "replicas": replicas, "added": [h.name for h in added],
+                    "removed": removed}  # fmt: skip
+
+
+def _router_entries(payload: object) -> list[dict]:
+    if isinstance(payload, dict):
+        payload = payload.get("replicas", payload.get("data", []))
+    return [e for e in payload if isinstance(e, dict)] if isinstance(payload, list) else []
+
+
+def _routable(entry: dict) -> bool:
+    if "routable" in entry:
+        return bool(entry["routable"])
+    return entry.get("state", "ready") == "ready" and not entry.get("admin_drained")

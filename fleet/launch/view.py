@@ -1,0 +1,110 @@
+"""Rendering a fleet's status for people: the `fleet status` table and `fleet up`'s live view."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+_STATE_STYLE = {
+    "ready": "green",
+    "draining": "yellow",
+    "starting": "cyan",
+    "backoff": "yellow",
+    "stopping": "yellow",
+    "failed": "bold red",
+    "stopped": "dim",
+}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _num(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def replica_table(status: dict) -> Table:
+    table = Table(title="replicas", title_justify="left", expand=False)
+    for column in ("replica", "model", "host", "device", "state", "running", "waiting", "KV",
+                   "prefix hit", "served", "restarts", "direct URL"):  # fmt: skip
+        table.add_column(column, no_wrap=column in ("replica", "direct URL"))
+    for row in status.get("replicas", []):
+        state = row.get("state") or "unknown"
+        label: Text | Spinner = Text(state, style=_STATE_STYLE.get(state, ""))
+        if state == "starting":
+            label = Spinner("dots", text=Text("loading", style="cyan"))
+        device = row.get("device") or "-"
+        if row.get("gpu") is not None:
+            device = f"{device}:{row['gpu']}"
+        table.add_row(
+            _num(row.get("name")),
+            _num(row.get("model")),
+            _num(row.get("host")),
+            device,
+            label,
+            _num(row.get("running")),
+            _num(row.get("waiting")),
+            _pct(row.get("kv_usage")),
+            _pct(row.get("prefix_hit_rate")),
+            _num(row.get("requests_served")),
+            _num(row.get("restarts")),
+            _num(row.get("url")),
+        )
+    return table
+
+
+def router_table(status: dict) -> Table:
+    router = status.get("router") or {}
+    view = router.get("view") or {}
+    table = Table(title="router", title_justify="left", show_header=False, expand=False)
+    table.add_column("field")
+    table.add_column("value")
+    healthy = view.get("healthy")
+    table.add_row("url", _num(router.get("url")))
+    table.add_row("health", Text("ok" if healthy else "down", style="green" if healthy else "red"))
+    entries = view.get("replicas")
+    if isinstance(entries, dict):
+        entries = entries.get("replicas", entries.get("data"))
+    if isinstance(entries, list):
+        routable = [e for e in entries if isinstance(e, dict) and _routable(e)]
+        table.add_row("routes to", f"{len(routable)} of {len(entries)} replicas it knows")
+        for entry in entries:
+            if isinstance(entry, dict):
+                table.add_row(f"  {entry.get('id', '?')}", _router_entry(entry))
+    return table
+
+
+def _routable(entry: dict) -> bool:
+    if "routable" in entry:
+        return bool(entry["routable"])
+    return entry.get("state", "ready") == "ready" and not entry.get("admin_drained")
+
+
+def _router_entry(entry: dict) -> str:
+    keys = ("state", "routable", "healthy", "in_flight", "requests", "failures", "breaker")
+    return ", ".join(f"{k}={entry[k]}" for k in keys if k in entry)
+
+
+def crash_reports(status: dict) -> list[Text]:
+    reports = [r for r in [status.get("router", {}).get("process") or {}, *status["replicas"]]
+               if r.get("crash_report")]  # fmt: skip
+    return [Text(r["crash_report"], style="red") for r in reports]
+
+
+def fleet_view(status: dict, events: int = 6) -> Group:
+    fleet = status.get("fleet") or {}
+    header = Text.assemble(
+        ("fleet ", "bold"),
+        (fleet.get("name", "?"), "bold cyan"),
+        f"  {fleet.get('backend', '')}  {fleet.get('phase', '')}  redis {status['redis']['url']}",
+    )
+    parts: list = [header, router_table(status), replica_table(status), *crash_reports(status)]
+    recent = fleet.get("events", [])[-events:]
+    if recent:
+        parts.append(Text.from_markup("\n".join(recent), style="dim"))
+    if status["redis"].get("error"):
+        parts.append(Text(f"Redis: {status['redis']['error']}", style="red"))
+    return Group(*parts)
