@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fleet.commands import models, servers
+from fleet.commands import fleet_ops, models, servers
 
 app = typer.Typer(
     name="fleet",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 models.register(app)
 servers.register(app)
+fleet_ops.register(app)
 
 
 def main() -> None:
