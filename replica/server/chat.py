@@ -51,7 +51,8 @@ async def create_chat_completion(request: Request) -> Response:
     max_tokens = requested or max(1, engine.max_model_len - len(prompt_ids))
     check_length(len(prompt_ids), max_tokens, engine.max_model_len, param)
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, runtime.vocab_size, max_tokens, top_n)
+    params = sampling_params(body, max_tokens, top_n)
+    runtime.validate(prompt_ids, params)
     admission = await runtime.auth.admit(record, model, len(prompt_ids) + max_tokens * params.n)
     job = ChatJob(
         RequestScope(runtime, admission, arrival),

@@ -16,7 +16,7 @@ from replica.outputs import CompletionOutput, RequestOutput
 from replica.sampling_params import SamplingParams
 from replica.server.body import json_response, read_body, runtime_of
 from replica.server.generation import RequestScope, run_prompts, sampling_params
-from replica.server.prompts import check_length, check_token_ids, encode
+from replica.server.prompts import check_length, encode
 from replica.server.protocol import CompletionRequest, parse_body
 from replica.server.responses import (
     CompletionLogprobs,
@@ -35,7 +35,7 @@ DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
 @dataclass
 class Prompt:
     token_ids: list[int]
-    text: str  # what echo prepends: the prompt as given, or its ids decoded
+    echo_text: str  # what echo prepends: the prompt as given, or its ids decoded
 
 
 async def create_completion(request: Request) -> Response:
@@ -46,20 +46,17 @@ async def create_completion(request: Request) -> Response:
     body = parse_body(CompletionRequest, await read_body(request))
     model = runtime.check_model(body.model)
     tokenizer = engine.tokenizer
-    prompts = []
-    for p in body.prompts:
-        if isinstance(p, str):
-            prompts.append(Prompt(encode(tokenizer, p), p))
-        else:
-            check_token_ids(p, runtime.vocab_size, "prompt")
-            prompts.append(Prompt(p, tokenizer.decode(p)))
+    prompt_ids = [encode(tokenizer, p) if isinstance(p, str) else p for p in body.prompts]
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    for p in prompts:
-        check_length(len(p.token_ids), max_tokens, engine.max_model_len)
+    for ids in prompt_ids:
+        check_length(len(ids), max_tokens, engine.max_model_len)
     echo_logprobs = body.logprobs if body.echo else None
-    params = sampling_params(
-        body, runtime.vocab_size, max(max_tokens, 1), body.logprobs, echo_logprobs
-    )
+    params = sampling_params(body, max(max_tokens, 1), body.logprobs, echo_logprobs)
+    prompts = []
+    for p, ids in zip(body.prompts, prompt_ids, strict=True):
+        runtime.validate(ids, params)
+        echo_text = (p if isinstance(p, str) else tokenizer.decode(ids)) if body.echo else ""
+        prompts.append(Prompt(ids, echo_text))
     reserve = sum(len(p.token_ids) + max_tokens * params.n for p in prompts)
     admission = await runtime.auth.admit(record, model, reserve)
     job = CompletionJob(
@@ -100,9 +97,9 @@ class CompletionJob:
     def _echo(self, i: int, out: RequestOutput, lp: CompletionLogprobs | None) -> tuple[str, dict]:
         """The prompt part of an echoed choice: its text and, with logprobs, its token entries."""
         if lp is None:
-            return self.prompts[i].text, {}
+            return self.prompts[i].echo_text, {}
         entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-        return self.prompts[i].text, lp.build(out.prompt_token_ids, entries)
+        return self.prompts[i].echo_text, lp.build(out.prompt_token_ids, entries)
 
     def _generated(self, o: CompletionOutput, lp: CompletionLogprobs | None, delta: bool) -> dict:
         entries = o.delta_logprobs if delta else o.logprobs

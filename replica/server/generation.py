@@ -20,7 +20,6 @@ from replica.server.runtime import ReplicaRuntime
 
 def sampling_params(
     body: SamplingFields,
-    vocab_size: int,
     max_tokens: int,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
@@ -38,7 +37,7 @@ def sampling_params(
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
-            logit_bias=body.logit_bias_ids(vocab_size),
+            logit_bias=body.logit_bias_ids(),
             stop=body.stop_strings,
             stop_token_ids=body.stop_token_ids or [],
             include_stop_str_in_output=bool(body.include_stop_str_in_output),
@@ -89,18 +88,18 @@ async def run_prompt(
     params: SamplingParams,
     arrival: float,
 ) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one prompt; leaving early (disconnect, error) aborts the request."""
-    engine = runtime.engine
+    """The engine's outputs for one prompt. Closing this early (disconnect, error) closes the
+    engine's stream at once, which aborts the request and frees its KV blocks."""
     tracker = LatencyTracker(runtime.metrics, arrival)
-    finished = False
+    outputs = runtime.engine.generate(request_id, prompt_ids, params)
     try:
-        async for out in engine.generate(request_id, prompt_ids, params):
+        async for out in outputs:
             tracker.saw(out)
-            finished = out.finished
             yield out
+    except SamplingParamsError as exc:
+        raise APIError(400, str(exc), exc.param) from None
     finally:
-        if not finished:
-            engine.abort(request_id)
+        await outputs.aclose()
 
 
 _END = object()

@@ -27,7 +27,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 async def health(request: Request) -> Response:
     """200 while taking new work; 503 while loading or draining (probes and routers read this)."""
     runtime = runtime_of(request)
-    return json_response({"status": runtime.status}, 200 if runtime.status == "ready" else 503)
+    if runtime.status == "ready" and not runtime.healthy:
+        return json_response({"status": "engine_dead"}, 503)
+    return json_response({"status": runtime.status}, 200 if runtime.healthy else 503)
 
 
 async def version_route(request: Request) -> Response:

@@ -1,5 +1,5 @@
-"""From request fields to prompt token ids, with the checks that keep bad prompts out of the engine:
-token ids inside the vocabulary, a non-empty prompt, and prompt + completion within the context."""
+"""From request fields to prompt token ids, and the context-length check with OpenAI's wording (the
+engine's own checks run through `ReplicaRuntime.validate`)."""
 
 from __future__ import annotations
 
@@ -37,12 +37,6 @@ def render_chat(
 def encode_chat(tokenizer: Any, text: str) -> list[int]:
     """Templates write their own BOS and special tokens, so none are added here."""
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
-    bad = next((t for t in token_ids if t >= vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
 
 
 def check_length(

@@ -73,20 +73,14 @@ class SamplingFields(_Body):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def logit_bias_ids(self, vocab_size: int) -> dict[int, float] | None:
+    def logit_bias_ids(self) -> dict[int, float] | None:
         """Keys arrive as strings of token ids (JSON objects have string keys)."""
         if not self.logit_bias:
             return None
-        bias: dict[int, float] = {}
-        for key, value in self.logit_bias.items():
-            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
-                raise APIError(
-                    400,
-                    f"logit_bias key {key!r} is not a token id in [0, {vocab_size})",
-                    "logit_bias",
-                )
-            bias[int(key)] = value
-        return bias
+        bad = next((k for k in self.logit_bias if not k.isdigit()), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias key {bad!r} is not a token id", "logit_bias")
+        return {int(k): v for k, v in self.logit_bias.items()}
 
 
 class CompletionRequest(SamplingFields):

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
+from replica.sampling_params import SamplingParams, SamplingParamsError
 from replica.server.auth import Auth
 from replica.server.metrics import ServerMetrics
 from replica.server.token_text import TokenTexts
@@ -150,8 +151,14 @@ class ReplicaRuntime:
 
     # -- per request
 
+    @property
+    def healthy(self) -> bool:
+        return self.status == "ready" and self.engine.is_running
+
     def accept(self) -> Any:
         """The engine, if this replica takes new generation work now; else 503 with Retry-After."""
+        if self.status == "ready" and not self.engine.is_running:
+            raise APIError(503, "the engine has stopped", code="engine_dead")
         if self.status != "ready":
             raise APIError(
                 503,
@@ -185,9 +192,13 @@ class ReplicaRuntime:
     def inflight(self) -> int:
         return self._inflight
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.engine.tokenizer)
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """The engine's own checks (token ids in the vocabulary, logprobs, ...), run before any
+        response starts so that a stream never opens for a request the engine would refuse."""
+        try:
+            self.engine.core.validate(prompt_ids, params)
+        except SamplingParamsError as exc:
+            raise APIError(400, str(exc), exc.param) from None
 
     def load(self) -> dict | None:
         return None if self.engine is None else self.engine.load()

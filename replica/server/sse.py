@@ -69,11 +69,10 @@ class SSEResponse(Response):
         frames: AsyncIterator[bytes],
         on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(
-            status_code=200,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            media_type=self.media_type,
-        )
+        # Not Response.__init__: it would set a Content-Length for an empty body.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.frames = frames
         self.on_close = on_close
 
