@@ -156,16 +156,23 @@ class RouterApp:
         replica_id = unquote(path[len(PINNED_PREFIX) : slash if slash > 0 else None])
         rest = path[slash:] if slash > 0 else "/"
         replica = self.pool.replicas.get(replica_id)
-        missing = None
+        refusal = None
         if replica is None:
-            missing = APIError(404, f"No replica with id '{replica_id}'.", code="replica_not_found")
+            refusal = APIError(404, f"No replica with id '{replica_id}'.", code="replica_not_found")
         route = GENERATION_ROUTES.get(rest)
         if route is not None and scope["method"] == "POST":
-            await self._generation(scope, receive, send, route, rest, replica, missing)
+            if replica is not None and replica.draining:
+                refusal = APIError(
+                    503,
+                    f"Replica '{replica_id}' is draining: it takes no new requests.",
+                    code="replica_draining",
+                    headers={"Retry-After": "1"},
+                )
+            await self._generation(scope, receive, send, route, rest, replica, refusal)
             return
         query = scope.get("query_string") or b""
         full = rest + ("?" + query.decode("latin-1") if query else "")
-        await self._plain(scope, receive, send, "pinned", full, replica, missing)
+        await self._plain(scope, receive, send, "pinned", full, replica, refusal)
 
     # -- the generation data path
 
