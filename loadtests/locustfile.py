@@ -287,6 +287,12 @@ def on_test_start(environment: Environment, **_: Any) -> None:
         gevent.spawn(environment.runner.quit)
 
 
+_CONFIG_OPTIONS = (
+    "num_users", "request_rate", "max_concurrency", "output_len", "no_ignore_eos", "temperature",
+    "prompt_len", "num_tenants", "system_prompt_len", "question_len", "turns", "turn_len", "seed",
+)  # fmt: skip
+
+
 @events.test_stop.add_listener
 def on_test_stop(environment: Environment, **_: Any) -> None:
     global RUN
@@ -297,15 +303,19 @@ def on_test_stop(environment: Environment, **_: Any) -> None:
     rows = [record.to_json() for record in run.records]
     summary = summarize(rows, run.slos)
     summary.update(
-        model=run.model, workload=run.workload.name, api=run.options.api, host=environment.host
+        model=run.model,
+        workload=run.workload.name,
+        api=run.options.api,
+        host=environment.host,
+        config={name: getattr(run.options, name, None) for name in _CONFIG_OPTIONS},
     )
-    title = f"{run.workload.name} / {run.options.api} / {run.model}"
-    text = format_summary(summary, title="Serving Benchmark Result")
+    title = f"{run.workload.name} / {run.options.api} / {run.model} @ {environment.host}"
+    text = f"{title}\n{format_summary(summary)}"
     Path(f"{run.stem}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     Path(f"{run.stem}.summary.txt").write_text(text + "\n")
     if rows:
         plot_records(rows, Path(f"{run.stem}.png"), title=title)
-    print(f"\n{title}\n{text}\nrecords, summary and plot: {run.stem}.*", flush=True)
+    print(f"\n{text}\nrecords, summary and plot: {run.stem}.*", flush=True)
 
 
 def _iter_lines(response: Any) -> Iterator[bytes]:
