@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fleet.commands import fleet_ops, models, servers
+from fleet.commands import bench, fleet_ops, models, servers
 
 app = typer.Typer(
     name="fleet",
@@ -16,6 +16,7 @@ app = typer.Typer(
 models.register(app)
 servers.register(app)
 fleet_ops.register(app)
+bench.register(app)
 
 
 def main() -> None:
