@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels.triton_common import check_launchable, next_pow2
+from replica.kernels.triton_common import check_launchable, next_pow2, rows_per_program
 
 
 @triton.jit
@@ -16,6 +16,7 @@ def _store_kv_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
+    num_tokens,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -26,23 +27,32 @@ def _store_kv_kernel(
     block_size,
     num_kv_heads,
     head_dim,
+    ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token)
-    if slot < 0:  # padding or a token whose K/V is already cached
-        return
-    block = slot // block_size
-    offset = slot % block_size
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    dims = tl.arange(0, BLOCK_D)[None, :]
-    mask = (heads < num_kv_heads) & (dims < head_dim)
-    k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
-    v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
-    dst = block * stride_cb + offset * stride_cs + heads * stride_ch + dims
+    tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    slots = tl.load(slot_ptr + tokens, mask=tokens < num_tokens, other=-1)
+    # Columns are (head, dim) pairs of one token, flattened into one tile axis.
+    cols = tl.arange(0, BLOCK_H * BLOCK_D)[None, :]
+    heads = cols // BLOCK_D
+    dims = cols % BLOCK_D
+    # A negative slot is padding or a token whose K/V is already cached: skip it.
+    mask = (slots >= 0) & (heads < num_kv_heads) & (dims < head_dim)
+    tokens = tokens.to(tl.int64)
+    k = tl.load(key_ptr + tokens * stride_kt + heads * stride_kh + dims, mask=mask)
+    v = tl.load(value_ptr + tokens * stride_vt + heads * stride_vh + dims, mask=mask)
+    dst = (slots // block_size) * stride_cb + (slots % block_size) * stride_cs
+    dst += heads * stride_ch + dims
     tl.store(k_cache_ptr + dst, k, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+def launch_shape(num_kv_heads: int, head_dim: int) -> dict[str, int]:
+    """Tile constants for a K/V row shape (shared with the GPU compile check)."""
+    block_h, block_d = next_pow2(num_kv_heads), next_pow2(head_dim)
+    rows = rows_per_program(block_h * block_d, max_rows=16)
+    return {"ROWS": rows, "BLOCK_H": block_h, "BLOCK_D": block_d, "num_warps": 4}
 
 
 def store_kv(
@@ -59,12 +69,14 @@ def store_kv(
     check_launchable(_store_kv_kernel, key, k_cache)
     assert key.stride(2) == 1 and value.stride(2) == 1, "head_dim must be contiguous"
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
-    _store_kv_kernel[(num_tokens,)](
+    shape = launch_shape(num_kv_heads, head_dim)
+    _store_kv_kernel[(triton.cdiv(num_tokens, shape["ROWS"]),)](
         key,
         value,
         k_cache,
         v_cache,
         slot_mapping,
+        num_tokens,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -75,6 +87,5 @@ def store_kv(
         k_cache.shape[1],
         num_kv_heads,
         head_dim,
-        BLOCK_H=next_pow2(num_kv_heads),
-        BLOCK_D=next_pow2(head_dim),
+        **shape,
     )

@@ -29,3 +29,9 @@ def check_launchable(kernel: object, *tensors: torch.Tensor) -> bool:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (Triton tile sizes must be powers of two)."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+def rows_per_program(row_width: int, max_rows: int = 32, tile_elements: int = 4096) -> int:
+    """Rows a row-wise kernel handles per program: narrow rows (a head's q/k norm, small models)
+    share one tile instead of launching a program each; wide rows keep one row per program."""
+    return max(1, min(max_rows, tile_elements // next_pow2(row_width)))

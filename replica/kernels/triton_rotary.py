@@ -9,26 +9,35 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels.triton_common import check_launchable, next_pow2
+from replica.kernels.triton_common import check_launchable, next_pow2, rows_per_program
 
 
 @triton.jit
-def _rotate_heads(
+def _rotate_rows(
     x_ptr,
+    positions_ptr,
+    cache_ptr,
+    block_id,
+    num_tokens,
+    num_heads,
     stride_t,
     stride_h,
-    token,
-    num_heads,
-    cos,
-    sin,
+    stride_cache,
     half,
-    BLOCK_H: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    heads = tl.arange(0, BLOCK_H)[:, None]
+    """Rotate ROWS (token, head) rows of x, the block_id-th group of them."""
+    rows = block_id * ROWS + tl.arange(0, ROWS)[:, None]
+    token = rows // num_heads
+    head = rows % num_heads
     cols = tl.arange(0, BLOCK_R)[None, :]
-    mask = (heads < num_heads) & (cols < half)
-    first = x_ptr + token * stride_t + heads * stride_h + cols
+    mask = (token < num_tokens) & (cols < half)
+    pos = tl.load(positions_ptr + token, mask=token < num_tokens, other=0)
+    trig = cache_ptr + pos * stride_cache + cols
+    cos = tl.load(trig, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(trig + half, mask=mask, other=0.0).to(tl.float32)
+    first = x_ptr + token.to(tl.int64) * stride_t + head * stride_h + cols
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
     dtype = x_ptr.dtype.element_ty
@@ -42,30 +51,38 @@ def _rotary_kernel(
     q_ptr,
     k_ptr,
     cache_ptr,
+    num_tokens,
+    num_q_heads,
+    num_k_heads,
+    q_programs,
     stride_qt,
     stride_qh,
     stride_kt,
     stride_kh,
     stride_cache,
-    num_q_heads,
-    num_k_heads,
     half,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    pos = tl.load(positions_ptr + token)
-    cols = tl.arange(0, BLOCK_R)[None, :]
-    row = cache_ptr + pos * stride_cache + cols
-    cos = tl.load(row, mask=cols < half, other=0.0).to(tl.float32)
-    sin = tl.load(row + half, mask=cols < half, other=0.0).to(tl.float32)
-    _rotate_heads(
-        q_ptr, stride_qt, stride_qh, token, num_q_heads, cos, sin, half, BLOCK_HQ, BLOCK_R
-    )
-    _rotate_heads(
-        k_ptr, stride_kt, stride_kh, token, num_k_heads, cos, sin, half, BLOCK_HK, BLOCK_R
-    )
+    """One launch for both: the first q_programs programs rotate q's rows, the rest k's."""
+    pid = tl.program_id(0)
+    if pid < q_programs:
+        _rotate_rows(
+            q_ptr, positions_ptr, cache_ptr, pid, num_tokens, num_q_heads,
+            stride_qt, stride_qh, stride_cache, half, ROWS, BLOCK_R,
+        )  # fmt: skip
+    else:
+        _rotate_rows(
+            k_ptr, positions_ptr, cache_ptr, pid - q_programs, num_tokens, num_k_heads,
+            stride_kt, stride_kh, stride_cache, half, ROWS, BLOCK_R,
+        )  # fmt: skip
+
+
+def launch_shape(half: int) -> dict[str, int]:
+    """Tile constants for a rotary half-width (shared with the GPU compile check)."""
+    block_r = next_pow2(half)
+    rows = rows_per_program(block_r, max_rows=64, tile_elements=2048)
+    return {"ROWS": rows, "BLOCK_R": block_r, "num_warps": 4}
 
 
 def rotary_embedding(
@@ -84,22 +101,25 @@ def rotary_embedding(
     num_tokens = q.shape[0]
     half = cos_sin_cache.shape[1] // 2
     if num_tokens > 0:
-        _rotary_kernel[(num_tokens,)](
+        shape = launch_shape(half)
+        rows = shape["ROWS"]
+        q_programs = triton.cdiv(num_tokens * q.shape[1], rows)
+        k_programs = triton.cdiv(num_tokens * k.shape[1], rows)
+        _rotary_kernel[(q_programs + k_programs,)](
             positions,
             q,
             k,
             cos_sin_cache,
+            num_tokens,
+            q.shape[1],
+            k.shape[1],
+            q_programs,
             q.stride(0),
             q.stride(1),
             k.stride(0),
             k.stride(1),
             cos_sin_cache.stride(0),
-            q.shape[1],
-            k.shape[1],
             half,
-            BLOCK_HQ=next_pow2(q.shape[1]),
-            BLOCK_HK=next_pow2(k.shape[1]),
-            BLOCK_R=next_pow2(half),
-            num_warps=4,
+            **shape,
         )
     return q, k

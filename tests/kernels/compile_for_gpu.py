@@ -115,41 +115,54 @@ def _attention_cases():
     )
 
 
+def _split(shape: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """A module's launch_shape -> (constexprs, compile options)."""
+    constexprs = {k: v for k, v in shape.items() if k != "num_warps"}
+    return constexprs, {"num_warps": shape["num_warps"]}
+
+
 def _layer_cases():
+    """Llama-3-8B shapes: 8 KV heads of 128, hidden 4096, intermediate 14336; a q/k norm too."""
+    kv_consts, kv_options = _split(triton_cache.launch_shape(8, 128))
     yield (
         "store_kv",
         triton_cache._store_kv_kernel,
         dict.fromkeys(("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr"), "bf16")
         | {"slot_ptr": "i64"},
-        dict(BLOCK_H=8, BLOCK_D=128),
+        kv_consts,
         (),
-        dict(num_warps=4),
+        kv_options,
     )
-    yield (
-        "rms_norm+residual",
-        triton_norm._rms_norm_kernel,
-        dict.fromkeys(
-            ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr"), "bf16"
-        ),
-        dict(HAS_RESIDUAL=True, BLOCK=4096),
-        ("eps",),
-        dict(num_warps=16),
+    norm_pointers = dict.fromkeys(
+        ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr"), "bf16"
     )
+    for name, width, residual in (("rms_norm+residual", 4096, True), ("rms_norm head", 128, False)):
+        consts, options = _split(triton_norm.launch_shape(width))
+        yield (
+            name,
+            triton_norm._rms_norm_kernel,
+            norm_pointers,
+            consts | {"HAS_RESIDUAL": residual},
+            ("eps",),
+            options,
+        )
+    rope_consts, rope_options = _split(triton_rotary.launch_shape(64))
     yield (
         "rotary",
         triton_rotary._rotary_kernel,
         dict(positions_ptr="i64", q_ptr="bf16", k_ptr="bf16", cache_ptr="fp32"),
-        dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_R=64),
+        rope_consts,
         (),
-        dict(num_warps=4),
+        rope_options,
     )
+    silu_consts, silu_options = _split(triton_activation.launch_shape(14336))
     yield (
         "silu_and_mul",
         triton_activation._silu_and_mul_kernel,
         dict(x_ptr="bf16", out_ptr="bf16"),
-        dict(BLOCK=1024),
+        silu_consts,
         (),
-        dict(num_warps=4),
+        silu_options,
     )
 
 

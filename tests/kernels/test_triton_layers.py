@@ -39,8 +39,8 @@ def test_store_kv_writes_slots_and_skips_negative(dtype) -> None:
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm(dtype, with_residual: bool) -> None:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 48, generator=gen).to(dtype)
-    residual = torch.randn(5, 48, generator=gen).to(dtype) if with_residual else None
+    x = torch.randn(70, 48, generator=gen).to(dtype)  # several programs, the last one partial
+    residual = torch.randn(70, 48, generator=gen).to(dtype) if with_residual else None
     weight = (1 + 0.1 * torch.randn(48, generator=gen)).to(dtype)
     expected, expected_residual = reference.rms_norm(x, weight, 1e-5, residual)
     got, got_residual = triton_ops.rms_norm(x, weight, 1e-5, residual)
@@ -57,7 +57,8 @@ def test_rotary_embedding(dtype, scaling) -> None:
     gen = torch.Generator().manual_seed(2)
     hq, hkv, d = 4, 2, 32
     cache = cos_sin_cache(d, 10000.0, scaling, max_positions=512)
-    positions = torch.tensor([0, 1, 7, 63, 64, 200, 511])
+    edges = torch.tensor([0, 1, 7, 63, 64, 200, 511])
+    positions = torch.cat([edges, torch.randint(0, 512, (33,), generator=gen)])
     qkv = torch.randn(len(positions), (hq + 2 * hkv) * d, generator=gen).to(dtype)
     q = qkv[:, : hq * d].view(-1, hq, d)
     k = qkv[:, hq * d : (hq + hkv) * d].view(-1, hkv, d)
