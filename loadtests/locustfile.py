@@ -1,4 +1,4 @@
-"""Locust load test for any OpenAI-compatible endpoint (our router, a replica, vLLM, SGLang, ...).
+r"""Locust load test for any OpenAI-compatible endpoint (our router, a replica, vLLM, SGLang, ...).
 
 Each streamed request is reported to locust as the HTTP request itself (`POST /v1/...`, timed to
 the end of the stream, failures included) plus four custom metrics per successful request: `TTFT`,
@@ -12,7 +12,8 @@ printed and saved with the raw per-request records (JSON lines) and a PNG plot.
 Modes: fixed concurrency (`-u N` users, each sending its next request when the last one ends) or
 fixed request rate (`--request-rate R`: Poisson arrivals at R requests/s in total, spread over the
 users and not waiting for responses; `--max-concurrency` caps requests in flight).
-Every option below can also be set through the environment variable named in its help.
+Every option (llm_options.py; `python loadtests/run_bench.py --help` lists them) can also be set
+through its environment variable, LOCUST_<OPTION>, as locust's own options can.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from typing import IO, Any
 import gevent
 from gevent.lock import BoundedSemaphore, DummySemaphore
 from gevent.pool import Group
+from llm_options import add_options
 from llm_plot import plot_records
 from llm_stream import API_PATHS, RequestRecord, read_stream, request_body
 from llm_summary import format_summary, parse_goodput, summarize
 from llm_workloads import (
     DEFAULT_CHARS_PER_TOKEN,
-    WORKLOADS,
     RandomText,
     Workload,
     make_workload,
@@ -52,112 +53,7 @@ log = logging.getLogger("llm-loadtest")
 METRICS = ("TTFT", "ITL", "TPOT", "E2E")
 
 
-@events.init_command_line_parser.add_listener
-def add_options(parser: Any) -> None:
-    group = parser.add_argument_group("LLM load test")
-
-    def option(name: str, env: str, **kwargs: Any) -> None:
-        kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]"
-        group.add_argument(name, env_var=env, **kwargs)
-
-    option(
-        "--api", "LOCUST_API", choices=sorted(API_PATHS), default="chat", help="chat or completions"
-    )
-    option(
-        "--model",
-        "LOCUST_MODEL",
-        default="",
-        help="model name (default: the first one /v1/models lists)",
-    )
-    option("--workload", "LOCUST_WORKLOAD", choices=WORKLOADS, default="random")
-    option(
-        "--output-len", "LOCUST_OUTPUT_LEN", type=int, default=128, help="max_tokens per request"
-    )
-    option(
-        "--no-ignore-eos",
-        "LOCUST_NO_IGNORE_EOS",
-        action="store_true",
-        help="do not send ignore_eos/min_tokens (which force --output-len tokens on vLLM-like servers)",
-    )
-    option("--temperature", "LOCUST_TEMPERATURE", type=float, default=0.0)
-    option("--prompt-len", "LOCUST_PROMPT_LEN", type=int, default=256, help="random: prompt tokens")
-    option(
-        "--num-tenants", "LOCUST_NUM_TENANTS", type=int, default=8, help="shared-prefix: tenants"
-    )
-    option(
-        "--system-prompt-len",
-        "LOCUST_SYSTEM_PROMPT_LEN",
-        type=int,
-        default=1024,
-        help="shared-prefix: tokens of each tenant's system prompt",
-    )
-    option(
-        "--question-len",
-        "LOCUST_QUESTION_LEN",
-        type=int,
-        default=32,
-        help="shared-prefix: question tokens",
-    )
-    option(
-        "--turns",
-        "LOCUST_TURNS",
-        type=int,
-        default=5,
-        help="multi-turn: user turns per conversation",
-    )
-    option(
-        "--turn-len",
-        "LOCUST_TURN_LEN",
-        type=int,
-        default=64,
-        help="multi-turn: tokens per user turn",
-    )
-    option(
-        "--request-rate",
-        "LOCUST_REQUEST_RATE",
-        type=float,
-        default=0.0,
-        help="requests/s with Poisson arrivals, over all users (0: fixed concurrency, one request in flight per user)",
-    )
-    option(
-        "--max-concurrency",
-        "LOCUST_MAX_CONCURRENCY",
-        type=int,
-        default=0,
-        help="with --request-rate: cap on requests in flight per process (0: none)",
-    )
-    option(
-        "--goodput",
-        "LOCUST_GOODPUT",
-        default="",
-        help="SLOs in ms for goodput, e.g. 'ttft:500,tpot:50,e2e:10000'",
-    )
-    option(
-        "--tokenizer",
-        "LOCUST_TOKENIZER",
-        default="",
-        help="local HF tokenizer folder to size prompts with",
-    )
-    option("--seed", "LOCUST_SEED", type=int, default=0)
-    option(
-        "--request-timeout",
-        "LOCUST_REQUEST_TIMEOUT",
-        type=float,
-        default=300.0,
-        help="seconds per socket read",
-    )
-    option(
-        "--results-dir",
-        "LOCUST_RESULTS_DIR",
-        default="bench-results",
-        help="where records, summary and plot go",
-    )
-    option(
-        "--run-name",
-        "LOCUST_RUN_NAME",
-        default="",
-        help="file name stem (default: <workload>-<api>)",
-    )
+events.init_command_line_parser.add_listener(add_options)
 
 
 @events.init.add_listener

@@ -1,14 +1,13 @@
-"""Benchmark an OpenAI-compatible endpoint with the locust workloads and print the summary.
+r"""Benchmark an OpenAI-compatible endpoint with the locust workloads and print the summary.
 
     python loadtests/run_bench.py --host http://127.0.0.1:8000 --duration 2m --users 16 \
         --workload shared-prefix --goodput ttft:500,tpot:50
-    python loadtests/run_bench.py --up --up-args "--model models/small --replicas 2" --duration 60
+    python loadtests/run_bench.py --up --up-args="--model models/small --replicas 2" --duration 60
 
 `--up` starts a local fleet first (`fleet up --detach` on a free port, in its own run folder, using
 the API key the fleet hands out) and stops it afterwards (`--keep-up` leaves it running). Options
 this script does not know go to locust as they are: the locustfile's own (`--workload`,
-`--output-len`, `--request-rate`, ...; see `locust -f loadtests/locustfile.py --help`) and
-locust's. `fleet bench` runs this script with the same arguments.
+`--output-len`, `--request-rate`, ...: listed below) and locust's. `fleet bench` runs this script with the same arguments.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm_options import help_text
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
@@ -62,7 +63,9 @@ def local_fleet(up_args: list[str], keep: bool, run_dir: Path | None = None) -> 
         if keep:
             print(f"fleet left running: stop it with `fleet down --run-dir {run_dir}`")
         else:
-            _fleet("down", "--run-dir", str(run_dir))
+            stopped = _fleet("down", "--run-dir", str(run_dir))
+            if stopped.returncode != 0:
+                print(f"fleet down failed:\n{stopped.stdout}{stopped.stderr}", file=sys.stderr)
 
 
 def locust_command(endpoint: Endpoint, args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -102,6 +105,7 @@ def run_locust(endpoint: Endpoint, args: argparse.Namespace, extra: list[str]) -
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__,
+        epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
@@ -109,7 +113,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     target.add_argument("--host", default="http://127.0.0.1:8000", help="endpoint to benchmark")
     target.add_argument("--up", action="store_true", help="start a local fleet and benchmark it")
     parser.add_argument(
-        "--up-args", default="", help="arguments for `fleet up`, e.g. '--model PATH -n 2'"
+        "--up-args",
+        default="",
+        help="arguments for `fleet up`, as one string: --up-args='--model PATH -n 2'",
     )
     parser.add_argument("--keep-up", action="store_true", help="leave the --up fleet running")
     parser.add_argument(
