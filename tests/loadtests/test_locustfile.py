@@ -123,3 +123,29 @@ def test_unreachable_endpoint_stops_with_a_clear_error(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "cannot start the LLM load test against http://127.0.0.1:9" in run.output
     assert "Traceback" not in run.output
+
+
+def test_max_concurrency_caps_requests_in_flight(
+    scripted_server: ScriptedServer, tmp_path: Path
+) -> None:
+    """At 40 requests/s of about 100 ms each, about four would be in flight; the cap holds it at 2."""
+    run = run_locust(
+        scripted_server.url,
+        tmp_path,
+        "--request-rate",
+        "40",
+        "--max-concurrency",
+        "2",
+        "--output-len",
+        "40",
+        users=1,
+        seconds=3,
+    )
+    assert run.returncode == 0, run.output
+    events = sorted(
+        [(r["start"], 1) for r in run.records]
+        + [(r["start"] + r["e2e_ms"] / 1000, -1) for r in run.records],
+        key=lambda e: (e[0], e[1]),
+    )
+    in_flight = list(itertools.accumulate(step for _, step in events))
+    assert max(in_flight) == 2
