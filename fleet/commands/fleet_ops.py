@@ -9,8 +9,10 @@ fleet through the state file in its run folder ($FLEET_HOME, default ~/.cache/fl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,11 +22,10 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
 from fleet.launch import control
-from fleet.launch.daemon import SPEC_FILE
-from fleet.launch.runner import ERROR_FILE
-from fleet.launch.state import FleetState
+from fleet.launch.state import CONTROL_SOCKET, ERROR_FILE, SPEC_FILE, FleetState
 from fleet.spec import FleetSpec, SpecError, load_spec, parse_assignment, run_dir
 
 console = Console(highlight=False)
@@ -141,79 +142,111 @@ def print_ready(state: FleetState) -> None:
     console.print(f"logs: {state.run_dir}/logs   status: fleet status   stop: fleet down\n")
 
 
-def _up_foreground(spec: FleetSpec, folder: Path) -> int:
-    from fleet.launch.manager import FleetManager
-    from fleet.launch.runner import run_fleet
-    from fleet.launch.view import fleet_view
-
-    manager = FleetManager(spec, folder)
-
-    async def main() -> int:
-        with Live(console=console, refresh_per_second=4, transient=False) as live:
-            stopping = False
-
-            async def refresh() -> None:
-                while not stopping:
-                    try:
-                        live.update(fleet_view(await manager.status()))
-                    except Exception as exc:  # the view must never take the fleet down
-                        live.update(f"status unavailable: {exc}")
-                    await asyncio.sleep(1.0)
-
-            def ready() -> None:
-                assert manager.state is not None
-                live.console.print("[dim]Ctrl-C drains and stops the fleet[/]")
-                print_ready(manager.state)
-
-            def halt() -> None:
-                nonlocal stopping
-                stopping = True
-                live.console.print("[yellow]stopping: draining replicas…[/]")
-
-            view = asyncio.create_task(refresh())
-            try:
-                return await run_fleet(manager, on_ready=ready, on_stopping=halt)
-            finally:
-                view.cancel()
-                await asyncio.gather(view, return_exceptions=True)
-
-    code = asyncio.run(main())
-    if code:
-        err.print(f"[red]{(folder / ERROR_FILE).read_text().strip()}[/]")
-    return code
+class _Hangup(KeyboardInterrupt):
+    """SIGTERM or SIGHUP to `fleet up`: stop like Ctrl-C (after SIGHUP, nobody reads the output)."""
 
 
-def _up_detached(spec: FleetSpec, folder: Path, timeout: float) -> int:
+def _raise_interrupt(signum: int, frame: object) -> None:
+    if signum == signal.SIGHUP:
+        console.file = err.file = open(os.devnull, "w")  # noqa: SIM115 - the terminal is gone
+    raise _Hangup
+
+
+def _up(spec: FleetSpec, folder: Path, detach: bool, timeout: float) -> int:
+    """Start the manager process, show progress until ready; in the foreground, stay until Ctrl-C."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    daemon = _spawn_manager(spec, folder, None if detach else os.getpid())
+    try:
+        state = _wait_until_ready(daemon, folder, timeout)
+        print_ready(state)
+        if detach:
+            console.print(f"manager pid {daemon.pid} keeps the fleet running in the background")
+            return 0
+        console.print("[dim]Ctrl-C drains and stops the fleet[/]")
+        _watch(state, daemon)
+    except KeyboardInterrupt:
+        pass
+    return _stop_manager(daemon, folder)
+
+
+def _spawn_manager(spec: FleetSpec, folder: Path, parent: int | None) -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "logs").mkdir(exist_ok=True)
     (folder / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
     (folder / ERROR_FILE).unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "fleet.launch.daemon", str(folder)]
     with open(folder / "logs" / "manager.log", "ab") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "fleet.launch.daemon", str(folder)],
+        return subprocess.Popen(
+            argv + ([str(parent)] if parent else []),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def _wait_until_ready(daemon: subprocess.Popen, folder: Path, timeout: float) -> FleetState:
+    """The live status view (replicas loading, events) until the manager reports ready."""
+    from fleet.launch.view import fleet_view
+
     deadline = time.monotonic() + timeout
-    with console.status("starting the fleet…") as spinner:
+    with Live(console=console, refresh_per_second=8, transient=True) as live:
+        live.update(Text("starting the fleet…"))
         while time.monotonic() < deadline:
             if daemon.poll() is not None:
+                live.stop()
                 error = folder / ERROR_FILE
                 message = error.read_text().strip() if error.exists() else _log_tail(folder)
                 _fail(f"the fleet did not start:\n{message}")
             state = FleetState.load(folder)
             if state is not None and state.manager_pid == daemon.pid:
                 if state.phase == "ready":
-                    print_ready(state)
-                    console.print(f"manager pid {daemon.pid}; it keeps running in the background")
-                    return 0
-                spinner.update(_progress_line(state))
-            time.sleep(0.25)
-    daemon.terminate()
+                    return state
+                status = _status_or_none(state)
+                if status is not None:
+                    live.update(fleet_view(status))
+            time.sleep(0.5)
+    _stop_manager(daemon, folder)
     _fail(f"the fleet was not ready within {timeout:.0f}s; see {folder}/logs")
-    return 1
+    raise AssertionError("unreachable")
+
+
+def _watch(state: FleetState, daemon: subprocess.Popen) -> None:
+    from fleet.launch.view import fleet_view
+
+    with Live(console=console, refresh_per_second=4) as live:
+        while daemon.poll() is None:
+            status = _status_or_none(state)
+            if status is not None:
+                live.update(fleet_view(status))
+            time.sleep(1.0)
+    err.print("[red]the fleet manager exited[/]; see its log: fleet logs manager")
+
+
+def _status_or_none(state: FleetState) -> dict | None:
+    try:
+        return control.call(state.control_socket, "status", timeout=10.0)
+    except (OSError, control.ControlError, ValueError):
+        return None
+
+
+def _stop_manager(daemon: subprocess.Popen, folder: Path) -> int:
+    """Ask for an orderly stop (drain, then stop), then wait for it; Ctrl-C again stops waiting."""
+    if daemon.poll() is None:
+        try:
+            control.call(folder / CONTROL_SOCKET, "stop", timeout=10.0)
+        except (OSError, control.ControlError, ValueError):
+            daemon.send_signal(signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        try:
+            with console.status("draining and stopping the fleet…"):
+                daemon.wait()
+        except KeyboardInterrupt:
+            console.print(f"still stopping in the background (manager pid {daemon.pid})")
+            return 130
+        console.print("[green]fleet stopped[/]")
+    return 0
 
 
 def _progress_line(state: FleetState) -> str:
@@ -291,9 +324,7 @@ def register(app: typer.Typer) -> None:
             _fail(
                 f"a fleet is already running from {folder} (pid {state.manager_pid}); `fleet down` first"
             )
-        if detach:
-            raise typer.Exit(_up_detached(spec, folder, spec.supervision.ready_timeout_s + 120))
-        raise typer.Exit(_up_foreground(spec, folder))
+        raise typer.Exit(_up(spec, folder, detach, spec.supervision.ready_timeout_s + 120))
 
     @app.command()
     def down(

@@ -1,7 +1,9 @@
-"""`python -m fleet.launch.daemon RUN_DIR`: the background fleet manager behind `fleet up --detach`.
+"""`python -m fleet.launch.daemon RUN_DIR [PARENT_PID]`: the fleet manager process behind `fleet up`.
 
 It reads the spec that `fleet up` wrote to RUN_DIR/spec.json and runs the fleet until `fleet down`
-(control socket or SIGTERM). Its own output goes to RUN_DIR/logs/manager.log.
+(control socket or SIGTERM), or, for a foreground `fleet up`, until PARENT_PID exits. It runs in its
+own session so a Ctrl-C in the terminal reaches only `fleet up`, which then asks for an orderly
+stop. Its own output goes to RUN_DIR/logs/manager.log.
 """
 
 from __future__ import annotations
@@ -13,22 +15,22 @@ from pathlib import Path
 
 from fleet.launch.manager import FleetManager
 from fleet.launch.runner import run_fleet
+from fleet.launch.state import SPEC_FILE
 from fleet.spec import FleetSpec
-
-SPEC_FILE = "spec.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m fleet.launch.daemon RUN_DIR", file=sys.stderr)
+    if len(args) not in (1, 2):
+        print("usage: python -m fleet.launch.daemon RUN_DIR [PARENT_PID]", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
+    parent = int(args[1]) if len(args) == 2 else None
     spec = FleetSpec.model_validate_json((run_dir / SPEC_FILE).read_text())
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
-    return asyncio.run(run_fleet(FleetManager(spec, run_dir)))
+    return asyncio.run(run_fleet(FleetManager(spec, run_dir), parent))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Literal
 
 STATE_FILE = "state.json"
 CONTROL_SOCKET = "control.sock"
+SPEC_FILE = "spec.json"  # what `fleet up` hands the manager process
+ERROR_FILE = "startup-error.txt"  # why a fleet did not start, for `fleet up` to print
 
 Phase = Literal["starting", "ready", "stopping", "failed"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Group
 from rich.spinner import Spinner
 from rich.table import Table
@@ -27,23 +28,29 @@ def _num(value: object) -> str:
 
 
 def replica_table(status: dict) -> Table:
-    table = Table(title="replicas", title_justify="left", expand=False)
-    for column in ("replica", "model", "host", "device", "state", "running", "waiting", "KV",
-                   "prefix hit", "served", "restarts", "direct URL"):  # fmt: skip
-        table.add_column(column, no_wrap=column in ("replica", "direct URL"))
-    for row in status.get("replicas", []):
+    rows = status.get("replicas", [])
+    models = {row.get("model") for row in rows}
+    one_model = len(models) == 1
+    title = f"replicas of {next(iter(models))}" if one_model else "replicas"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    hosts = {row.get("host") for row in rows}
+    columns = ["replica", "state", "run", "wait", "KV", "hit", "served", "rst", "device", "URL"]
+    if len(hosts) > 1:
+        columns.insert(-1, "host")
+    if not one_model:
+        columns.insert(1, "model")
+    for column in columns:
+        table.add_column(column, no_wrap=column in ("replica", "state", "URL"), overflow="fold")
+    for row in rows:
         state = row.get("state") or "unknown"
         label: Text | Spinner = Text(state, style=_STATE_STYLE.get(state, ""))
         if state == "starting":
             label = Spinner("dots", text=Text("loading", style="cyan"))
         device = row.get("device") or "-"
-        if row.get("gpu") is not None:
+        if row.get("gpu") not in (None, ""):
             device = f"{device}:{row['gpu']}"
-        table.add_row(
+        cells = [
             _num(row.get("name")),
-            _num(row.get("model")),
-            _num(row.get("host")),
-            device,
             label,
             _num(row.get("running")),
             _num(row.get("waiting")),
@@ -51,15 +58,23 @@ def replica_table(status: dict) -> Table:
             _pct(row.get("prefix_hit_rate")),
             _num(row.get("requests_served")),
             _num(row.get("restarts")),
+            device,
             _num(row.get("url")),
-        )
+        ]
+        if len(hosts) > 1:
+            cells.insert(-1, _num(row.get("host")))
+        if not one_model:
+            cells.insert(1, _num(row.get("model")))
+        table.add_row(*cells)
     return table
 
 
 def router_table(status: dict) -> Table:
     router = status.get("router") or {}
     view = router.get("view") or {}
-    table = Table(title="router", title_justify="left", show_header=False, expand=False)
+    table = Table(
+        title="router", title_justify="left", show_header=False, box=box.SIMPLE, pad_edge=False
+    )
     table.add_column("field")
     table.add_column("value")
     healthy = view.get("healthy")
