@@ -45,6 +45,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
         raise ClientGone
     return task.result()
