@@ -2,7 +2,7 @@
 definitions), so numbers from our fleet and from other servers compare directly.
 
 Percentiles come from the raw per-request values (locust's own are bucketed). Run as a script to
-re-summarize a saved records file with other SLOs:
+re-summarize saved records (several files, e.g. from locust workers, add up) with other SLOs:
     python loadtests/llm_summary.py bench-results/random-chat.records.jsonl --goodput ttft:500
 """
 
@@ -153,13 +153,13 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Summarize a load test's records (JSON lines).")
-    parser.add_argument("records", type=Path)
+    parser.add_argument("records", type=Path, nargs="+", help="records files, summarized together")
     parser.add_argument(
         "--goodput", nargs="*", default=[], help="SLOs in ms, e.g. ttft:500 tpot:50"
     )
     parser.add_argument("--plot", type=Path, help="also write the PNG plot here")
     args = parser.parse_args(argv)
-    rows = read_records(args.records)
+    rows = [row for path in args.records for row in read_records(path)]
     print(format_summary(summarize(rows, parse_goodput(args.goodput))))
     if args.plot:
         from llm_plot import plot_records

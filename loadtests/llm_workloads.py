@@ -271,12 +271,18 @@ class SharedPrefixWorkload:
     name = "shared-prefix"
 
     def __init__(
-        self, text: RandomText, num_tenants: int, system_prompt_len: int, question_len: int
+        self,
+        text: RandomText,
+        num_tenants: int,
+        system_prompt_len: int,
+        question_len: int,
+        prompt_text: RandomText | None = None,
     ) -> None:
         self.text = text
         self.question_len = question_len
+        prompt_text = prompt_text or text
         self.system_prompts = [
-            f"You are the assistant of tenant {g}. {text.tokens(system_prompt_len)}"
+            f"You are the assistant of tenant {g}. {prompt_text.tokens(system_prompt_len)}"
             for g in range(num_tenants)
         ]
 
@@ -336,11 +342,14 @@ def make_workload(
     question_len: int = 32,
     turns: int = 5,
     turn_len: int = 64,
+    shared_text: RandomText | None = None,
 ) -> Workload:
+    """`shared_text` draws what every load-generating process must agree on (the tenants' system
+    prompts); `text` draws the rest."""
     if name == "random":
         return RandomWorkload(text, prompt_len)
     if name == "shared-prefix":
-        return SharedPrefixWorkload(text, num_tenants, system_prompt_len, question_len)
+        return SharedPrefixWorkload(text, num_tenants, system_prompt_len, question_len, shared_text)
     if name == "multi-turn":
         return MultiTurnWorkload(text, turns, turn_len)
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")

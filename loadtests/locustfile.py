@@ -50,7 +50,6 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 log = logging.getLogger("llm-loadtest")
-METRICS = ("TTFT", "ITL", "TPOT", "E2E")
 
 
 events.init_command_line_parser.add_listener(add_options)
@@ -134,10 +133,14 @@ def _start_run(environment: Environment) -> Run:
     options = environment.parsed_options
     host = (environment.host or "").rstrip("/")
     model = options.model or _first_model(host)
-    text = RandomText(random.Random(options.seed), _chars_per_token(options, host, model))
+    chars_per_token = _chars_per_token(options, host, model)
+    # Worker processes draw different requests but share the tenants' system prompts.
+    worker = getattr(environment.runner, "worker_index", 0)
+    text = RandomText(random.Random(f"{options.seed}-{worker}"), chars_per_token)
     workload = make_workload(
         options.workload,
         text,
+        shared_text=RandomText(random.Random(options.seed), chars_per_token),
         prompt_len=options.prompt_len,
         num_tenants=options.num_tenants,
         system_prompt_len=options.system_prompt_len,
@@ -147,7 +150,7 @@ def _start_run(environment: Environment) -> Run:
     )
     stem_name = options.run_name or f"{options.workload}-{options.api}"
     if isinstance(environment.runner, WorkerRunner):
-        stem_name += f"-worker{os.getpid()}"
+        stem_name += f"-worker{worker}"
     stem = Path(options.results_dir) / stem_name
     stem.parent.mkdir(parents=True, exist_ok=True)
     run = Run(
@@ -174,7 +177,11 @@ def _start_run(environment: Environment) -> Run:
 def on_test_start(environment: Environment, **_: Any) -> None:
     global RUN
     if isinstance(environment.runner, MasterRunner):
-        return  # the workers send the requests and keep the records
+        log.info(
+            "each worker writes its own records and summary (<run-name>-worker<N>.*); "
+            "python loadtests/llm_summary.py FILE... summarizes them together"
+        )
+        return
     try:
         RUN = _start_run(environment)
     except Exception as exc:

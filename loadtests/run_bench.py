@@ -61,7 +61,10 @@ def local_fleet(up_args: list[str], keep: bool, run_dir: Path | None = None) -> 
         yield Endpoint(state["router_url"], state.get("example_key"))
     finally:
         if keep:
-            print(f"fleet left running: stop it with `fleet down --run-dir {run_dir}`")
+            key = f" (API key {state['example_key']})" if state.get("example_key") else ""
+            print(
+                f"fleet left running at {state['router_url']}{key}: `fleet down --run-dir {run_dir}` stops it"
+            )
         else:
             stopped = _fleet("down", "--run-dir", str(run_dir))
             if stopped.returncode != 0:

@@ -92,3 +92,19 @@ def test_completion_rendering_keeps_the_prefix_property() -> None:
 def test_unknown_workload_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown workload 'chaos'"):
         make_workload("chaos", text())
+
+
+def test_processes_share_tenants_but_not_questions() -> None:
+    """Locust worker processes draw their own requests from the same tenants."""
+    workers = [
+        make_workload(
+            "shared-prefix",
+            text(seed=100 + w),
+            shared_text=text(seed=0),
+            num_tenants=3,
+            system_prompt_len=50,
+        )
+        for w in range(2)
+    ]
+    assert workers[0].system_prompts == workers[1].system_prompts
+    assert workers[0].next().messages[1] != workers[1].next().messages[1]
