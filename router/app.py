@@ -113,7 +113,6 @@ class RouterApp:
             await self.stop()
 
     async def start(self) -> None:
-        await self.upstream.start()
         if self.key_store is not None:
             await self.key_store.start()
         await self.pool.start()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
-import yarl
+from urllib.parse import urlsplit
 
 from router.breaker import CircuitBreaker
 
@@ -45,20 +44,21 @@ class Replica:
     requests: int = 0
     failures: int = 0
     id_header: bytes = field(init=False, repr=False)
-    _endpoints: dict[str, yarl.URL] = field(default_factory=dict, init=False, repr=False)
+    host: str = field(init=False, repr=False)
+    port: int = field(init=False, repr=False)
+    tls: bool = field(init=False, repr=False)
+    host_header: bytes = field(init=False, repr=False)
+    base_path: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         self.id_header = self.id.encode()
-
-    def endpoint(self, path: str) -> yarl.URL:
-        """The upstream URL for `path` (with its query), parsed once per path."""
-        url = self._endpoints.get(path)
-        if url is None:
-            url = yarl.URL(self.url + path, encoded=True)
-            if len(self._endpoints) < 64:
-                self._endpoints[path] = url
-        return url
+        parts = urlsplit(self.url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.host_header = parts.netloc.encode("idna")
+        self.base_path = parts.path
 
     @property
     def draining(self) -> bool:
