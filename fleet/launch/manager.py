@@ -172,6 +172,8 @@ class FleetManager:
                 self.model_paths[self.model_names[-1]] = model.path
 
     def _count(self, model: ModelSpec) -> int:
+        if self.spec.backend == "ray" and model.replicas == "auto":
+            return self.backend.gpu_count()  # each Ray replica holds one GPU, whatever its device
         return replica_count(model, self.backend.gpu_count())
 
     async def _start_router(self) -> None:
@@ -374,7 +376,9 @@ class FleetManager:
         return await self.status()
 
     async def status(self) -> dict:
-        supervised = {name: await h.snapshot() for name, h in self.replicas.items()}
+        handles = list(self.replicas.items())
+        snapshots = await asyncio.gather(*(h.snapshot() for _, h in handles))
+        supervised = {name: snap for (name, _), snap in zip(handles, snapshots, strict=True)}
         return await collect_status(
             fleet={
                 "name": self.spec.name,

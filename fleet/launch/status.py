@@ -119,6 +119,7 @@ def _row(member: membership.ReplicaInfo | None, load: dict, sup: dict, name: str
         "host": member.host if member else sup.get("node"),
         "device": member.device if member else None,
         "gpu": sup.get("gpu"),
+        "node_id": sup.get("node_id"),
         "state": state,
         "running": load.get("running"),
         "waiting": load.get("waiting"),
