@@ -13,6 +13,7 @@ import torch
 
 from replica.config import EngineArgs, ModelConfig, pick_dtype, resolve_model_path
 from replica.engine.block_manager import BlockManager
+from replica.engine.cuda_graphs import DecodeGraphs
 from replica.engine.detokenizer import IncrementalDetokenizer
 from replica.engine.memory import plan_kv_blocks
 from replica.engine.model_runner import ModelRunner, StepResult
@@ -65,6 +66,9 @@ class EngineCore:
             self.device,
             self.eos_token_ids,
             args.seed,
+        )
+        self.runner.graphs = DecodeGraphs.build(
+            model, self.ops, self.device, args.max_num_seqs, self.max_model_len, args.block_size
         )
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max_batched)

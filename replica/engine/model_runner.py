@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from replica.config import ModelConfig
+from replica.engine.cuda_graphs import DecodeGraphs
 from replica.engine.sampler import Sampler, SampleResult, top_logprobs
 from replica.engine.scheduler import ScheduledBatch
 from replica.engine.sequence import Sequence
@@ -61,6 +62,7 @@ class ModelRunner:
         ]
         model.bind_kv_cache(self.k_caches, self.v_caches)
         self.sampler = Sampler(device, eos_token_ids, seed)
+        self.graphs: DecodeGraphs | None = None  # set by the engine where graphs apply
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -69,13 +71,22 @@ class ModelRunner:
         rows = list(inputs.sample_rows)
         for _, first, count, _ in inputs.prompt_spans:
             rows.extend(range(first, first + count))
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if not rows:  # every sequence is mid-prompt
+            return StepResult([], SampleResult([], []), {})
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden[index])
         num_sampled = len(inputs.sample_rows)
-        sampled = self.sampler(logits[:num_sampled], inputs.sample_seqs)
+        sampled = (
+            self.sampler(logits[:num_sampled], inputs.sample_seqs)
+            if num_sampled
+            else SampleResult([], [])
+        )
         prompt_logprobs = self._prompt_logprobs(inputs, logits[num_sampled:])
         return StepResult(inputs.sample_seqs, sampled, prompt_logprobs)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(inputs.input_ids, inputs.meta):
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model(inputs.input_ids, inputs.positions, inputs.meta)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:

@@ -1,0 +1,49 @@
+"""Greedy outputs equal transformers' `generate` token for token, whatever the batching."""
+
+from __future__ import annotations
+
+import pytest
+from engine_helpers import ARCHS, hf_greedy, random_prompts
+
+from replica import SamplingParams
+
+LENGTHS = [1, 5, 17, 33, 64, 100, 8, 40, 16, 3]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_models):
+    prompts = random_prompts(LENGTHS)
+    return prompts, {
+        arch: [hf_greedy(tiny_models[arch], p, MAX_NEW) for p in prompts] for arch in ARCHS
+    }
+
+
+def _run(llm, prompts):
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_matches_transformers(arch, tiny_models, make_llm, expected) -> None:
+    prompts, want = expected
+    llm = make_llm(tiny_models[arch])
+    assert _run(llm, prompts) == want[arch]
+    assert llm.load()["free_blocks"] == llm.load()["num_blocks"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_matches_transformers(arch, tiny_models, make_llm, expected) -> None:
+    prompts, want = expected
+    llm = make_llm(tiny_models[arch], max_num_batched_tokens=7, enable_prefix_caching=False)
+    assert _run(llm, prompts) == want[arch]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preemption_matches_transformers(arch, tiny_models, make_llm, expected) -> None:
+    prompts, want = expected
+    llm = make_llm(tiny_models[arch], kv_cache_tokens=160, max_model_len=160)
+    assert _run(llm, prompts) == want[arch]
+    load = llm.load()
+    assert load["num_preemptions"] > 0
+    assert load["free_blocks"] == load["num_blocks"] == 10
