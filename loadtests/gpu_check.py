@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import math
 import os
 import shutil
@@ -487,43 +488,54 @@ def transformers_throughput(s: Shapes, folder: Path, device: torch.device, dtype
     }
 
 
+def _timed_steps(engine, count: int, bench: Bench) -> tuple[list[float], list[float]]:
+    """Wall time of `count` whole engine steps (schedule, inputs, forward, sampling) and the mean
+    context length during each."""
+    samples, contexts = [], []
+    for _ in range(count):
+        contexts.append(statistics.mean(seq.num_tokens for seq in engine.scheduler.running))
+        bench.sync()
+        start = time.perf_counter()
+        engine.step(stream=False)
+        bench.sync()
+        samples.append(time.perf_counter() - start)
+    return samples, contexts
+
+
 def engine_decode_steps(s: Shapes, llm, bandwidth: float, bench: Bench) -> list[Row]:
+    """Decode step time at each batch size, with the engine's CUDA graphs and without them."""
     from replica import SamplingParams
 
     engine = llm.engine
-    model = engine.runner.model
+    runner = engine.runner
+    graphs = runner.graphs
+    model = runner.model
     weight_bytes = sum(
         p.numel() * p.element_size()
         for name, p in model.named_parameters()
         if "embed_tokens" not in name or model.lm_head is None
     )
     kv_per_token = engine.model_config.kv_bytes_per_token(engine.dtype)
+    eager_steps = max(1, s.decode_steps // 2)
     rows = []
     for batch in s.decode_batches:
         warmup = 3
-        params = SamplingParams(
-            temperature=0.0, max_tokens=warmup + s.decode_steps + 2, ignore_eos=True
-        )
+        total = warmup + s.decode_steps + warmup + eager_steps + 2
+        params = SamplingParams(temperature=0.0, max_tokens=total, ignore_eos=True)
         for i, prompt in enumerate(_prompts(s, batch, s.decode_context, seed=batch)):
             engine.add_request(f"decode-{batch}-{i}", prompt, params)
         running = engine.scheduler.running
-        steps = 0
         while engine.scheduler.waiting or any(
             seq.num_tokens - seq.num_computed_tokens > 1 for seq in running
         ):
             engine.step(stream=False)
-            steps += 1
-        for _ in range(warmup):
-            engine.step(stream=False)
         assert len(running) == batch, f"only {len(running)} of {batch} sequences are running"
-        samples, contexts = [], []
-        for _ in range(s.decode_steps):
-            contexts.append(statistics.mean(seq.num_tokens for seq in running))
-            bench.sync()
-            start = time.perf_counter()
-            engine.step(stream=False)
-            bench.sync()
-            samples.append(time.perf_counter() - start)
+        _timed_steps(engine, warmup, bench)
+        samples, contexts = _timed_steps(engine, s.decode_steps, bench)
+        runner.graphs = None
+        _timed_steps(engine, warmup, bench)
+        eager, _ = _timed_steps(engine, eager_steps, bench)
+        runner.graphs = graphs
         for i in range(batch):
             engine.abort_request(f"decode-{batch}-{i}")
         step = statistics.median(samples)
@@ -536,6 +548,8 @@ def engine_decode_steps(s: Shapes, llm, bandwidth: float, bench: Bench) -> list[
                 "decode step": _fmt_time(step),
                 "memory floor": _fmt_time(floor),
                 "step / floor": f"{step / floor:.2f}x",
+                "eager step": _fmt_time(statistics.median(eager)),
+                "graphs": "yes" if graphs is not None else "no",
                 "weights GB": f"{weight_bytes / 1e9:.2f}",
                 "KV GB": f"{kv_bytes / 1e9:.2f}",
                 "tok/s": f"{batch / step:,.0f}",
@@ -575,6 +589,7 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--workdir", default=None, help="where the random model folder is written")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="  (log) %(message)s")
 
     if args.smoke:
         s, device, dtype = TINY, torch.device("cpu"), torch.float32

@@ -54,6 +54,7 @@ def _paged_attention_kernel(
     scale_log2,
     num_seqs,
     num_q_heads,
+    num_splits,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -69,7 +70,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
     ONE_QBLOCK_PER_SEQ: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -110,8 +111,8 @@ def _paged_attention_kernel(
 
     kv_end = tl.minimum(context_len + (qblock + 1) * BLOCK_Q, seq_len)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    if NUM_SPLITS > 1:
-        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    if SPLIT_KV:
+        tiles_per_split = tl.cdiv(num_tiles, num_splits)
         tile_lo = split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     else:
@@ -146,7 +147,7 @@ def _paged_attention_kernel(
         m_i = m_new
 
     store_mask = row_valid[:, None] & dim_valid[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
             out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
@@ -154,7 +155,7 @@ def _paged_attention_kernel(
             mask=store_mask,
         )
     else:
-        part = (q_rows * num_q_heads + head) * NUM_SPLITS + split
+        part = (q_rows * num_q_heads + head) * num_splits + split
         tl.store(partial_out_ptr + part[:, None] * BLOCK_D + dims[None, :], acc, mask=store_mask)
         tl.store(partial_max_ptr + part, m_i, mask=row_valid)
         tl.store(partial_sum_ptr + part, l_i, mask=row_valid)
@@ -167,10 +168,10 @@ def _merge_splits_kernel(
     partial_max_ptr,
     partial_sum_ptr,
     num_q_heads,
+    num_splits,
     head_dim,
     stride_ot,
     stride_oh,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -178,8 +179,8 @@ def _merge_splits_kernel(
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
-    split_valid = splits < NUM_SPLITS
-    base = (token * num_q_heads + head) * NUM_SPLITS
+    split_valid = splits < num_splits
+    base = (token * num_q_heads + head) * num_splits
     m = tl.load(partial_max_ptr + base + splits, mask=split_valid, other=_NEG_BIG)
     sums = tl.load(partial_sum_ptr + base + splits, mask=split_valid, other=0.0)
     weight = tl.math.exp2(m - tl.max(m, 0))
@@ -324,6 +325,7 @@ def paged_attention(
         scale * _LOG2E,
         num_seqs,
         num_q_heads,
+        splits,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -339,7 +341,7 @@ def paged_attention(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_D=block_d,
-        NUM_SPLITS=splits,
+        SPLIT_KV=splits > 1,
         ONE_QBLOCK_PER_SEQ=one_qblock,
         WIDE_OFFSETS=_max_offset(k_cache) >= 2**31,
         UPCAST=interpreted,
@@ -354,10 +356,10 @@ def paged_attention(
             partial_max,
             partial_sum,
             num_q_heads,
+            splits,
             head_dim,
             out.stride(0),
             out.stride(1),
-            NUM_SPLITS=splits,
             BLOCK_S=next_pow2(splits),
             BLOCK_D=block_d,
             num_warps=4,

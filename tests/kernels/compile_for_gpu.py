@@ -89,7 +89,7 @@ def _attention_cases():
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_D=128,
-            NUM_SPLITS=config.num_splits,
+            SPLIT_KV=config.num_splits > 1,
             ONE_QBLOCK_PER_SEQ=shape["max_query_len"] <= config.block_q,
             WIDE_OFFSETS=False,
             UPCAST=False,
@@ -109,7 +109,7 @@ def _attention_cases():
         dict(
             out_ptr="bf16", partial_out_ptr="fp32", partial_max_ptr="fp32", partial_sum_ptr="fp32"
         ),
-        dict(NUM_SPLITS=16, BLOCK_S=16, BLOCK_D=128),
+        dict(BLOCK_S=16, BLOCK_D=128),
         (),
         dict(num_warps=4),
     )
