@@ -31,7 +31,8 @@ from fleet.launch.control import ControlError, ControlServer, Progress
 from fleet.launch.local import LocalBackend
 from fleet.launch.process import ProcessSpec
 from fleet.launch.replicas import ReplicaHandle, ReplicaLaunch
-from fleet.launch.state import FleetState, ProcessRecord
+from fleet.launch.scrape import write_scrape_targets
+from fleet.launch.state import SCRAPE_TARGETS, FleetState, ProcessRecord
 from fleet.launch.status import collect_status
 from fleet.launch.supervisor import RestartPolicy, Supervisor, SupervisorEvent
 from fleet.spec import FleetSpec, ModelSpec, replica_count, replica_device
@@ -356,6 +357,7 @@ class FleetManager:
         self.state.processes = records
         self.state.spec = self.spec.model_dump(mode="json")
         self.state.save()
+        write_scrape_targets(self.run_dir / SCRAPE_TARGETS, self.spec.name, records)
 
     # ------------------------------------------------------------------ operations
 

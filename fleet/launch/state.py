@@ -20,6 +20,7 @@ STATE_FILE = "state.json"
 CONTROL_SOCKET = "control.sock"
 SPEC_FILE = "spec.json"  # what `fleet up` hands the manager process
 ERROR_FILE = "startup-error.txt"  # why a fleet did not start, for `fleet up` to print
+SCRAPE_TARGETS = "prometheus-targets.json"  # Prometheus file_sd targets (fleet.launch.scrape)
 
 Phase = Literal["starting", "ready", "stopping", "failed"]
 
@@ -81,7 +82,7 @@ class FleetState:
 
     @staticmethod
     def remove(run_dir: Path) -> None:
-        for name in (STATE_FILE, CONTROL_SOCKET):
+        for name in (STATE_FILE, CONTROL_SOCKET, SCRAPE_TARGETS):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
 
