@@ -47,13 +47,14 @@ import re
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from fleet.control.background import join, sleep_or_stop
 from fleet.control.errors import APIError
 from fleet.control.health import RedisHealth
 from fleet.control.redis_conn import DEFAULT_PREFIX, REDIS_DOWN_ERRORS, async_client
@@ -400,10 +401,16 @@ class KeyAdmin:
     These talk to Redis directly (no cache) and raise redis errors when it is unreachable.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str = DEFAULT_PREFIX,
+        on_change: Callable[[KeyRecord | None, KeyRecord], None] | None = None,
+    ) -> None:
         self.client = client
         self.layout = _Layout(prefix)
         self._replace = client.register_script(_REPLACE_LUA)
+        self._on_change = on_change
 
     async def create(
         self,
@@ -571,7 +578,7 @@ class KeyStore:
         self._own_client = client is None
         self.client = client or async_client(redis_url)
         self.layout = _Layout(prefix)
-        self.admin = KeyAdmin(self.client, prefix)
+        self.admin = KeyAdmin(self.client, prefix, on_change=self._changed_here)
         self.slot_ttl = slot_ttl
         self.resync_interval = resync_interval
         self.negative_ttl = negative_ttl
@@ -588,6 +595,7 @@ class KeyStore:
         self._pending: dict[str, list[int]] = {}
         self._task: asyncio.Task | None = None
         self._synced = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     # -- lifecycle
 
@@ -599,11 +607,9 @@ class KeyStore:
             await asyncio.wait_for(self._synced.wait(), wait)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._stopping.set()
+        await join(self._task)
+        self._task = None
         await self._flush_pending()
         if self._own_client:
             await self.client.aclose()
@@ -807,6 +813,12 @@ class KeyStore:
 
     # -- cache maintenance
 
+    def _changed_here(self, old: KeyRecord | None, new: KeyRecord) -> None:
+        """This process changed a key through `self.admin`: apply it before the event echoes back."""
+        if old is not None and old.secret_hash != new.secret_hash:
+            self._by_hash[old.secret_hash] = dataclasses.replace(old, revoked=True)
+        self._install(new)
+
     def _install(self, record: KeyRecord) -> None:
         previous = self._by_id.get(record.id)
         if previous is not None and previous.secret_hash != record.secret_hash:
@@ -868,7 +880,7 @@ class KeyStore:
 
     async def _run(self) -> None:
         """Subscribe, resync, then follow events; on any Redis failure, retry until it is back."""
-        while True:
+        while not self._stopping.is_set():
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self.layout.channel)
@@ -884,14 +896,14 @@ class KeyStore:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-            await asyncio.sleep(self.retry_interval)
+            await sleep_or_stop(self._stopping, self.retry_interval)
 
     async def _follow(self, pubsub: aioredis.client.PubSub) -> None:
         loop = asyncio.get_running_loop()
         next_resync = loop.time() + self.resync_interval
         next_slots = loop.time() + self.slot_ttl / 3
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25)
+        while not self._stopping.is_set():
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
             if message is not None and message.get("type") == "message":
                 await self._on_event(message["data"])
             if not self.health.up:

@@ -33,6 +33,7 @@ from typing import Literal
 import orjson
 import redis.asyncio as aioredis
 
+from fleet.control.background import join, sleep_or_stop
 from fleet.control.health import RedisHealth
 from fleet.control.redis_conn import DEFAULT_PREFIX, REDIS_DOWN_ERRORS, async_client, sync_client
 
@@ -195,11 +196,13 @@ class MembershipLease:
         self._scripts = _Scripts(self._client, prefix)
         self._health = RedisHealth("membership-lease")
         self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
 
     async def register(self) -> bool:
         """Write the lease and start heartbeating; False if Redis is down (the heartbeat retries)."""
         ok = await self._write(event="join")
         if self._task is None:
+            self._stopping.clear()
             self._task = asyncio.create_task(self._heartbeat(), name=f"lease-{self.info.id}")
         return ok
 
@@ -215,11 +218,9 @@ class MembershipLease:
 
     async def deregister(self) -> bool:
         """Stop heartbeating and delete the entry; routers see the leave at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._stopping.set()
+        await join(self._task)
+        self._task = None
         try:
             await self._scripts.remove(self.info.id)
             return True
@@ -243,8 +244,7 @@ class MembershipLease:
         return True
 
     async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_interval)
+        while not await sleep_or_stop(self._stopping, self.heartbeat_interval):
             await self._write()
 
     async def __aenter__(self) -> MembershipLease:
@@ -283,6 +283,7 @@ class MembershipWatcher:
         self._listeners: list[Listener] = []
         self._task: asyncio.Task | None = None
         self._synced = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     def add_listener(self, listener: Listener) -> None:
         """Called on the event loop for every change; exceptions are logged, not raised."""
@@ -307,11 +308,9 @@ class MembershipWatcher:
             await asyncio.wait_for(self._synced.wait(), wait)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._stopping.set()
+        await join(self._task)
+        self._task = None
         if self._own_client:
             await self._client.aclose()
 
@@ -349,7 +348,7 @@ class MembershipWatcher:
                     log.exception("membership listener failed on %s", event.kind)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(self._scripts.channel)
@@ -358,15 +357,15 @@ class MembershipWatcher:
             except REDIS_DOWN_ERRORS as exc:
                 self._health.failed(exc)
             finally:
-                with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                with contextlib.suppress(Exception):
                     await pubsub.aclose()
-            await asyncio.sleep(self.resync_interval)
+            await sleep_or_stop(self._stopping, self.resync_interval)
 
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
         """Full read on every notification and at least every `resync_interval`."""
         next_full = time.monotonic() + self.resync_interval
-        while True:
-            timeout = max(0.0, next_full - time.monotonic())
+        while not self._stopping.is_set():
+            timeout = min(0.1, max(0.0, next_full - time.monotonic()))
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
             if message is not None or time.monotonic() >= next_full:
                 if not await self.refresh():
