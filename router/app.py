@@ -190,6 +190,7 @@ class RouterApp:
         ex = Exchange(route, path, send, flight, started)
         ticket: Ticket | None = None
         units: Units = ""
+        sample = False
         try:
             body = await read_body(receive, self.config.max_body_bytes)
             asyncio.get_running_loop().create_task(watch_disconnect(receive, flight))
@@ -214,9 +215,10 @@ class RouterApp:
                 else completion_units(request.get("prompt"))
             )
             prompt_tokens = self.tokens.estimate(model, units)
+            sample = self.tokens.wants_sample(model)
             if request.get("stream") is True:
                 ex.stream = True
-                if not self.gate.open:
+                if sample or not self.gate.open:
                     body = self._ask_for_usage(ex, request, body)
             max_model_len = replicas[0].max_model_len if replicas else None
             reserve = prompt_tokens + completion_budget(
@@ -242,7 +244,7 @@ class RouterApp:
             self.watchdog.flights.discard(flight)
         if ticket is not None:
             await self._settle(ex, ticket, units)
-        elif ex.status == 200 and not ex.stream and self.tokens.wants_sample(ex.model):
+        elif sample and ex.status == 200:
             self._learn(ex, units, self._usage_of(ex))
         model_label = ex.model if ex.model in self.pool.by_model else "unknown"
         self.metrics.request_done(
