@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from collections import deque
@@ -116,6 +117,7 @@ class FleetManager:
                 "keys.enabled=false (--no-keys) is not available yet: the router and replicas "
                 "always check API keys when they share a Redis; keep keys on and use the printed key"
             )
+        _check_port_free(self.spec.router.host, self.spec.router.port)
         self.backend = await self._make_backend()
         await self._start_redis()
         if self.spec.keys.enabled and not self.admin_key:
@@ -520,6 +522,19 @@ class FleetManager:
             self._save()
             return {"model": name, "replicas": replicas, "added": [h.name for h in added],
                     "removed": removed}  # fmt: skip
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before starting anything when the router could not bind its port."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise FleetStartError(
+                f"the router cannot listen on {host} port {port}: {exc.strerror.lower()} "
+                "(port in use? pick another with --port)"
+            ) from None
 
 
 def _router_entries(payload: object) -> list[dict]:

@@ -82,7 +82,7 @@ def requests_served(metrics_text: str) -> int:
     """Finished generation requests (any status) from a replica's Prometheus text."""
     total = 0.0
     for family in text_string_to_metric_families(metrics_text):
-        if family.name != "fleetserve_requests":
+        if family.name not in ("fleetserve_requests", "fleetserve_requests_total"):
             continue
         for sample in family.samples:
             if sample.name.endswith("_total") and sample.labels.get("route") in _GENERATION_ROUTES:

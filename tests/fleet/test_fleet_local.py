@@ -81,6 +81,7 @@ def test_status_json_shows_replicas_and_router_view(fleet: RunningFleet) -> None
     assert len(rows) == 2 and {r["state"] for r in rows} == {"ready"}
     assert {r["device"] for r in rows} == {"cpu"} and all(r["pid"] for r in rows)
     assert {r["id"] for r in rows} == {r["name"] for r in rows}
+    assert sum(r["requests_served"] for r in rows) >= 2  # the chats of the previous test
     for row in rows:  # direct access works, with the same keys as the router
         assert row["url"].startswith("http://127.0.0.1:")
         assert httpx.get(f"{row['url']}/v1/models").status_code == 401
