@@ -91,6 +91,7 @@ class KeyRecord:
     expires_at: float | None = None
     revoked: bool = False
     rotated_at: float | None = None
+    version: int = 1  # bumped on every change, so a stale read never overwrites a newer record
 
     def allows_model(self, model: str | None) -> bool:
         """An empty model list means every model."""
@@ -439,8 +440,7 @@ class KeyAdmin:
             created_at=now,
             expires_at=now + expires_in if expires_in else None,
         )
-        await self._write(None, record)
-        return record, secret
+        return await self._write(None, record), secret
 
     async def get(self, key_id: str) -> KeyRecord:
         raw = await self.client.get(self.layout.record(key_id))
@@ -459,9 +459,7 @@ class KeyAdmin:
     async def revoke(self, key_id: str) -> KeyRecord:
         """Permanently disable the key; every cache drops it within a second."""
         old = await self.get(key_id)
-        new = dataclasses.replace(old, revoked=True)
-        await self._write(old, new)
-        return new
+        return await self._write(old, dataclasses.replace(old, revoked=True))
 
     async def rotate(self, key_id: str) -> tuple[KeyRecord, str]:
         """A new secret for the same id and limits; the old secret stops working at once."""
@@ -470,8 +468,7 @@ class KeyAdmin:
             raise APIError(409, f"API key '{key_id}' is revoked.", code="key_revoked")
         secret = new_secret()
         new = dataclasses.replace(old, secret_hash=hash_secret(secret), rotated_at=time.time())
-        await self._write(old, new)
-        return new, secret
+        return await self._write(old, new), secret
 
     async def usage(self, key_id: str) -> KeyUsage:
         await self.get(key_id)
@@ -500,7 +497,9 @@ class KeyAdmin:
             concurrent=int(concurrent),
         )
 
-    async def _write(self, old: KeyRecord | None, new: KeyRecord) -> None:
+    async def _write(self, old: KeyRecord | None, new: KeyRecord) -> KeyRecord:
+        """Compare-and-set `old` -> `new` (version bumped), publish the change, return `new`."""
+        new = dataclasses.replace(new, version=old.version + 1 if old else 1)
         layout = self.layout
         old_hash = old.secret_hash if old else ""
         keys = [
@@ -516,6 +515,9 @@ class KeyAdmin:
             raise APIError(
                 409, f"API key '{new.id}' changed concurrently; try again.", code="conflict"
             )
+        if self._on_change is not None:
+            self._on_change(old, new)
+        return new
 
 
 # ----------------------------------------------------------------------------- local fallback
@@ -665,7 +667,7 @@ class KeyStore:
             raise _unauthorized("invalid", "Incorrect API key provided.")
         record = KeyRecord.from_json(raw)
         self._install(record)
-        return record
+        return self._by_hash.get(digest) or record  # a newer local change wins over this read
 
     @staticmethod
     def _unavailable() -> APIError:
@@ -821,6 +823,8 @@ class KeyStore:
 
     def _install(self, record: KeyRecord) -> None:
         previous = self._by_id.get(record.id)
+        if previous is not None and previous.version > record.version:
+            return  # a stale read (e.g. an event's refetch racing a newer local change)
         if previous is not None and previous.secret_hash != record.secret_hash:
             self._by_hash[previous.secret_hash] = dataclasses.replace(previous, revoked=True)
         self._by_id[record.id] = record
@@ -834,15 +838,18 @@ class KeyStore:
         except REDIS_DOWN_ERRORS as exc:
             self.health.failed(exc)
             return False
-        by_id = {r.id: r for r in records}
-        by_hash = {r.secret_hash: r for r in records}
-        for digest, old in self._by_hash.items():
-            if digest not in by_hash and old.revoked:
-                by_hash[digest] = old
+        by_id: dict[str, KeyRecord] = {}
+        for new in records:
+            cached = self._by_id.get(new.id)
+            by_id[new.id] = cached if cached is not None and cached.version > new.version else new
+        # Refused secrets stay refused: revoked keys and the old secrets of rotated ones.
+        by_hash = {digest: r for digest, r in self._by_hash.items() if r.revoked}
         for old in self._by_id.values():
             new = by_id.get(old.id)
             if new is not None and new.secret_hash != old.secret_hash:
                 by_hash[old.secret_hash] = dataclasses.replace(old, revoked=True)
+        for record in by_id.values():
+            by_hash[record.secret_hash] = record
         self._by_id, self._by_hash = by_id, by_hash
         self._unknown.clear()
         return True
