@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         device=str(eargs.resolve_device()),
         api_key=args.api_key,
         redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
         advertise_url=args.advertise_url,
         replica_id=args.replica_id,
         max_waiting=args.max_waiting,

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
+from fleet.control.redis_conn import DEFAULT_PREFIX
 from replica.sampling_params import SamplingParams, SamplingParamsError
 from replica.server.auth import Auth
 from replica.server.metrics import ServerMetrics
@@ -39,6 +40,7 @@ class ServerSettings:
     device: str = "cpu"
     api_key: str | None = None
     redis_url: str | None = None
+    redis_prefix: str = DEFAULT_PREFIX
     advertise_url: str | None = None
     replica_id: str | None = None
     max_waiting: int | None = None
@@ -80,7 +82,7 @@ class ReplicaRuntime:
         self.engine = await asyncio.to_thread(self._engine_factory)
         self.texts = TokenTexts(self.engine.tokenizer)
         if self.settings.redis_url:
-            keystore = KeyStore(self.settings.redis_url)
+            keystore = KeyStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
             await keystore.start()
             self.auth = Auth(self.settings.api_key, keystore)
             self._register_task = asyncio.create_task(self._register_when_listening())
@@ -109,7 +111,9 @@ class ReplicaRuntime:
             block_size=load["block_size"],
             kv_capacity_tokens=load["num_blocks"] * load["block_size"],
         )
-        self.lease = MembershipLease(info, self.settings.redis_url)
+        self.lease = MembershipLease(
+            info, self.settings.redis_url, prefix=self.settings.redis_prefix
+        )
         await self.lease.register()
         if self.status == "draining":
             await self.lease.set_state("draining")

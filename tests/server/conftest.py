@@ -53,7 +53,12 @@ def engine_args(model: Path, **overrides) -> EngineArgs:
 
 @contextlib.contextmanager
 def serve(
-    model: Path, *, api_key: str | None = None, redis_url: str | None = None, **engine_overrides
+    model: Path,
+    *,
+    api_key: str | None = None,
+    redis_url: str | None = None,
+    max_waiting: int | None = None,
+    **engine_overrides,
 ) -> Iterator[LiveReplica]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -64,6 +69,7 @@ def serve(
         port=port,
         api_key=api_key,
         redis_url=redis_url,
+        max_waiting=max_waiting,
         drain_grace_s=5,
     )
     args = engine_args(model, **engine_overrides)

@@ -4,6 +4,7 @@ engine failure after a stream began reaches the client as one SSE error event th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -101,6 +102,27 @@ def test_engine_failure_mid_stream_is_an_error_event(tiny_model) -> None:
         response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert response.status_code == 503
         assert_valid("ErrorResponse", response.json())
+
+
+def test_full_queue_is_503_with_retry_after(tiny_model) -> None:
+    with (
+        serve(tiny_model, max_waiting=1, max_num_seqs=1, max_model_len=2048) as replica,
+        httpx.Client(base_url=replica.url, timeout=60) as http,
+        contextlib.ExitStack() as streams,
+    ):
+        for _ in range(2):
+            r = streams.enter_context(
+                http.stream("POST", "/v1/completions", json={**LONG, "stream": True})
+            )
+            assert r.status_code == 200
+        # One request runs, one waits: the queue is at its limit.
+        assert wait_until(lambda: replica.engine.load()["waiting"] == 1, 10)
+        refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded"
+        streams.close()  # both streams disconnect mid-way
+        assert wait_until(lambda: _engine_idle(replica), 1.0)
 
 
 @pytest.fixture(scope="module")

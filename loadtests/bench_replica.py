@@ -1,0 +1,178 @@
+"""Output tokens/s through the replica's HTTP server against the offline engine, same requests, one run.
+
+    python loadtests/bench_replica.py            # 64 x (128 in, 128 out), factory `small` Llama, bf16
+
+The offline number is `LLM.generate` on all prompts at once in this process. The HTTP number is a
+`python -m replica` subprocess (as deployed) fed the same prompts as 64 concurrent streaming
+/v1/completions requests by an aiohttp client that parses only the final usage chunk. Both are
+greedy with ignore_eos, so both generate exactly requests x output-len tokens. The gap between
+them is what the HTTP layer costs: parsing, SSE framing, and sharing the CPU with the event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from fleet.model_factory import cached_model
+from replica import LLM, SamplingParams
+
+
+@dataclass
+class Result:
+    mode: str
+    seconds: float
+    output_tokens: int
+    ttft_p50_s: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random token-id prompts (ids past the tokenizer's special tokens), distinct so that the
+    prefix cache cannot shortcut any prefill."""
+    rng = random.Random(seed)
+    return [[rng.randrange(16, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        dtype=args.dtype,
+        device="cpu",
+        max_model_len=args.prompt_len + args.output_len + 16,
+        max_num_seqs=args.requests,
+        kv_cache_tokens=args.requests * (args.prompt_len + args.output_len + 16),
+    )
+
+
+def run_offline(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> Result:
+    llm = LLM(str(model), **engine_kwargs(args))
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    del llm, outputs
+    gc.collect()
+    return Result("offline LLM.generate", seconds, tokens)
+
+
+async def _stream_one(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, float]:
+    """(completion tokens from the usage chunk, time to first chunk)."""
+    start = time.perf_counter()
+    first = None
+    last_data = b""
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
+        async for line in r.content:
+            if line.startswith(b"data: "):
+                if first is None:
+                    first = time.perf_counter() - start
+                if line.strip() != b"data: [DONE]":
+                    last_data = line
+    usage = orjson.loads(last_data[6:])["usage"]
+    return usage["completion_tokens"], first or 0.0
+
+
+def _body(prompt: list[int], max_tokens: int) -> bytes:
+    return orjson.dumps({
+        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    })  # fmt: skip
+
+
+async def _load(url: str, prompts: list[list[int]], output_len: int) -> tuple[float, list]:
+    bodies = [_body(p, output_len) for p in prompts]
+    connector = aiohttp.TCPConnector(limit=len(prompts))
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await _stream_one(session, url, _body(prompts[0], 4))  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*(_stream_one(session, url, b) for b in bodies))
+        return time.perf_counter() - start, results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_http(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> Result:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "replica", "--model", str(model), "--port", str(port),
+           "--log-level", "warning"]  # fmt: skip
+    for name, value in engine_kwargs(args).items():
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
+    server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, server)
+        seconds, results = asyncio.run(_load(f"{base}/v1/completions", prompts, args.output_len))
+    finally:
+        server.terminate()
+        server.wait(60)
+    ttft = statistics.median(r[1] for r in results)
+    return Result(f"HTTP, {len(prompts)} concurrent streams", seconds, sum(r[0] for r in results), ttft)
+
+
+def _wait_healthy(base: str, server: subprocess.Popen) -> None:
+    async def probe() -> bool:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(f"{base}/health") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    deadline = time.monotonic() + 300
+    while not asyncio.run(probe()):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the replica did not become healthy")
+        time.sleep(0.5)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model folder (default: the factory's `small` Llama)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    args = p.parse_args()
+    model = Path(args.model) if args.model else cached_model("llama", "small")
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    prompts = make_prompts(args.requests, args.prompt_len, vocab)
+    offline = run_offline(model, prompts, args)
+    http = run_http(model, prompts, args)
+    print(f"\nmodel {model} ({args.dtype}), {args.requests} requests x "
+          f"({args.prompt_len} prompt, {args.output_len} output) tokens, greedy, ignore_eos\n")  # fmt: skip
+    print(f"{'mode':<30} {'output tokens':>13} {'seconds':>8} {'tok/s':>8} {'TTFT p50':>9}")
+    for r in (offline, http):
+        ttft = f"{r.ttft_p50_s:.2f} s" if r.ttft_p50_s is not None else "-"
+        print(
+            f"{r.mode:<30} {r.output_tokens:>13} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f} {ttft:>9}"
+        )
+    print(f"\nHTTP / offline = {http.tokens_per_s / offline.tokens_per_s:.1%} (target >= 85%)")
+
+
+if __name__ == "__main__":
+    main()
