@@ -54,5 +54,5 @@ class RedisHealth:
             return False
         self.up = True
         self._gauge.set(1)
-        log.warning("%s: Redis reachable again; resynchronised", self.component)
+        log.warning("%s: Redis reachable again", self.component)
         return True
