@@ -61,6 +61,11 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "max_model_len": "models.*.max_model_len",
         "max_num_seqs": "models.*.max_num_seqs",
         "kv_cache_tokens": "models.*.kv_cache_tokens",
+        "max_num_batched_tokens": "models.*.max_num_batched_tokens",
+        "block_size": "models.*.block_size",
+        "cpu_replicas": "models.*.cpu_replicas",
+        "replica_arg": "models.*.args",
+        "router_arg": "router.args",
         "max_restarts": "supervision.max_restarts",
         "ready_timeout": "supervision.ready_timeout_s",
         "drain_timeout": "supervision.drain_timeout_s",
@@ -282,6 +287,17 @@ def register(app: typer.Typer) -> None:
         max_model_len: int = typer.Option(None, help="Context length per replica."),
         max_num_seqs: int = typer.Option(None, help="Concurrent sequences per replica."),
         kv_cache_tokens: int = typer.Option(None, help="KV cache size per replica, in tokens."),
+        max_num_batched_tokens: int = typer.Option(None, help="Token budget of one engine step."),
+        block_size: int = typer.Option(None, help="KV cache block size, in tokens."),
+        cpu_replicas: int = typer.Option(None, help="What replicas=auto means without GPUs (2)."),
+        replica_arg: list[str] = typer.Option(
+            [],
+            "--replica-arg",
+            help="Extra `fleet replica` flag (repeatable): --replica-arg=--seed=1",
+        ),
+        router_arg: list[str] = typer.Option(
+            [], "--router-arg", help="Extra `fleet router` flag (repeatable)."
+        ),
         redis_url: str = typer.Option(
             None, envvar="FLEET_REDIS_URL", help="Use this Redis instead of an embedded one."
         ),
@@ -310,6 +326,8 @@ def register(app: typer.Typer) -> None:
             port=port, host=host, policy=policy, model=model, served_model_name=served_model_name,
             replicas=replicas, device=device, dtype=dtype, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens, redis_url=redis_url,
+            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            cpu_replicas=cpu_replicas, replica_arg=replica_arg, router_arg=router_arg,
             keys=keys, admin_key=admin_key, backend=backend, ray_address=ray_address, name=name,
             max_restarts=max_restarts, ready_timeout=ready_timeout, drain_timeout=drain_timeout,
         )  # fmt: skip
