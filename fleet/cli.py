@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fleet.commands import bench, fleet_ops, models, servers
+from fleet.commands import bench, fleet_ops, keys, models, register, servers
 
 app = typer.Typer(
     name="fleet",
@@ -17,6 +17,8 @@ models.register(app)
 servers.register(app)
 fleet_ops.register(app)
 bench.register(app)
+keys.register(app)
+register.register(app)
 
 
 def main() -> None:
