@@ -107,6 +107,17 @@ class CompletionJob:
             return {}
         return lp.build([e.token_id for e in entries], entries)
 
+    def _choice(
+        self, i: int, out: RequestOutput, o: CompletionOutput, lp: CompletionLogprobs | None,
+        echo: bool, delta: bool,
+    ) -> tuple[str, dict, str | None]:  # fmt: skip
+        """(text, logprobs object, finish reason) of one choice, whole or since the last output."""
+        text, lp_dict = self._echo(i, out, lp) if echo else ("", {})
+        if not self.output_wanted:
+            return text, lp_dict, "length"
+        text += o.delta_text if delta else o.text
+        return text, _merge(lp_dict, self._generated(o, lp, delta)), o.finish_reason
+
     def _usage(self, finals: dict[int, RequestOutput]) -> dict:
         completion = 0
         if self.output_wanted:
@@ -125,17 +136,11 @@ class CompletionJob:
         if len(finals) != len(self.prompts):
             raise APIError(500, "the engine ended a request without finishing it")
         choices = []
-        for i in range(len(self.prompts)):
-            out = finals[i]
+        for i, out in sorted(finals.items()):
             for o in out.outputs:
-                lp = self._logprobs()
-                text, lp_dict = self._echo(i, out, lp) if self.body.echo else ("", {})
-                finish = o.finish_reason
-                if self.output_wanted:
-                    text += o.text
-                    lp_dict = _merge(lp_dict, self._generated(o, lp, delta=False))
-                else:
-                    finish = "length"
+                text, lp_dict, finish = self._choice(
+                    i, out, o, self._logprobs(), self.body.echo, delta=False
+                )
                 index = i * self.params.n + o.index
                 choices.append(completion_choice(index, text, lp_dict or None, finish))
         body_usage = self._usage(finals)
@@ -155,17 +160,9 @@ class CompletionJob:
                 index = i * n + o.index
                 if index in done:
                     continue
-                lp = logprobs[index]
-                text, lp_dict = "", {}
-                if self.body.echo and index not in started:
-                    text, lp_dict = self._echo(i, out, lp)
+                echo = self.body.echo and index not in started
                 started.add(index)
-                finish = o.finish_reason
-                if self.output_wanted:
-                    text += o.delta_text
-                    lp_dict = _merge(lp_dict, self._generated(o, lp, delta=True))
-                else:
-                    finish = "length"
+                text, lp_dict, finish = self._choice(i, out, o, logprobs[index], echo, delta=True)
                 if not text and not lp_dict and finish is None:
                     continue
                 if finish is not None:
@@ -178,6 +175,8 @@ class CompletionJob:
                 finals[i] = out
             if frames:
                 yield b"".join(frames)
+        if len(finals) != len(self.prompts):
+            raise APIError(500, "the engine ended a request without finishing it")
         body_usage = self._usage(finals)
         await self.scope.settle(body_usage["prompt_tokens"], body_usage["completion_tokens"])
         if include_usage:

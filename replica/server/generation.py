@@ -61,14 +61,13 @@ class LatencyTracker:
         self.last_token_at: float | None = None
 
     def saw(self, out: RequestOutput) -> None:
-        if not any(o.delta_token_ids for o in out.outputs):
-            return
-        now = time.time()
-        if self.last_token_at is None:
-            self.metrics.ttft.observe(now - self.arrival)
-        else:
-            self.metrics.itl.observe(now - self.last_token_at)
-        self.last_token_at = now
+        if any(o.delta_token_ids for o in out.outputs):
+            now = time.time()
+            if self.last_token_at is None:
+                self.metrics.ttft.observe(now - self.arrival)
+            else:
+                self.metrics.itl.observe(now - self.last_token_at)
+            self.last_token_at = now
         if out.finished:
             self.finished(out)
 
