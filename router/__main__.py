@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-interval", type=float, default=1.0, help="seconds between /health probes"
     )
     parser.add_argument(
-        "--load-interval", type=float, default=0.5, help="seconds between /load polls"
+        "--load-interval", type=float, default=1.0, help="seconds between /load polls"
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

@@ -44,7 +44,7 @@ class Flight:
 
 
 class Watchdog:
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
         self.flights: set[Flight] = set()
         self._task: asyncio.Task | None = None

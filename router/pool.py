@@ -29,7 +29,7 @@ log = logging.getLogger("router.pool")
 @dataclass
 class PoolSettings:
     probe_interval_s: float = 1.0
-    load_interval_s: float = 0.5
+    load_interval_s: float = 1.0
     probe_timeout_s: float = 1.0
     unhealthy_after: int = 2
     breaker_threshold: int = 3
