@@ -49,6 +49,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import orjson
 import redis.asyncio as aioredis
@@ -58,6 +59,7 @@ from fleet.control.background import join, sleep_or_stop
 from fleet.control.errors import APIError
 from fleet.control.health import RedisHealth
 from fleet.control.redis_conn import DEFAULT_PREFIX, REDIS_DOWN_ERRORS, async_client
+from fleet.control.resp import LuaScript, RespClient
 
 log = logging.getLogger("fleet.control.keys")
 
@@ -167,6 +169,7 @@ class Ticket:
     bucket: int
     local: bool = False
     counts_slot: bool = False
+    unlimited: bool = False
     done: bool = False
 
 
@@ -338,6 +341,22 @@ if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3]) end
 redis.call('PUBLISH', KEYS[5], cjson.encode({id = ARGV[3], old_hash = ARGV[4]}))
 return 1
 """
+
+
+_ADMIT = LuaScript(_ADMIT_LUA)
+_SETTLE = LuaScript(_SETTLE_LUA)
+_LOOKUP = LuaScript(_LOOKUP_LUA)
+
+
+def _url_of(client: aioredis.Redis) -> str:
+    """A URL for the hot-path client from a redis-py client's connection settings."""
+    kw = client.connection_pool.connection_kwargs
+    if kw.get("path"):
+        return f"unix://{kw['path']}"
+    auth = ""
+    if kw.get("password"):
+        auth = f"{quote(kw.get('username') or '')}:{quote(kw['password'])}@"
+    return f"redis://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
 class _Layout:
@@ -576,19 +595,19 @@ class KeyStore:
         resync_interval: float = 30.0,
         negative_ttl: float = 1.0,
         retry_interval: float = 0.5,
+        flush_interval: float = 1.0,
     ) -> None:
         self._own_client = client is None
         self.client = client or async_client(redis_url)
+        self._fast = RespClient(redis_url or _url_of(self.client))
         self.layout = _Layout(prefix)
         self.admin = KeyAdmin(self.client, prefix, on_change=self._changed_here)
         self.slot_ttl = slot_ttl
         self.resync_interval = resync_interval
         self.negative_ttl = negative_ttl
         self.retry_interval = retry_interval
+        self.flush_interval = flush_interval
         self.health = RedisHealth("keys")
-        self._admit = self.client.register_script(_ADMIT_LUA)
-        self._settle = self.client.register_script(_SETTLE_LUA)
-        self._lookup = self.client.register_script(_LOOKUP_LUA)
         self._by_hash: dict[str, KeyRecord] = {}
         self._by_id: dict[str, KeyRecord] = {}
         self._unknown: dict[str, float] = {}
@@ -613,6 +632,7 @@ class KeyStore:
         await join(self._task)
         self._task = None
         await self._flush_pending()
+        await self._fast.aclose()
         if self._own_client:
             await self.client.aclose()
 
@@ -654,8 +674,8 @@ class KeyStore:
         if not self.health.up:
             raise self._unavailable()
         try:
-            raw = await self._lookup(
-                keys=[self.layout.keyhash(digest)], args=[self.layout.record_prefix]
+            raw = await self._fast.evalsha(
+                _LOOKUP, [self.layout.keyhash(digest)], [self.layout.record_prefix]
             )
         except REDIS_DOWN_ERRORS as exc:
             self.health.failed(exc)
@@ -687,13 +707,18 @@ class KeyStore:
         One EVALSHA round-trip; during an outage, local counters decide. Raises APIError 429.
         """
         ticket_id = secrets.token_hex(8)
+        if not (record.rpm or record.tpm or record.max_concurrent):
+            # Nothing to enforce: count the request, written back in batches (no round trip).
+            self._count_pending(record.id, 1, 0, 0)
+            return Ticket(record.id, ticket_id, 0, 0, unlimited=True)
         reserve = max(0, int(reserve_tokens))
         if self.health.up:
             rpm_key, tpm_key, slots_key, usage_key = self.layout.limits(record.id)
             try:
-                code, a, b = await self._admit(
-                    keys=[rpm_key, tpm_key, slots_key, usage_key],
-                    args=[
+                code, a, b = await self._fast.evalsha(
+                    _ADMIT,
+                    [rpm_key, tpm_key, slots_key, usage_key],
+                    [
                         record.rpm or 0,
                         record.tpm or 0,
                         record.max_concurrent or 0,
@@ -746,7 +771,7 @@ class KeyStore:
         self._live.pop(ticket.id, None)
         used = max(0, int(prompt_tokens)) + max(0, int(completion_tokens))
         delta = used - ticket.reserved_tokens if ticket.reserved_tokens else 0
-        if ticket.local:
+        if ticket.local or ticket.unlimited:
             state = self._local.get(ticket.key_id)
             if state is not None:
                 state.live.discard(ticket)
@@ -756,9 +781,10 @@ class KeyStore:
         if self.health.up:
             _, tpm_key, slots_key, usage_key = self.layout.limits(ticket.key_id)
             try:
-                await self._settle(
-                    keys=[tpm_key, slots_key, usage_key],
-                    args=[
+                await self._fast.evalsha(
+                    _SETTLE,
+                    [tpm_key, slots_key, usage_key],
+                    [
                         ticket.id,
                         ticket.bucket,
                         delta,
@@ -792,7 +818,7 @@ class KeyStore:
         counts[2] += max(0, int(completion))
 
     async def _flush_pending(self) -> None:
-        """Write usage counted during an outage back to Redis."""
+        """Write usage counted in this process (unlimited keys, outages) back to Redis."""
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -806,6 +832,8 @@ class KeyStore:
             ):
                 if value:
                     pipe.hincrby(usage_key, name, value)
+            if prompt or completion:
+                pipe.hset(usage_key, "last_used_at", repr(time.time()))
         try:
             await pipe.execute()
         except REDIS_DOWN_ERRORS as exc:
@@ -909,6 +937,7 @@ class KeyStore:
         loop = asyncio.get_running_loop()
         next_resync = loop.time() + self.resync_interval
         next_slots = loop.time() + self.slot_ttl / 3
+        next_flush = loop.time() + self.flush_interval
         while not self._stopping.is_set():
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
             if message is not None and message.get("type") == "message":
@@ -919,6 +948,9 @@ class KeyStore:
             if now >= next_slots:
                 await self._refresh_slots()
                 next_slots = now + self.slot_ttl / 3
+            if now >= next_flush:
+                await self._flush_pending()
+                next_flush = now + self.flush_interval
             if now >= next_resync:
                 if not await self.resync():
                     return
