@@ -10,23 +10,26 @@ Hot path (router or replica server)::
 
 `authenticate` answers from a local cache without awaiting Redis for known keys (401 unknown,
 revoked or expired; 403 model not allowed; 503 when the key is unknown here and Redis is down:
-fail closed). `admit` is one EVALSHA that checks and takes rpm, tpm and concurrency together
-(429 with Retry-After naming the limit). Leaving `admitted` without `settle` (error, client
+fail closed). `admit` is one EVALSHA (on the pipelined `fleet.control.resp` client) that checks
+and takes rpm, tpm and concurrency together (429 with Retry-After naming the limit); a key with
+no limits costs no round trip at all (its usage is written back in batches every second). Leaving `admitted` without `settle` (error, client
 disconnect, cancellation) refunds the reserved tokens and frees the slot; both are idempotent.
 A concurrency slot is an entry with a deadline that live tickets keep extending, so a crashed
 router's slots expire by themselves (after `slot_ttl`).
 
 Revocation and rotation reach every cache within a second through pub/sub invalidation, with a
 periodic full resync behind it. While Redis is down or slow, known keys keep working with local
-(per-process) counters, usage is kept in memory and written back when Redis returns; the outage is
-logged once and counted (see fleet.control.health); recovery needs no restart.
+(per-process) counters, so each router allows up to the full limit on its own; usage is kept in
+memory and written back when Redis returns; the outage is logged once and counted (see
+fleet.control.health); recovery needs no restart.
 
 Only SHA-256 digests of secrets are stored; digests are compared with `hmac.compare_digest`.
 
-Redis layout (prefix default "fleet"): `{p}:keys` SET of ids; `{p}:key:{id}` JSON KeyRecord;
-`{p}:keyhash:{sha256}` -> id; `{p}:key:{id}:rpm` and `:tpm` HASH (unix second -> count, a
-60-second sliding window); `{p}:key:{id}:slots` ZSET (ticket -> deadline ms);
-`{p}:key:{id}:usage` HASH (requests, prompt_tokens, completion_tokens, last_used_at);
+Redis layout (prefix default "fleet"; `{{id}}` is the id in literal braces, a cluster hash tag):
+`{p}:keys` SET of ids; `{p}:key:{id}` JSON KeyRecord; `{p}:keyhash:{sha256}` -> id;
+`{p}:key:{{id}}:rpm` and `:tpm` HASH (unix second -> count: a 60-second sliding window of
+1-second buckets); `{p}:key:{{id}}:slots` ZSET (ticket -> deadline ms);
+`{p}:key:{{id}}:usage` HASH (requests, prompt_tokens, completion_tokens, last_used_at);
 channel `{p}:keys:events` (JSON {"id", "old_hash"}).
 
 Metrics: fleet_control_key_rejections_total{reason} (reason: invalid, revoked, expired, model,

@@ -7,9 +7,12 @@ Key layout (all under one prefix, default `fleet`, so several fleets or tests ca
   membership  `{prefix}:replicas` (ZSET id -> last write, ms), `{prefix}:replica:{id}` (JSON,
               TTL for leases), channel `{prefix}:replicas:events`
   keys        `{prefix}:keys` (SET of key ids), `{prefix}:key:{id}` (JSON record),
-              `{prefix}:keyhash:{sha256}` -> id, `{prefix}:key:{id}:rpm|tpm` (HASH second -> count),
-              `{prefix}:key:{id}:slots` (ZSET ticket -> deadline, ms), `{prefix}:key:{id}:usage`
-              (HASH), channel `{prefix}:keys:events`
+              `{prefix}:keyhash:{sha256}` -> id, `{prefix}:key:{{id}}:rpm|tpm` (HASH second ->
+              count), `{prefix}:key:{{id}}:slots` (ZSET ticket -> deadline, ms),
+              `{prefix}:key:{{id}}:usage` (HASH), channel `{prefix}:keys:events`
+              (`{{id}}`: the id inside literal braces, a Redis Cluster hash tag)
+
+The request hot path uses the pipelined client in fleet.control.resp; everything else redis-py.
 """
 
 from __future__ import annotations

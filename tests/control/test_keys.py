@@ -260,3 +260,21 @@ def test_admin_key_and_helpers() -> None:
     assert parse_duration("90m") == 5400
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+async def test_unlimited_keys_skip_admission_round_trips_but_count_usage(
+    stores: tuple[KeyStore, KeyStore],
+) -> None:
+    a, _ = stores
+    record, secret = await a.admin.create("free")
+    rec = await a.authenticate(secret)
+    for _ in range(5):
+        ticket = await a.admit(rec, reserve_tokens=10**9)
+        assert ticket.unlimited and not ticket.local
+        await a.settle(ticket, 3, 4)
+
+    async def flushed() -> bool:
+        usage = await a.admin.usage(record.id)
+        return (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (5, 15, 20)
+
+    assert await _until(flushed, timeout=3.0) < 3.0
