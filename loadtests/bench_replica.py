@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,17 +61,33 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def run_offline(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> Result:
+def run_offline(
+    model: Path, prompts: list[list[int]], args: argparse.Namespace, in_thread: bool = False
+) -> Result:
+    """`LLM.generate` on all prompts; `in_thread` runs it in a worker thread, as the server's
+    engine runs, to tell the HTTP layer's cost apart from where the engine's thread lives."""
+    if in_thread:
+        with ThreadPoolExecutor(1) as pool:
+            seconds, tokens = pool.submit(_time_generate, model, prompts, args).result()
+    else:
+        seconds, tokens = _time_generate(model, prompts, args)
+    gc.collect()
+    return Result(
+        "offline, worker thread" if in_thread else "offline LLM.generate", seconds, tokens
+    )
+
+
+def _time_generate(
+    model: Path, prompts: list[list[int]], args: argparse.Namespace
+) -> tuple[float, int]:
+    """A fresh engine (empty prefix cache), a warm-up on other prompts, then the timed batch."""
     llm = LLM(str(model), **engine_kwargs(args))
+    warmup = make_prompts(2, args.prompt_len, max(max(p) for p in prompts) + 1, seed=1)
+    llm.generate(warmup, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    del llm, outputs
-    gc.collect()
-    return Result("offline LLM.generate", seconds, tokens)
+    return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
 async def _stream_one(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, float]:
@@ -103,7 +120,8 @@ async def _load(url: str, prompts: list[list[int]], output_len: int) -> tuple[fl
     connector = aiohttp.TCPConnector(limit=len(prompts))
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await _stream_one(session, url, _body(prompts[0], 4))  # warm-up
+        warmup = make_prompts(1, len(prompts[0]), max(max(p) for p in prompts) + 1, seed=1)[0]
+        await _stream_one(session, url, _body(warmup, 4))
         start = time.perf_counter()
         results = await asyncio.gather(*(_stream_one(session, url, b) for b in bodies))
         return time.perf_counter() - start, results
@@ -130,7 +148,9 @@ def run_http(model: Path, prompts: list[list[int]], args: argparse.Namespace) ->
         server.terminate()
         server.wait(60)
     ttft = statistics.median(r[1] for r in results)
-    return Result(f"HTTP, {len(prompts)} concurrent streams", seconds, sum(r[0] for r in results), ttft)
+    return Result(
+        f"HTTP, {len(prompts)} concurrent streams", seconds, sum(r[0] for r in results), ttft
+    )
 
 
 def _wait_healthy(base: str, server: subprocess.Popen) -> None:
@@ -162,11 +182,12 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(model).vocab_size
     prompts = make_prompts(args.requests, args.prompt_len, vocab)
     offline = run_offline(model, prompts, args)
+    threaded = run_offline(model, prompts, args, in_thread=True)
     http = run_http(model, prompts, args)
     print(f"\nmodel {model} ({args.dtype}), {args.requests} requests x "
           f"({args.prompt_len} prompt, {args.output_len} output) tokens, greedy, ignore_eos\n")  # fmt: skip
     print(f"{'mode':<30} {'output tokens':>13} {'seconds':>8} {'tok/s':>8} {'TTFT p50':>9}")
-    for r in (offline, http):
+    for r in (offline, threaded, http):
         ttft = f"{r.ttft_p50_s:.2f} s" if r.ttft_p50_s is not None else "-"
         print(
             f"{r.mode:<30} {r.output_tokens:>13} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f} {ttft:>9}"

@@ -38,6 +38,9 @@ CHAT = '"messages": [{"role": "user", "content": "hi"}]'
         ('{"prompt": "x", "repetition_penalty": 0}', "repetition_penalty", "greater than 0"),
         ('{"prompt": "x", "stop_token_ids": [-1]}', "stop_token_ids.0", "0"),
         ('{"temperature": 1}', "prompt", "required"),
+        ('{"prompt": "x", "seed": 18446744073709551615}', "seed", "less than or equal"),
+        ('{"prompt": "x", "repetition_penalty": Infinity}', "repetition_penalty", "finite"),
+        ('{"prompt": "x", "repetition_penalty": 1e999}', "repetition_penalty", "finite"),
     ],
 )
 def test_completion_field_errors(body: str, param: str, fragment: str) -> None:
