@@ -101,7 +101,8 @@ class ReplicaRuntime:
                 continue
             writer.close()
             break
-        load = self.engine.load()
+        load = self.load()
+        assert load is not None
         info = ReplicaInfo(
             id=self.settings.replica_id or new_replica_id(),
             url=self.settings.url,
@@ -109,14 +110,12 @@ class ReplicaRuntime:
             device=self.settings.device,
             max_model_len=self.engine.max_model_len,
             block_size=load["block_size"],
-            kv_capacity_tokens=load["num_blocks"] * load["block_size"],
+            kv_capacity_tokens=load["kv_capacity_tokens"],
         )
         self.lease = MembershipLease(
             info, self.settings.redis_url, prefix=self.settings.redis_prefix
         )
         await self.lease.register()
-        if self.status == "draining":
-            await self.lease.set_state("draining")
         log.info("registered in fleet membership as %s", info.id)
 
     async def drain(self) -> None:
@@ -205,7 +204,12 @@ class ReplicaRuntime:
             raise APIError(400, str(exc), exc.param) from None
 
     def load(self) -> dict | None:
-        return None if self.engine is None else self.engine.load()
+        """The engine's load, plus its KV capacity in tokens (what prefix-aware routers size by)."""
+        if self.engine is None:
+            return None
+        load = self.engine.load()
+        load["kv_capacity_tokens"] = load["num_blocks"] * load["block_size"]
+        return load
 
     def check_model(self, model: str | None) -> str:
         """The served name for a request's `model` field; 404 for any other model."""

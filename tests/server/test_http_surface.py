@@ -119,6 +119,7 @@ def test_health_version_load(http: httpx.Client, replica: LiveReplica) -> None:
                 "prefix_cache_queries", "prefix_cache_hits"):  # fmt: skip
         assert key in load
     assert load["block_size"] == 16 and load["num_blocks"] == 512
+    assert load["kv_capacity_tokens"] == 8192
 
 
 def test_tokenize_and_detokenize_round_trip(http: httpx.Client, replica: LiveReplica) -> None:
