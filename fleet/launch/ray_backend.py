@@ -142,7 +142,7 @@ class RayReplica:
 
     async def snapshot(self) -> dict:
         try:
-            self._info = await self._ask("info", timeout=3.0)
+            self._info = await self._ask("info", timeout=1.0)
             return dict(self._info)
         except Exception:  # not placed yet, or being restarted by Ray
             return {"name": self.name, "model": self.model, "state": "starting", "url": self.url}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -53,12 +54,16 @@ class RunningFleet:
         assert result.code == 0, result.text
         return json.loads(result.out)
 
+    @functools.cached_property
+    def model(self) -> str:
+        return self.status()["replicas"][0]["model"]
+
     def chat(self, content: str = "Hello!", max_tokens: int = 8) -> dict:
         response = httpx.post(
             f"{self.router_url}/v1/chat/completions",
             headers={"Authorization": f"Bearer {self.key}"},
             json={
-                "model": self.status()["replicas"][0]["model"],
+                "model": self.model,
                 "messages": [{"role": "user", "content": content}],
                 "max_tokens": max_tokens,
             },
