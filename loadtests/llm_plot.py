@@ -36,7 +36,8 @@ def plot_records(rows: Sequence[dict[str, Any]], path: Path, title: str = "") ->
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ttft, e2e, itl, rate = axes.flat
 
-    ttft.scatter([r["start"] - t0 for r in ok], [r["ttft_ms"] for r in ok], s=6, label="ok")
+    timed = [r for r in ok if r.get("ttft_ms") is not None]
+    ttft.scatter([r["start"] - t0 for r in timed], [r["ttft_ms"] for r in timed], s=6, label="ok")
     if failed:
         ttft.scatter(
             [r["start"] - t0 for r in failed],

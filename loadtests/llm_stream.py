@@ -76,6 +76,8 @@ def read_stream(
 
     A chunk with text is one token event (servers may pack several tokens in one chunk, as vLLM's
     benchmark also assumes); the token count comes from the usage chunk when the server sends one.
+    Tokens without text (a random model's special tokens) leave TTFT unmeasured, not the request
+    failed: only a stream with no tokens at all is.
     An error frame, a malformed frame or a stream that ends without `[DONE]` makes the record a
     failure. Reading stops at the first failure (the caller then drops the connection); after
     `[DONE]` it reads on to the end of the body so the connection can be reused.
@@ -126,10 +128,10 @@ def read_stream(
     record.text = "".join(texts)
     if record.error is None and not done:
         record.error = "stream ended without [DONE]"
-    if record.error is None and chunks_with_text == 0:
-        record.error = "stream carried no tokens"
     if not record.output_tokens:
         record.output_tokens = chunks_with_text
+    if record.error is None and record.output_tokens == 0:
+        record.error = "stream carried no tokens"
 
 
 def request_body(

@@ -333,7 +333,8 @@ class OpenAIStreamUser(FastHttpUser):
                 context={},
             )
 
-        report("TTFT", record.ttft_ms or 0.0, record.prompt_tokens or 0)
+        if record.ttft_ms is not None:
+            report("TTFT", record.ttft_ms, record.prompt_tokens or 0)
         for gap in record.itl_ms:
             report("ITL", gap)
         if record.tpot_ms is not None:

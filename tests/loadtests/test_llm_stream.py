@@ -110,6 +110,13 @@ def test_incomplete_streams_are_failures(lines: list[bytes], error: str) -> None
     assert rec.error is not None and rec.error.startswith(error)
 
 
+def test_tokens_without_text_leave_ttft_unmeasured() -> None:
+    rec = record()
+    read_stream(sse(chat(""), chat(""), USAGE, "[DONE]"), rec, sent_at=0.0, clock=Clock())
+    assert rec.ok and rec.output_tokens == 3
+    assert rec.ttft_ms is None and rec.tpot_ms is None and rec.itl_ms == []
+
+
 def test_transport_break_is_a_failure() -> None:
     def broken() -> Iterator[bytes]:
         yield from sse(chat("a"))

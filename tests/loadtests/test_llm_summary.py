@@ -115,3 +115,11 @@ def test_resummarize_saved_records_and_plot(
 def test_plot_with_only_failures(tmp_path: Path) -> None:
     path = plot_records([ROWS[-1]], tmp_path / "failed.png")
     assert path.stat().st_size > 1000
+
+
+def test_requests_without_text_count_but_have_no_ttft(tmp_path: Path) -> None:
+    untimed = {**ROWS[0], "ttft_ms": None, "itl_ms": [], "tpot_ms": None}
+    s = summarize([untimed, ROWS[1]], {"ttft_ms": 1000.0})
+    assert s["completed"] == 2 and s["ttft_ms"]["mean"] == pytest.approx(300.0)
+    assert s["good_requests"] == 1
+    assert plot_records([untimed, ROWS[1]], tmp_path / "untimed.png").stat().st_size > 1000
