@@ -185,3 +185,30 @@ def test_grafana_dashboard_uses_metrics_the_servers_export() -> None:
     for name in sorted(used):  # exported as written, or built as fleetserve_{name}
         short = name.removeprefix("fleetserve_")
         assert name in sources or f'"{short}"' in sources, f"{name} is not exported"
+
+
+def test_example_spec_is_valid_and_documents_every_field() -> None:
+    from fleet.spec import FleetSpec, ModelSpec, load_spec
+
+    spec = load_spec(DEPLOY / "fleet.example.yaml")
+    assert spec.name == "demo" and [m.served_model_name for m in spec.models] == [
+        "llama-8b",
+        "tiny",
+    ]
+    text = (DEPLOY / "fleet.example.yaml").read_text()
+    fields = set(FleetSpec.model_fields) | {
+        f"{section}.{name}"
+        for section, model in (
+            ("redis", spec.redis),
+            ("router", spec.router),
+            ("keys", spec.keys),
+            ("supervision", spec.supervision),
+        )
+        for name in type(model).model_fields
+    }
+    for field in sorted(fields):
+        assert f"{field.rsplit('.', 1)[-1]}:" in text, f"{field} is not shown in the example"
+    shown = set(ModelSpec.model_fields) - {"max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                                           "block_size", "cpu_replicas", "env"}  # fmt: skip
+    for field in sorted(shown):
+        assert f"{field}:" in text
