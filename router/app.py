@@ -33,7 +33,7 @@ from fleet.control.membership import MembershipWatcher
 from router import admin
 from router.auth import Gate
 from router.config import RouterConfig
-from router.flight import CLIENT_GONE, Flight, Watchdog, watch_disconnect
+from router.flight import CLIENT_GONE, ClientDisconnected, Flight, Watchdog, watch_disconnect
 from router.metrics import RouterMetrics
 from router.policies import RouteRequest, make_policy
 from router.pool import ReplicaPool
@@ -231,6 +231,8 @@ class RouterApp:
             await self.proxy.forward(ex, route_request, body, "POST", pinned)
         except APIError as err:
             await self._refuse(ex, err)
+        except ClientDisconnected:
+            ex.status = 499
         except asyncio.CancelledError:
             reason = flight.absorb()
             if reason is None:
@@ -336,6 +338,8 @@ class RouterApp:
             await self.proxy.forward(ex, request, body, scope["method"], pinned)
         except APIError as err:
             await self._refuse(ex, err)
+        except ClientDisconnected:
+            ex.status = 499
         except asyncio.CancelledError:
             if flight.absorb() is None:
                 raise
@@ -420,20 +424,19 @@ def request_headers(scope: dict) -> tuple[str | None, str | None]:
 async def read_body(receive, limit: int) -> bytes:
     message = await receive()
     body = message.get("body", b"")
-    if not message.get("more_body"):
-        return body
     parts = [body]
     size = len(body)
-    while message.get("more_body"):
-        message = await receive()
+    while True:
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError
-        chunk = message.get("body", b"")
-        size += len(chunk)
+            raise ClientDisconnected
         if size > limit:
             raise APIError(413, f"The request body is larger than {limit} bytes.")
+        if not message.get("more_body"):
+            return body if len(parts) == 1 else b"".join(parts)
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
         parts.append(chunk)
-    return b"".join(parts)
 
 
 def parse_object(body: bytes) -> dict:

@@ -15,6 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 CLIENT_GONE = "client_gone"
+
+
+class ClientDisconnected(Exception):
+    """The client left while its request body was still arriving."""
+
+
 TTFB_TIMEOUT = "ttfb_timeout"
 IDLE_TIMEOUT = "idle_timeout"
 

@@ -8,6 +8,7 @@ its token ids when given as ids.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 Units = str | Sequence[int]
@@ -58,3 +59,13 @@ def chunk_hashes(units: Units, chunk: int) -> list[int]:
             chain = hash((chain, *units[end - chunk : end]))
             hashes.append(chain)
     return hashes
+
+
+def stable_anchor(units: Units, chunk: int) -> int:
+    """A process-independent hash of the first chunk (0 when the prompt is shorter): every router
+    instance breaks ties for a new prefix the same way, so they place it on the same replica."""
+    if len(units) < chunk:
+        return 0
+    head = units[:chunk]
+    data = head.encode() if isinstance(head, str) else repr(list(head)).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") | 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -49,10 +50,13 @@ class Replica:
     tls: bool = field(init=False, repr=False)
     host_header: bytes = field(init=False, repr=False)
     base_path: str = field(init=False, repr=False)
+    salt: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         self.id_header = self.id.encode()
+        # The same in every router process (unlike hash()), for placements routers agree on.
+        self.salt = int.from_bytes(hashlib.blake2b(self.id_header, digest_size=8).digest(), "big")
         parts = urlsplit(self.url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"

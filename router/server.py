@@ -75,6 +75,7 @@ def uvicorn_config(app: RouterApp, config: RouterConfig, log_level: str = "info"
         date_header=False,
         log_level=log_level,
         timeout_keep_alive=60,
+        timeout_graceful_shutdown=30,
         backlog=4096,
     )
 

@@ -5,18 +5,24 @@ estimated from the chunks we recently sent it) + prefill tokens already queued t
 per request ahead of it. A replica holding the prompt's prefix wins while it is not much busier;
 once a hot prefix has piled work onto it, a second replica becomes cheaper and picks the prefix up
 too. With no match anywhere the cost reduces to least-load.
+
+Costs are compared in steps of one queued request; within a step, a rendezvous score of the
+prompt's first chunk (a hash that is the same in every process) decides, so several routers behind
+a TCP balancer, each with its own index, still send a new prefix to the same replica.
 """
 
 from __future__ import annotations
 
 from router.policies.base import Decision, Policy, RouteRequest, rotated
 from router.prefix_index import PrefixIndex
-from router.prompt_key import chunk_hashes
+from router.prompt_key import chunk_hashes, stable_anchor
 from router.replica import Replica
 
 TEXT_CHUNK_CHARS = 128
 ID_CHUNK_TOKENS = 32
 DEFAULT_QUEUE_WEIGHT = 64.0
+_MIX = 0x9E3779B97F4A7C15
+_MASK = (1 << 64) - 1
 
 
 class PrefixPolicy(Policy):
@@ -66,21 +72,25 @@ class PrefixPolicy(Policy):
         tokens_per_chunk = unit / per_token
         prompt_tokens = request.prompt_tokens
         weight = self.queue_weight
+        step = weight if weight > 0 else 1.0
+        anchor = stable_anchor(request.units, unit) if hashes else 0
         self._turn += 1
         best: Replica | None = None
-        best_cost = 0.0
+        best_key = (0, 0)
         best_cached = 0
         best_index: PrefixIndex | None = None
         most_matched = 0
         chosen_matched = 0
-        for replica in rotated(candidates, self._turn):
+        for replica in candidates if anchor else rotated(candidates, self._turn):
             index = self.index_for(replica, unit, per_token)
             matched = index.match(hashes) if hashes else 0
             cached = min(int(matched * tokens_per_chunk), prompt_tokens)
             cost = prompt_tokens - cached + replica.pending_prefill + weight * replica.queue_depth()
+            score = ((anchor ^ replica.salt) * _MIX) & _MASK if anchor else 0
+            key = (int(cost // step), -score)
             most_matched = max(most_matched, matched)
-            if best is None or cost < best_cost:
-                best, best_cost, best_cached, best_index = replica, cost, cached, index
+            if best is None or key < best_key:
+                best, best_key, best_cached, best_index = replica, key, cached, index
                 chosen_matched = matched
         assert best is not None and best_index is not None
         if hashes:

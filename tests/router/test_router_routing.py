@@ -170,3 +170,14 @@ async def test_metrics_count_requests_by_route_model_replica_status(replicas) ->
         'fleet_router_policy_decisions_total{outcome="round_robin",policy="round-robin"} 1.0'
         in text
     )
+
+
+async def test_oversized_bodies_are_413(replicas) -> None:
+    async with run_router(router_config(replicas, max_body_bytes=1000)) as router:
+        big = await router.client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "x" * 2000}
+        )
+        small = await router.client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert big.status_code == 413 and "1000 bytes" in big.json()["error"]["message"]
+    assert small.status_code == 200
+    assert sum(r.stats()["requests"] for r in replicas) == 1
