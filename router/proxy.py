@@ -41,6 +41,10 @@ def status_text(status: int) -> str:
     return text
 
 
+class NoReplica(Exception):
+    """No routable replica is left for this request (none at all, or all already tried)."""
+
+
 class Retryable(Exception):
     """This attempt failed before anything reached the client; another replica may serve it."""
 
@@ -144,6 +148,8 @@ class Proxy:
         try:
             await self._attempt(ex, request, body, method, pinned)
             return
+        except NoReplica:
+            raise self._no_replica(ex) from None
         except Retryable as exc:
             if pinned is not None or self.max_attempts <= 1:
                 raise self._give_up(ex, exc) from None
@@ -168,15 +174,19 @@ class Proxy:
                         raise
         except Retryable as exc:
             raise self._give_up(ex, exc) from None
+        except NoReplica:
+            raise self._give_up(ex, last, "no other replica to try") from None
+
+    @staticmethod
+    def _no_replica(ex: Exchange) -> APIError:
+        return APIError(
+            503,
+            f"No replica is available for model '{ex.model}'; retry shortly.",
+            code="no_replica_available",
+            headers={"Retry-After": "1"},
+        )
 
     def _give_up(self, ex: Exchange, exc: Retryable, why: str = "") -> APIError:
-        if exc.reason == "no_replica":
-            return APIError(
-                503,
-                f"No replica is available for model '{ex.model}'; retry shortly.",
-                code="no_replica_available",
-                headers={"Retry-After": "1"},
-            )
         tried = ", ".join(r.id for r in ex.tried) or "none"
         detail = f" ({exc.detail})" if exc.detail else ""
         note = f"; {why}" if why else ""
@@ -194,7 +204,7 @@ class Proxy:
         if pinned is None:
             decision = self.pick(request, ex.tried)
             if decision is None:
-                raise Retryable("no_replica", 503)
+                raise NoReplica
         else:
             decision = Decision(pinned, "pinned")
         replica = decision.replica

@@ -38,6 +38,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = True
         self.closed = False
         self.paused = False
+        self.high_water = READ_HIGH_WATER
         self.received_any = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future | None = None
@@ -81,7 +82,7 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > READ_HIGH_WATER and not self.paused and self.transport is not None:
+        if self.buffered > self.high_water and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
@@ -142,7 +143,11 @@ class Connection(asyncio.Protocol):
         return data
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body (buffered without limit: the caller asked for all of it)."""
+        self.high_water = float("inf")  # type: ignore[assignment]
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
         while not self.complete:
             await self._wait()
         data = b"".join(self.chunks)
@@ -175,6 +180,7 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.headers_done = False
         self.received_any = False
+        self.high_water = READ_HIGH_WATER
 
 
 class HostPool:
@@ -209,7 +215,10 @@ class HostPool:
         connecting = self.loop.create_connection(
             lambda: Connection(self), self.host, self.port, ssl=self.tls
         )
-        _, conn = await asyncio.wait_for(connecting, timeout)
+        try:
+            _, conn = await asyncio.wait_for(connecting, timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamConnectionError(f"no connection within {timeout:g} s") from None
         return conn
 
     def close(self) -> None:

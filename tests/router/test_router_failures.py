@@ -224,3 +224,13 @@ async def test_all_replicas_failing_gives_a_clear_502(replicas) -> None:
     error = response.json()["error"]
     assert error["code"] == "upstream_error"
     assert all(r.id in error["message"] for r in replicas)
+
+
+async def test_a_lone_failing_replica_reports_its_own_failure(replicas) -> None:
+    replicas[0].configure(status=503)
+    async with run_router(router_config(replicas[:1])) as router:
+        response = await router.client.post("/v1/completions", json=COMPLETION)
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "upstream_error" and "status 503" in error["message"]
+    assert "no other replica" in error["message"]

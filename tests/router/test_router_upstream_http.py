@@ -141,3 +141,11 @@ async def test_refused_connections_raise_oserror(client) -> None:
         port = server.port
     with pytest.raises(OSError):
         await client.request("127.0.0.1", port, False, b"x", "GET", "/", b"")
+
+
+async def test_whole_body_reads_are_not_stalled_by_flow_control(client) -> None:
+    big = b"x" * (5 << 20)
+    async with Server(lambda n: ok(big)) as server:
+        assert await call(client, server) == (200, big)
+        assert await call(client, server) == (200, big)  # and the connection was reusable
+    assert server.connections == 1
