@@ -133,10 +133,14 @@ def print_ready(state: FleetState) -> None:
     model = next((p.model for p in state.processes if p.kind == "replica"), None) or models[0]
     auth = ""
     if state.admin_key:
-        console.print(f"admin key: [bold]{state.admin_key}[/]  (admin API, `fleet keys`)")
+        console.print(f"admin key: [bold]{state.admin_key}[/]  (the router's /admin API)")
     if state.example_key:
         console.print(f"API key for you: [bold]{state.example_key}[/]")
         auth = f' \\\n  -H "Authorization: Bearer {state.example_key}"'
+    console.print(
+        f"more keys: FLEET_REDIS_URL={state.redis_url} fleet keys create --name NAME",
+        soft_wrap=True,
+    )
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}],
                        "max_tokens": 32})  # fmt: skip
     console.print(
@@ -144,7 +148,11 @@ def print_ready(state: FleetState) -> None:
         f"  -H 'Content-Type: application/json' -d '{body}'",
         soft_wrap=True,
     )
-    console.print(f"logs: {state.run_dir}/logs   status: fleet status   stop: fleet down\n")
+    where = "" if Path(state.run_dir) == run_dir() else f" --run-dir {state.run_dir}"
+    console.print(
+        f"status: fleet status{where}   logs: fleet logs{where}   stop: fleet down{where}\n",
+        soft_wrap=True,
+    )
 
 
 class _Hangup(KeyboardInterrupt):
