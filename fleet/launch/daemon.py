@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # status polls would flood the log
     return asyncio.run(run_fleet(FleetManager(spec, run_dir), parent))
 
 

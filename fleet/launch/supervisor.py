@@ -117,14 +117,23 @@ class Supervisor:
             await asyncio.sleep(0.05)
         return True
 
+    def _grace(self) -> float:
+        """A ready server gets the drain timeout; one still loading has nothing in flight to finish."""
+        return (
+            self.policy.drain_timeout_s
+            if self.state == "ready"
+            else min(5.0, self.policy.drain_timeout_s)
+        )
+
     async def stop(self) -> None:
         """Drain and stop the server (SIGTERM, then SIGKILL after the drain timeout)."""
         self._stopping = True
         waiting_to_restart = self.state == "backoff"
+        grace = self._grace()
         if self.state not in ("failed", "stopped"):
             self.state = "stopping"
         if self.child is not None:
-            await self.child.stop(self.policy.drain_timeout_s)
+            await self.child.stop(grace)
         if self._task is not None:
             if waiting_to_restart:
                 self._task.cancel()  # nothing runs while it waits to restart: skip the wait
@@ -138,8 +147,9 @@ class Supervisor:
             self.start()
         elif self.child is not None:
             self._planned = True
+            grace = self._grace()
             self.state = "stopping"
-            await self.child.stop(self.policy.drain_timeout_s)
+            await self.child.stop(grace)
             while self._planned and not self._task.done():
                 await asyncio.sleep(0.02)
         return await self.wait_ready(timeout or self.policy.ready_timeout_s)

@@ -168,3 +168,20 @@ async def test_restart_after_give_up_starts_fresh(tmp_path: Path, crashes: int) 
         assert sup.crash_report is None and (tmp_path / "starts").read_text() == "4"
     finally:
         await sup.stop()
+
+
+async def test_stopping_a_server_still_loading_does_not_wait_the_drain_timeout(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while a model loads: nothing is in flight, so a stubborn server is killed quickly."""
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    spec = ProcessSpec([sys.executable, "-c", stubborn], tmp_path / "s.log")
+    policy = RestartPolicy(drain_timeout_s=60, ready_timeout_s=600)
+    sup = Supervisor("loading", spec, policy, health_url=f"http://127.0.0.1:{free_port()}/health")
+    sup.start()
+    await asyncio.sleep(1.0)
+    assert sup.state == "starting"
+    pid = sup.pid
+    began = time.monotonic()
+    await sup.stop()
+    assert time.monotonic() - began < 10 and gone(pid)
