@@ -3,8 +3,8 @@ sockets are written:
 
 - TCP_NODELAY on every client socket (an SSE proxy without it can stall reused connections by
   ~40 ms: Nagle's algorithm meeting delayed ACKs);
-- writes made during one event-loop iteration go out as one `send` (uvicorn writes a response's
-  head and body separately; on loopback each syscall costs more than the router's own work).
+- a response's head waits for its first body bytes and both go out in one `send` (uvicorn writes
+  them separately; on loopback each syscall costs more than the router's own work).
 """
 
 from __future__ import annotations
@@ -20,19 +20,30 @@ from router.config import RouterConfig
 
 
 class CorkedTransport:
-    """A transport whose writes wait for the end of the current loop iteration, then leave as one."""
+    """Holds a response's first write (its head) until the next write or the end of the loop
+    iteration, so head and body leave in one `send`; later writes (stream chunks) go straight out."""
 
-    __slots__ = ("_buffer", "_loop", "_transport")
+    __slots__ = ("_buffer", "_hold", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._buffer: list[bytes] = []
+        self._hold = False
+
+    def hold_next(self) -> None:
+        self._hold = True
 
     def write(self, data: bytes) -> None:
-        if not self._buffer:
+        if self._buffer:
+            self._buffer.append(data)
+            self.flush()
+        elif self._hold:
+            self._hold = False
+            self._buffer.append(data)
             self._loop.call_soon(self.flush)
-        self._buffer.append(data)
+        else:
+            self._transport.write(data)
 
     def flush(self) -> None:
         if self._buffer:
@@ -57,8 +68,12 @@ class RouterHttpProtocol(HttpToolsProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        corked = CorkedTransport(transport, asyncio.get_running_loop())
-        super().connection_made(corked)  # type: ignore[arg-type]
+        self._corked = CorkedTransport(transport, asyncio.get_running_loop())
+        super().connection_made(self._corked)  # type: ignore[arg-type]
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._corked.hold_next()
 
 
 def uvicorn_config(app: RouterApp, config: RouterConfig, log_level: str = "info") -> uvicorn.Config:

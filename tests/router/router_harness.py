@@ -116,6 +116,7 @@ class RunningRouter:
     app: RouterApp
     url: str
     client: httpx.AsyncClient
+    server: uvicorn.Server
 
     def replica(self, replica_id: str):
         return self.app.pool.replicas[replica_id]
@@ -140,7 +141,7 @@ async def run_router(config: RouterConfig, **app_kwargs) -> AsyncIterator[Runnin
     url = f"http://127.0.0.1:{config.port}"
     try:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            yield RunningRouter(app, url, client)
+            yield RunningRouter(app, url, client, server)
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 15)

@@ -181,3 +181,24 @@ async def test_oversized_bodies_are_413(replicas) -> None:
     assert big.status_code == 413 and "1000 bytes" in big.json()["error"]["message"]
     assert small.status_code == 200
     assert sum(r.stats()["requests"] for r in replicas) == 1
+
+
+async def test_client_sockets_have_nodelay_and_reused_streams_do_not_stall(replicas) -> None:
+    import socket
+    import time
+
+    async with run_router(router_config(replicas[:1])) as router:
+        timings = []
+        for _ in range(15):
+            started = time.perf_counter()
+            response = await router.client.post("/v1/chat/completions", json=chat(stream=True))
+            assert response.status_code == 200
+            timings.append(time.perf_counter() - started)
+        connections = list(router.server.server_state.connections)
+        flags = [
+            c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for c in connections
+        ]
+    assert connections and all(flags)
+    timings.sort()
+    assert timings[len(timings) // 2] < 0.03, timings  # no ~40 ms Nagle/delayed-ACK stalls
