@@ -18,7 +18,6 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -36,6 +35,7 @@ from fleet.launch.scrape import write_scrape_targets
 from fleet.launch.state import SCRAPE_TARGETS, FleetState, ProcessRecord
 from fleet.launch.status import collect_status
 from fleet.launch.supervisor import RestartPolicy, Supervisor, SupervisorEvent
+from fleet.launch.teardown import teardown
 from fleet.spec import FleetSpec, ModelSpec, replica_count, replica_device
 
 log = logging.getLogger("fleet.manager")
@@ -51,7 +51,6 @@ class FleetManager:
         self.run_dir = run_dir
         self.log_dir = run_dir / "logs"
         self.events: deque[str] = deque(maxlen=200)
-        self.listeners: list[Callable[[str], None]] = []
         self.policy = RestartPolicy(**spec.supervision.model_dump())
         self.redis: EmbeddedRedis | None = None
         self.redis_url = spec.redis.url or ""
@@ -75,8 +74,6 @@ class FleetManager:
         line = f"{time.strftime('%H:%M:%S')} {message}"
         self.events.append(line)
         log.info("%s", Text.from_markup(message).plain)
-        for listener in list(self.listeners):
-            listener(line)
 
     def _on_supervisor(self, event: SupervisorEvent) -> None:
         if event.kind == "gave_up":
@@ -103,15 +100,14 @@ class FleetManager:
         self.run_dir.chmod(0o700)
         self.log_dir.mkdir(exist_ok=True)
         existing = FleetState.load(self.run_dir)
-        if (
-            existing is not None
-            and existing.manager_alive()
-            and existing.manager_pid != os.getpid()
-        ):
-            raise FleetStartError(
-                f"a fleet is already running from {self.run_dir} (manager pid "
-                f"{existing.manager_pid}); stop it with `fleet down` or use another --run-dir"
-            )
+        if existing is not None and existing.manager_pid != os.getpid():
+            if existing.manager_alive():
+                raise FleetStartError(
+                    f"a fleet is already running from {self.run_dir} (manager pid "
+                    f"{existing.manager_pid}); stop it with `fleet down` or use another --run-dir"
+                )
+            for line in await asyncio.to_thread(lambda: list(teardown(existing, 30.0))):
+                self.note(f"left by a previous fleet: {line}")
         if not self.spec.keys.enabled:
             raise FleetStartError(
                 "keys.enabled=false (--no-keys) is not available yet: the router and replicas "
