@@ -6,6 +6,8 @@ Binary source, in order: `redis-server` on PATH, else the one bundled in the `re
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import socket
@@ -42,6 +44,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def _command(*words: str) -> bytes:
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when its parent dies, so a killed `fleet up` orphans none."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+
+
 @dataclass
 class EmbeddedRedis:
     """A redis-server child process with its own data folder; use as a context manager."""
@@ -49,13 +65,15 @@ class EmbeddedRedis:
     port: int = 0
     host: str = "127.0.0.1"
     data_dir: Path | None = None
+    password: str | None = None
     binary: str = ""
     process: subprocess.Popen | None = field(default=None, repr=False)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.binary = self.binary or find_redis_binary()
@@ -83,6 +101,8 @@ class EmbeddedRedis:
             "--loglevel",
             "warning",
         ]
+        if self.password:
+            cmd += ["--requirepass", self.password]
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             cmd,
@@ -90,6 +110,7 @@ class EmbeddedRedis:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -106,7 +127,11 @@ class EmbeddedRedis:
     def ping(self) -> bool:
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
+                if self.password:
+                    sock.sendall(_command("AUTH", self.password))
+                    if not sock.recv(64).startswith(b"+OK"):
+                        return False
+                sock.sendall(_command("PING"))
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
