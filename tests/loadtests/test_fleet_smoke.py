@@ -1,4 +1,4 @@
-"""CI smoke run: the benchmark command starts a real local fleet (two tiny-model CPU replicas behind
+"""CI smoke run: `fleet bench --up` starts a real local fleet (two tiny-model CPU replicas behind
 the router, API keys on), runs headless locust against it for a few seconds and stops the fleet."""
 
 from __future__ import annotations
@@ -8,15 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from locust_runner import LOCUSTFILE
-
-RUN_BENCH = LOCUSTFILE.parent / "run_bench.py"
-
 
 def test_bench_up_two_replica_fleet_records_every_metric_without_failures(tmp_path: Path) -> None:
     results, fleet_dir = tmp_path / "results", tmp_path / "fleet"
     command = [
-        sys.executable, str(RUN_BENCH), "--up", "--up-args", "--replicas 2", "--fleet-dir", str(fleet_dir),
+        sys.executable, "-m", "fleet", "bench", "--up", "--up-args", "--replicas 2", "--fleet-dir", str(fleet_dir),
         "--duration", "6s", "--users", "4", "--results-dir", str(results),
         "--output-len", "16", "--prompt-len", "64", "--goodput", "ttft:60000",
     ]  # fmt: skip
