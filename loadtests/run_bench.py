@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,14 +49,18 @@ def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def local_fleet(up_args: list[str], keep: bool, run_dir: Path | None = None) -> Iterator[Endpoint]:
-    """`fleet up --detach` in its own run folder; `fleet down` on the way out unless `keep`."""
+    """`fleet up --detach` in its own run folder; `fleet down` on the way out unless `keep`. A
+    temporary run folder goes too once the fleet stopped cleanly (it keeps the logs otherwise)."""
+    temporary = run_dir is None
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     port = _free_port()
     print(f"starting a local fleet (run folder {run_dir}, port {port}) ...", flush=True)
     started = _fleet("up", "--detach", "--run-dir", str(run_dir), "--port", str(port), *up_args)
     if started.returncode != 0:
         _fleet("down", "--run-dir", str(run_dir))
-        raise SystemExit(f"fleet up failed:\n{started.stdout}{started.stderr}")
+        raise SystemExit(
+            f"fleet up failed (logs in {run_dir}/logs):\n{started.stdout}{started.stderr}"
+        )
     state = json.loads((run_dir / "state.json").read_text())
     try:
         yield Endpoint(state["router_url"], state.get("example_key"))
@@ -69,6 +74,8 @@ def local_fleet(up_args: list[str], keep: bool, run_dir: Path | None = None) -> 
             stopped = _fleet("down", "--run-dir", str(run_dir))
             if stopped.returncode != 0:
                 print(f"fleet down failed:\n{stopped.stdout}{stopped.stderr}", file=sys.stderr)
+            elif temporary:
+                shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def locust_command(endpoint: Endpoint, args: argparse.Namespace, extra: list[str]) -> list[str]:
