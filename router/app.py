@@ -33,7 +33,7 @@ from fleet.control.membership import MembershipWatcher
 from router import admin
 from router.auth import Gate
 from router.config import RouterConfig
-from router.flight import CLIENT_GONE, ClientDisconnected, Flight, Watchdog, watch_disconnect
+from router.flight import CLIENT_GONE, ClientDisconnected, Flight, Watchdog, watch_client
 from router.metrics import RouterMetrics
 from router.policies import RouteRequest, make_policy
 from router.pool import ReplicaPool
@@ -193,7 +193,7 @@ class RouterApp:
         sample = False
         try:
             body = await read_body(receive, self.config.max_body_bytes)
-            asyncio.get_running_loop().create_task(watch_disconnect(receive, flight))
+            watch_client(scope, receive, flight)
             self.watchdog.flights.add(flight)
             authorization, session_id = request_headers(scope)
             record = await self.gate.authenticate(authorization, None)

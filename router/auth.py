@@ -6,14 +6,18 @@ from __future__ import annotations
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyRecord, KeyStore, Ticket, bearer_token, hash_secret
 
+VERIFIED_CACHE = 1024
+
 
 class Gate:
     """Static keys are kept as SHA-256 digests: a presented key is hashed and looked up once,
-    which takes the same time whichever key (if any) it matches."""
+    which takes the same time whichever key (if any) it matches; keys that matched are remembered
+    so that clients reusing a key skip the hash."""
 
     def __init__(self, store: KeyStore | None = None, static_keys: list[str] | tuple = ()) -> None:
         self.store = store
         self.static_keys = frozenset(hash_secret(k) for k in static_keys)
+        self._verified: set[str] = set()
 
     @property
     def open(self) -> bool:
@@ -24,8 +28,13 @@ class Gate:
         if self.open:
             return None
         token = bearer_token(authorization)
-        if token is not None and self.static_keys and hash_secret(token) in self.static_keys:
-            return None
+        if token is not None and self.static_keys:
+            if token in self._verified:
+                return None
+            if hash_secret(token) in self.static_keys:
+                if len(self._verified) < VERIFIED_CACHE:
+                    self._verified.add(token)
+                return None
         if self.store is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return await self.store.authenticate(token, model)

@@ -15,6 +15,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 CLIENT_GONE = "client_gone"
+# Scope key our uvicorn protocol (router.server) provides: the app may put a callable there, which
+# the protocol calls when the connection drops before the response completed. Other servers lack
+# the key, and the app then watches `receive()` in a task instead.
+DISCONNECT_HOOK = "fleet.on_disconnect"
 
 
 class ClientDisconnected(Exception):
@@ -37,6 +41,9 @@ class Flight:
         if self.reason is None and not self.done:
             self.reason = reason
             self.task.cancel()
+
+    def client_left(self) -> None:
+        self.expire(CLIENT_GONE)
 
     def absorb(self) -> str | None:
         """Take a cancellation that this flight caused: reset it and return its reason."""
@@ -72,6 +79,14 @@ class Watchdog:
             for flight in list(self.flights):
                 if flight.deadline and now > flight.deadline:
                     flight.expire(flight.phase)
+
+
+def watch_client(scope: dict, receive: Callable[[], Awaitable[dict]], flight: Flight) -> None:
+    """Arrange for `flight` to learn of a client disconnect, the cheap way when the server can."""
+    if DISCONNECT_HOOK in scope:
+        scope[DISCONNECT_HOOK] = flight.client_left
+    else:
+        asyncio.get_running_loop().create_task(watch_disconnect(receive, flight))
 
 
 async def watch_disconnect(receive: Callable[[], Awaitable[dict]], flight: Flight) -> None:

@@ -4,7 +4,9 @@ sockets are written:
 - TCP_NODELAY on every client socket (an SSE proxy without it can stall reused connections by
   ~40 ms: Nagle's algorithm meeting delayed ACKs);
 - a response's head waits for its first body bytes and both go out in one `send` (uvicorn writes
-  them separately; on loopback each syscall costs more than the router's own work).
+  them separately; on loopback each syscall costs more than the router's own work);
+- a dropped connection is reported to its request through a scope hook (router.flight), saving
+  a watcher task per request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from router.app import RouterApp
 from router.config import RouterConfig
+from router.flight import DISCONNECT_HOOK
 
 
 class CorkedTransport:
@@ -72,8 +75,18 @@ class RouterHttpProtocol(HttpToolsProtocol):
         super().connection_made(self._corked)  # type: ignore[arg-type]
 
     def on_headers_complete(self) -> None:
+        self.scope[DISCONNECT_HOOK] = None
         super().on_headers_complete()
         self._corked.hold_next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Tell the request in progress at once (no watcher task per request needed)."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            hook = cycle.scope.get(DISCONNECT_HOOK)
+            if hook is not None:
+                hook()
+        super().connection_lost(exc)
 
 
 def uvicorn_config(app: RouterApp, config: RouterConfig, log_level: str = "info") -> uvicorn.Config:

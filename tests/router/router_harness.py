@@ -126,10 +126,16 @@ FAST_POOL = PoolSettings(probe_interval_s=0.2, load_interval_s=0.2, probe_timeou
 
 
 @contextlib.asynccontextmanager
-async def run_router(config: RouterConfig, **app_kwargs) -> AsyncIterator[RunningRouter]:
+async def run_router(
+    config: RouterConfig, http: str | None = None, **app_kwargs
+) -> AsyncIterator[RunningRouter]:
+    """`http` picks another uvicorn protocol than the router's own (e.g. "h11")."""
     config.port = config.port or free_port()
     app = RouterApp(config, **app_kwargs)
-    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
+    server_config = uvicorn_config(app, config, log_level="warning")
+    if http is not None:
+        server_config.http = http
+    server = uvicorn.Server(server_config)
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
     while not server.started:
