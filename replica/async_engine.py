@@ -147,8 +147,10 @@ class AsyncEngine:
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_all(exc)
                     outputs = []
+                self._load = core.load()  # before the outputs, so readers never see it lag
                 self._send([(out.request_id, out) for out in outputs])
-            self._load = core.load()
+            else:
+                self._load = core.load()
         self._fail_all(EngineDeadError("the engine shut down"))
 
     def _apply(self, command: tuple) -> None:

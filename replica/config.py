@@ -157,6 +157,34 @@ def resolve_model_path(model: str) -> Path:
     )
 
 
+def half_matmul_is_fast(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies bf16/fp16 matrices natively (oneDNN says so for AVX-512 and AMX
+    parts); elsewhere torch falls back to a scalar path ~50x slower than float32."""
+    probe = {
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+        torch.float16: "_is_mkldnn_fp16_supported",
+    }.get(dtype)
+    if probe is None:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of matrix-product weights and of the KV cache.
+
+    The serving dtype, except half precision on CPUs without half-precision units: there float32
+    weights and cache are several times faster, and numerically equivalent to a half-precision
+    GEMM (half values are exact in float32, products accumulate in float32 either way, and every
+    layer's output is rounded back to the serving dtype).
+    """
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return dtype if half_matmul_is_fast(dtype) else torch.float32
+    return dtype
+
+
 def pick_dtype(requested: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """`auto` keeps the checkpoint's dtype, except float16 on CPU which runs far faster as bf16."""
     if requested != "auto":

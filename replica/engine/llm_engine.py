@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from replica.config import EngineArgs, ModelConfig, pick_dtype, resolve_model_path
+from replica.config import EngineArgs, ModelConfig, compute_dtype, pick_dtype, resolve_model_path
 from replica.engine.block_manager import BlockManager
 from replica.engine.cuda_graphs import DecodeGraphs
 from replica.engine.detokenizer import IncrementalDetokenizer
@@ -47,10 +47,11 @@ class EngineCore:
         self.vocab_size = cfg.vocab_size
         self.ops = get_ops(args.kernel_backend, self.device)
         torch.manual_seed(args.seed)
-        model = load_model(path, cfg, self.ops, self.dtype, self.device, max(self.max_model_len, 1))
+        wide = compute_dtype(self.dtype, self.device)
+        model = load_model(path, cfg, self.ops, self.dtype, self.device, self.max_model_len, wide)
         max_batched = args.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
         num_blocks = plan_kv_blocks(
-            args, cfg, model, self.dtype, self.device, self.max_model_len, max_batched
+            args, cfg, model, wide, self.device, self.max_model_len, max_batched
         )
         if num_blocks * args.block_size < self.max_model_len:
             raise ValueError(
@@ -62,7 +63,7 @@ class EngineCore:
             cfg,
             num_blocks,
             args.block_size,
-            self.dtype,
+            wide,
             self.device,
             self.eos_token_ids,
             args.seed,

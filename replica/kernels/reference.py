@@ -54,21 +54,24 @@ def paged_attention(
     group = num_q_heads // num_kv_heads
     num_blocks = -(-max_seq_len // block_size)
     ctx = num_blocks * block_size
+    decode = max_query_len == 1 and num_tokens == num_seqs
 
-    tables = block_tables[:, :num_blocks].long()
-    k = k_cache[tables].view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache[tables].view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
+    # index_select on [num_blocks, block_size * Hkv * D] rows copies whole blocks (memcpy speed).
+    tables = block_tables[:, :num_blocks].reshape(-1).long().clamp_min(0)  # padding may be -1
+    k = k_cache.view(k_cache.shape[0], -1).index_select(0, tables)
+    v = v_cache.view(v_cache.shape[0], -1).index_select(0, tables)
+    k = k.view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
+    v = v.view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
 
     starts = query_start_loc[:-1].long()
     q_lens = query_start_loc[1:].long() - starts
     steps = torch.arange(max_query_len, device=q.device)
-    valid = steps[None, :] < q_lens[:, None]  # [B, Q]
-    if max_query_len == 1 and num_tokens == num_seqs:
+    if decode:
         padded = q.view(num_seqs, 1, num_q_heads, head_dim)
     else:
         rows = (starts[:, None] + steps[None, :]).clamp_max(num_tokens - 1)
-        padded = q[rows]  # [B, Q, Hq, D]; rows past a sequence's queries are ignored later
-    # [B, Q, Hkv, G, D] -> [B, Hkv, G*Q, D]: query row index = g * Q + i
+        padded = q[rows]  # [B, Q, Hq, D]; rows past a sequence's queries are dropped below
+    # [B, Q, Hkv, G, D] -> [B, Hkv, G*Q, D]: query row g * Q + i, so GQA needs no copy of K/V.
     padded = padded.view(num_seqs, max_query_len, num_kv_heads, group, head_dim)
     padded = padded.permute(0, 2, 3, 1, 4).reshape(
         num_seqs, num_kv_heads, group * max_query_len, head_dim
@@ -80,11 +83,14 @@ def paged_attention(
     mask = keys[None, None, :] <= last_key[:, :, None]  # [B, Q, ctx]
     mask = mask.repeat(1, group, 1).unsqueeze(1)  # [B, 1, G*Q, ctx]
 
-    out = F.scaled_dot_product_attention(padded, k, v, attn_mask=mask, scale=scale)
-    out = out.view(num_seqs, num_kv_heads, group, max_query_len, head_dim)
+    # A cache kept wider than q (bf16 served in fp32 on CPUs without bf16 units) sets the
+    # compute dtype; the result comes back in q's dtype.
+    out = F.scaled_dot_product_attention(padded.to(k.dtype), k, v, attn_mask=mask, scale=scale)
+    out = out.to(q.dtype).view(num_seqs, num_kv_heads, group, max_query_len, head_dim)
     out = out.permute(0, 3, 1, 2, 4).reshape(num_seqs, max_query_len, num_q_heads, head_dim)
-    if max_query_len == 1 and num_tokens == num_seqs:
+    if decode:
         return out.view(num_tokens, num_q_heads, head_dim)
+    valid = steps[None, :] < q_lens[:, None]  # [B, Q]
     return out[valid]
 
 

@@ -30,7 +30,11 @@ class AttentionMetadata:
 
 
 class Linear(nn.Module):
-    """A linear layer whose parameters start uninitialised (the checkpoint fills them)."""
+    """A linear layer whose parameters start uninitialised (the checkpoint fills them).
+
+    Its weight may be wider than the activations (see `replica.config.compute_dtype`); the output
+    comes back in the input's dtype.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -38,7 +42,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 class RMSNormWeight(nn.Module):
@@ -151,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNormWeight(cfg.hidden_size)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)  # the embedding's when tied
         self.cos_sin = torch.empty(0)
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
@@ -174,5 +178,4 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.rms_norm(x, self.norm.weight, self.cfg.rms_norm_eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()

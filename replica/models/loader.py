@@ -13,7 +13,7 @@ from torch import nn
 
 from replica.config import ModelConfig
 from replica.kernels import Ops
-from replica.models.llama import LlamaForCausalLM
+from replica.models.llama import Linear, LlamaForCausalLM
 
 # HF name piece -> (our fused parameter piece, shard index); shards are laid out in this order.
 _FUSED = {
@@ -32,11 +32,15 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
+    linear_dtype: torch.dtype | None = None,
 ) -> LlamaForCausalLM:
+    """The model in `dtype`, its matrix-product weights in `linear_dtype` (default: `dtype`)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, ops)
-    _materialise(model, dtype, device)
+    _materialise(model, dtype, linear_dtype or dtype, device)
     params = dict(model.named_parameters())
+    if cfg.tie_word_embeddings:
+        del params["lm_head.weight"]
     shard_sizes = {
         "qkv_proj": [cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2],
         "gate_up_proj": [cfg.intermediate_size] * 2,
@@ -44,7 +48,7 @@ def load_model(
     pending = {name: len(shard_sizes.get(name.split(".")[-2], [None])) for name in params}
     for hf_name, tensor in _checkpoint_tensors(path):
         name = hf_name.removeprefix("model.")
-        if "rotary_emb" in name or (name == "lm_head.weight" and model.lm_head is None):
+        if "rotary_emb" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         target, start, size = name, 0, None
         for piece, (fused, shard) in _FUSED.items():
@@ -66,16 +70,26 @@ def load_model(
     missing = sorted(name for name, left in pending.items() if left > 0)
     if missing:
         raise ValueError(f"checkpoint lacks tensors for {missing}")
+    if cfg.tie_word_embeddings:
+        embed = model.embed_tokens.weight
+        head = model.lm_head.weight
+        if head.dtype == embed.dtype:
+            model.lm_head.weight = embed
+        else:
+            head.data.copy_(embed.data)
     model.init_rope(max_positions, device)
     return model.eval()
 
 
-def _materialise(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    """Replace meta parameters by empty ones of the serving dtype: no float32 copy, no init."""
+def _materialise(
+    model: nn.Module, dtype: torch.dtype, linear_dtype: torch.dtype, device: torch.device
+) -> None:
+    """Replace meta parameters by empty ones of their final dtype: no float32 copy, no init."""
     for module in model.modules():
+        wanted = linear_dtype if isinstance(module, Linear) else dtype
         for name, param in list(module._parameters.items()):
             if param is not None:
-                empty = torch.empty(param.shape, dtype=dtype, device=device)
+                empty = torch.empty(param.shape, dtype=wanted, device=device)
                 module._parameters[name] = nn.Parameter(empty, requires_grad=False)
 
 
