@@ -447,37 +447,48 @@ def _prompts(s: Shapes, count: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(1, s.vocab, (count, length), generator=gen).tolist()
 
 
+def _generate_all(model, prompts: torch.Tensor, batch: int, new_tokens: int) -> int:
+    """transformers' generate over the prompts in batches; returns the tokens it produced."""
+    produced = 0
+    for first in range(0, prompts.shape[0], batch):
+        ids = prompts[first : first + batch]
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return produced
+
+
 def transformers_throughput(s: Shapes, folder: Path, device: torch.device, dtype) -> Row:
+    """All requests in one `generate` batch (its best throughput), halved while it runs out of
+    memory."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     prompts = torch.tensor(_prompts(s, s.requests, s.prompt_len, seed=7), device=device)
     batch = s.requests
     while True:
+        out_of_memory = False
+        start = time.perf_counter()
         try:
-            start = time.perf_counter()
-            produced = 0
-            for first in range(0, s.requests, batch):
-                ids = prompts[first : first + batch]
-                with torch.inference_mode():
-                    out = model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=s.output_len,
-                        min_new_tokens=s.output_len,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-                produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-            break
+            produced = _generate_all(model, prompts, batch, s.output_len)
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
-            batch //= 2
-            _release(device)
+            out_of_memory = True
+        if not out_of_memory:
+            break
+        batch //= 2
+        _release(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
     del model
     _release(device)
     return {
