@@ -1,9 +1,10 @@
 """The data path: send one request to a replica and its answer back to the client.
 
 Upstream traffic goes through router.upstream_http (measured here at less than half of aiohttp's
-CPU per proxied request, which is itself several times cheaper than httpx). A request may be retried on a different replica, within the
-retry budget, only while nothing has reached the client: connection failures, 429/502/503/504
-answers, a stream that ends before its first byte, or no first byte within the TTFB timeout.
+CPU per proxied request; aiohttp is itself several times cheaper than httpx). A request may be
+retried on a different replica, within the retry budget, only while nothing has reached the
+client: connection failures, 429/502/503/504 answers, a stream that ends before its first byte,
+or no first byte within the TTFB timeout.
 Once the first byte is out, an upstream failure becomes one SSE error event and `[DONE]`.
 Streams pass through frame by frame as they arrive; nothing waits for the whole answer.
 """
@@ -73,7 +74,6 @@ class Exchange:
     replica_id: str = ""
     status: int = 0
     head_sent: bool = False
-    usage: dict | None = None
     body_out: bytes = b""
     tried: list[Replica] = field(default_factory=list)
 
