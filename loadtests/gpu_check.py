@@ -521,11 +521,16 @@ def engine_decode_steps(s: Shapes, llm, bandwidth: float, bench: Bench) -> list[
     runner = engine.runner
     graphs = runner.graphs
     model = runner.model
+    # A step reads every weight once, except the embedding table (only its B rows), unless the
+    # output projection shares it.
+    tied = model.lm_head.weight is model.embed_tokens.weight
     weight_bytes = sum(
         p.numel() * p.element_size()
-        for name, p in model.named_parameters()
-        if "embed_tokens" not in name or model.lm_head is None
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if not name.startswith("embed_tokens") or tied
     )
+    if tied:
+        weight_bytes -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     kv_per_token = engine.model_config.kv_bytes_per_token(engine.dtype)
     eager_steps = max(1, s.decode_steps // 2)
     rows = []

@@ -120,6 +120,15 @@ def test_long_prefill_uses_large_tiles_and_matches() -> None:
     _check(batch, torch.float32)
 
 
+def test_cache_wider_than_queries() -> None:
+    """bf16 activations over a float32 cache (the engine's layout on CPUs without bf16 units)."""
+    batch = make_paged_batch(
+        MIXED_CACHED, MIXED_NEW, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=6
+    )
+    batch.q = batch.q.to(torch.bfloat16)
+    _check(batch, torch.bfloat16)
+
+
 def test_empty_batch_returns_empty() -> None:
     batch = make_paged_batch([3], [1], num_q_heads=2, num_kv_heads=1, head_dim=16, block_size=4)
     q = batch.q[:0]

@@ -19,8 +19,16 @@ LLAMA3_SCALING = {
 }
 
 
-@DTYPES
-def test_store_kv_writes_slots_and_skips_negative(dtype) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+    ],
+    ids=["fp32", "bf16", "bf16-into-fp32-cache"],
+)
+def test_store_kv_writes_slots_and_skips_negative(dtype, cache_dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     num_blocks, block_size, hkv, d = 6, 4, 2, 24
     # K/V are strided views into a fused QKV buffer, as the model produces them.
@@ -28,7 +36,9 @@ def test_store_kv_writes_slots_and_skips_negative(dtype) -> None:
     key = qkv[:, 4 * d : (4 + hkv) * d].view(7, hkv, d)
     value = qkv[:, (4 + hkv) * d :].view(7, hkv, d)
     slots = torch.tensor([0, 5, -1, 9, 23, -1, 12])
-    caches = [torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(dtype) for _ in "kv"]
+    caches = [
+        torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(cache_dtype) for _ in "kv"
+    ]
     expected = [c.clone() for c in caches]
     reference.store_kv(key, value, *expected, slots)
     triton_ops.store_kv(key, value, *caches, slots)
