@@ -223,6 +223,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
 def choose_config(
     *,
     num_seqs: int,
@@ -232,6 +238,7 @@ def choose_config(
     max_query_len: int,
     max_seq_len: int,
     num_sms: int | None,
+    capability: int = 90,
     block_n: int | None = None,
     num_splits: int | None = None,
 ) -> AttentionConfig:
@@ -239,20 +246,24 @@ def choose_config(
 
     Decode-like batches use 16-row tiles (one query token x the GQA group) and 32-key tiles,
     which keep a program's registers low enough for several to share an SM; prefill chunks use
-    64/128-row tiles. Keys are split across programs only when the batch alone would leave some
+    64/128-row tiles on Hopper (`capability` 90) and 64x32 before it, where the same tiles spill. Keys are split across programs only when the batch alone would leave some
     of the GPU's `num_sms` idle (None: never split), at least two key tiles per split. The choice
     depends on `max_seq_len` and the batch only, never on device data, so a captured graph stays
     valid.
     """
     rows_needed = max(1, max_query_len) * group
     decode_like = rows_needed <= 16
+    hopper = capability >= 90
     block_m = max(16, next_pow2(group))
     if not decode_like:
-        block_m = max(block_m, 64 if rows_needed <= 64 else 128)
+        block_m = max(block_m, 64 if rows_needed <= 64 or not hopper else 128)
     block_q = max(1, block_m // group)
     wide_head = next_pow2(head_dim) > 128
     if block_n is None:
-        block_n = (16 if wide_head else 32) if decode_like else (32 if wide_head else 64)
+        if decode_like or not hopper:
+            block_n = 16 if wide_head else 32
+        else:
+            block_n = 32 if wide_head else 64
     if num_splits is None:
         num_splits = 1
         programs = num_seqs * num_kv_heads
@@ -264,7 +275,7 @@ def choose_config(
         block_m=block_m,
         block_n=block_n,
         num_splits=num_splits,
-        num_warps=4 if block_m <= 16 else 8,
+        num_warps=8 if block_m > 16 and hopper else 4,
         num_stages=2,
     )
 
@@ -302,6 +313,7 @@ def paged_attention(
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
             num_sms=_num_sms(q.device.index or 0) if q.is_cuda else None,
+            capability=_capability(q.device.index or 0) if q.is_cuda else 90,
         )
     block_d = max(16, next_pow2(head_dim))
     one_qblock = max_query_len <= config.block_q

@@ -45,8 +45,10 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def compile_kernel(kernel, pointers: dict[str, str], constexprs: dict, floats=(), **options):
-    """Compile for sm_90; args not named are i32 scalars. Returns (registers, spilled bytes)."""
+def compile_kernel(
+    kernel, pointers: dict[str, str], constexprs: dict, floats=(), arch: int = 90, **options
+):
+    """Compile for sm_<arch>; args not named are i32 scalars. Returns (registers, spilled bytes)."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -57,7 +59,7 @@ def compile_kernel(kernel, pointers: dict[str, str], constexprs: dict, floats=()
             signature[name] = "fp32" if name in floats else "i32"
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs),
-        target=GPUTarget("cuda", 90, 32),
+        target=GPUTarget("cuda", arch, 32),
         options=options,
     )
     return _resources(compiled.asm["cubin"])
@@ -71,24 +73,35 @@ def _attention_cases():
     pointers.update(
         dict.fromkeys(("partial_out_ptr", "partial_max_ptr", "partial_sum_ptr"), "fp32")
     )
-    shapes = {
-        "decode b1 ctx1024 (split)": dict(num_seqs=1, max_query_len=1, max_seq_len=1024),
-        "decode b128": dict(num_seqs=128, max_query_len=1, max_seq_len=1024),
-        "prefill 12 tokens": dict(num_seqs=4, max_query_len=12, max_seq_len=1024),
-        "prefill 512 tokens": dict(num_seqs=4, max_query_len=512, max_seq_len=1024),
+    llama = dict(num_kv_heads=8, group=4, head_dim=128)  # Llama-3-8B
+    small = dict(num_kv_heads=2, group=7, head_dim=64)  # Qwen2-0.5B
+    cases = {
+        "decode b1 ctx1024 (split)": (llama, dict(num_seqs=1, max_query_len=1), 90),
+        "decode b128": (llama, dict(num_seqs=128, max_query_len=1), 90),
+        "prefill 12 tokens": (llama, dict(num_seqs=4, max_query_len=12), 90),
+        "prefill 512 tokens": (llama, dict(num_seqs=4, max_query_len=512), 90),
+        "decode b1 D64 G7 (split)": (small, dict(num_seqs=1, max_query_len=1), 90),
+        "prefill 512 D64 G7": (small, dict(num_seqs=4, max_query_len=512), 90),
+        "decode b128 sm_80": (llama, dict(num_seqs=128, max_query_len=1), 80),
+        "prefill 512 sm_80": (llama, dict(num_seqs=4, max_query_len=512), 80),
     }
-    for name, shape in shapes.items():
+    for name, (model, shape, arch) in cases.items():
         config = triton_attention.choose_config(
-            num_kv_heads=8, group=4, head_dim=128, num_sms=132, **shape
+            max_seq_len=1024,
+            num_sms=132 if arch == 90 else 108,
+            capability=arch,
+            **model,
+            **shape,
         )
+        head_dim = model["head_dim"]
         constexprs = dict(
-            HEAD_DIM=128,
+            HEAD_DIM=head_dim,
             BLOCK_SIZE=16,
-            GROUP=4,
+            GROUP=model["group"],
             BLOCK_Q=config.block_q,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
-            BLOCK_D=128,
+            BLOCK_D=head_dim,
             SPLIT_KV=config.num_splits > 1,
             ONE_QBLOCK_PER_SEQ=shape["max_query_len"] <= config.block_q,
             WIDE_OFFSETS=False,
@@ -101,7 +114,7 @@ def _attention_cases():
             pointers,
             constexprs,
             ("scale_log2",),
-            dict(num_warps=config.num_warps, num_stages=config.num_stages),
+            dict(arch=arch, num_warps=config.num_warps, num_stages=config.num_stages),
         )
     yield (
         "merge_splits",

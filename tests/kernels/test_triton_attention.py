@@ -159,3 +159,5 @@ def test_config_heuristics() -> None:
     prefill = dict(decode, max_query_len=512)
     assert choose_config(num_seqs=4, num_sms=132, **prefill).block_m == 128
     assert choose_config(num_seqs=4, num_sms=132, **prefill).num_splits == 1
+    ampere = choose_config(num_seqs=4, num_sms=108, capability=80, **prefill)
+    assert (ampere.block_m, ampere.block_n, ampere.num_warps) == (64, 32, 4)

@@ -1,4 +1,5 @@
-"""Every kernel compiles for an H100 (sm_90) with the configurations the heuristics pick.
+"""Every kernel compiles for an H100 (sm_90; attention for an A100 too) with the configurations the
+heuristics pick.
 
 Catches what the interpreter lets through (Triton-only rules, type errors in loops) and register
 spills, without a GPU: Triton's bundled ptxas and cuobjdump do the work.
@@ -33,6 +34,6 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
     names = {r["kernel"] for r in results}
     expected = {"store_kv", "rms_norm+residual", "rms_norm head", "rotary", "silu_and_mul"}
     assert expected | {"merge_splits"} <= names
-    assert sum(name.startswith("paged_attention") for name in names) == 4
+    assert sum(name.startswith("paged_attention") for name in names) == 8
     spilling = [r for r in results if r["spilled_bytes"] > 0]
     assert not spilling, spilling
