@@ -148,7 +148,11 @@ class DecodeGraphs:
             return None
         start = time.perf_counter()
         buffers = DecodeBuffers.allocate(max_num_seqs, max_model_len, block_size, device)
-        graphs = cls(model, buffers)
+        try:
+            graphs = cls(model, buffers)
+        except RuntimeError:  # a capture failing must cost speed, not the engine
+            log.warning("CUDA graph capture failed; decode steps run eagerly", exc_info=True)
+            return None
         log.info(
             "captured %d decode CUDA graphs (batch sizes up to %d) in %.1f s",
             len(graphs.ladder),
