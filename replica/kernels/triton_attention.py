@@ -246,10 +246,10 @@ def choose_config(
 
     Decode-like batches use 16-row tiles (one query token x the GQA group) and 32-key tiles,
     which keep a program's registers low enough for several to share an SM; prefill chunks use
-    64/128-row tiles on Hopper (`capability` 90) and 64x32 before it, where the same tiles spill. Keys are split across programs only when the batch alone would leave some
-    of the GPU's `num_sms` idle (None: never split), at least two key tiles per split. The choice
-    depends on `max_seq_len` and the batch only, never on device data, so a captured graph stays
-    valid.
+    64/128-row tiles on Hopper (`capability` 90) and 64x32 before it, where bigger tiles spill.
+    Keys are split across programs only when the batch alone would leave some of the GPU's
+    `num_sms` idle (None: never split), at least two key tiles per split. The choice depends on
+    `max_seq_len` and the batch only, never on device data, so a captured graph stays valid.
     """
     rows_needed = max(1, max_query_len) * group
     decode_like = rows_needed <= 16
