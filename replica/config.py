@@ -87,6 +87,7 @@ class ModelConfig:
     qk_norm: bool
     dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
+    sliding_window: int | None = None  # attention window in use (we serve at most this context)
 
     @classmethod
     def from_folder(cls, path: Path) -> ModelConfig:
@@ -123,11 +124,20 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             dtype=DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype")), torch.bfloat16),
             eos_token_ids=_eos_ids(path, raw),
+            sliding_window=_sliding_window(model_type, raw),
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+def _sliding_window(model_type: str, raw: dict[str, Any]) -> int | None:
+    """Mistral applies `sliding_window` when set; Qwen2/3 only with `use_sliding_window`."""
+    window = raw.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+        return None
+    return int(window) if window else None
 
 
 def _eos_ids(path: Path, raw: dict[str, Any]) -> list[int]:

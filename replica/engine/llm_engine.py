@@ -37,7 +37,7 @@ class EngineCore:
         self.device = args.resolve_device()
         self.dtype = pick_dtype(args.dtype, cfg.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or path))
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        self.max_model_len = _context_limit(args, cfg)
         self.eos_token_ids = list(cfg.eos_token_ids)
         if (
             self.tokenizer.eos_token_id is not None
@@ -53,11 +53,15 @@ class EngineCore:
         num_blocks = plan_kv_blocks(
             args, cfg, model, wide, self.device, self.max_model_len, max_batched
         )
-        if num_blocks * args.block_size < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {num_blocks * args.block_size} tokens, fewer than max_model_len "
-                f"{self.max_model_len}: give it more memory or lower max_model_len"
-            )
+        capacity = num_blocks * args.block_size
+        if capacity < self.max_model_len:
+            if args.max_model_len is not None or capacity < args.block_size:
+                raise ValueError(
+                    f"the KV cache holds {capacity} tokens, fewer than max_model_len "
+                    f"{self.max_model_len}: give it more memory or lower max_model_len"
+                )
+            log.warning("max_model_len lowered to %d tokens: all the KV cache holds", capacity)
+            self.max_model_len = capacity
         self.runner = ModelRunner(
             model,
             cfg,
@@ -303,6 +307,20 @@ class EngineCore:
             "prefix_cache_hits": blocks.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+def _context_limit(args: EngineArgs, cfg: ModelConfig) -> int:
+    """max_model_len: as asked, else the model's; never past its positions or attention window
+    (we attend to the whole context, so a sliding-window model is exact only within its window)."""
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window is not None and cfg.sliding_window < limit:
+        limit = cfg.sliding_window
+    if args.max_model_len is not None and args.max_model_len > limit:
+        raise ValueError(
+            f"max_model_len {args.max_model_len} exceeds this model's limit of {limit} tokens"
+            + (" (its sliding attention window)" if limit == cfg.sliding_window else "")
+        )
+    return args.max_model_len or limit
 
 
 def _make_decoder(tokenizer) -> Callable[[list[int], bool], str]:
