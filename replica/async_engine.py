@@ -161,11 +161,11 @@ class AsyncEngine:
         if request_id not in self._streams:  # abandoned before it started
             return
         try:
-            self.core.add_request(request_id, prompt_ids, params, cache_salt)
+            self.core.add_request(
+                request_id, text or prompt_ids, params, cache_salt, prompt_token_ids=prompt_ids
+            )
         except ValueError as exc:
             self._send([(request_id, exc)])
-            return
-        self.core.requests[request_id].prompt = text
 
     def _fail_all(self, exc: BaseException) -> None:
         self.error = exc

@@ -32,10 +32,14 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        engine = self.engine
+        token_ids = [engine.tokenize(prompt) for prompt in prompts]
+        for ids, p in zip(token_ids, params, strict=True):
+            engine.validate(ids, p)  # all or nothing: a bad prompt adds no request
         order: dict[str, int] = {}
-        for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        for index, (prompt, ids, p) in enumerate(zip(prompts, token_ids, params, strict=True)):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt, p)
+            engine.add_request(request_id, prompt, p, prompt_token_ids=ids)
             order[request_id] = index
         results: list[RequestOutput | None] = [None] * len(prompts)
         while self.engine.has_unfinished:

@@ -36,11 +36,11 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
 
-    def add_token(self, token_id: int) -> str | None:
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
         """Decode one more token; returns the stop string if the text now contains one.
 
         The text is then cut right before the stop string (or right after it when it is to be
-        included).
+        included). With `check_stop` false (min_tokens not reached yet) stop strings are ignored.
         """
         self.ids.append(token_id)
         prefix = self.decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special)
@@ -50,7 +50,7 @@ class IncrementalDetokenizer:
         new_text = full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += new_text
-        return self._find_stop(len(new_text)) if self.stop else None
+        return self._find_stop(len(new_text)) if self.stop and check_stop else None
 
     def flush(self) -> None:
         """At the end, release bytes still waiting for a character to complete (as U+FFFD)."""

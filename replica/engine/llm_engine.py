@@ -139,10 +139,12 @@ class EngineCore:
         prompt: str | list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> Request:
+        """Queue a request; `prompt_token_ids` passes a text prompt already tokenized."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.tokenize(prompt)
+        prompt_ids = self.tokenize(prompt) if prompt_token_ids is None else prompt_token_ids
         self.validate(prompt_ids, params)
         request = Request(
             request_id,
@@ -233,8 +235,8 @@ class EngineCore:
             return self._finish(seq, "stop", token)
         if ended and not params.ignore_eos and token in self.eos_token_ids:
             return self._finish(seq, "stop", None)
-        stop = seq.detokenizer.add_token(token)
-        if stop is not None and ended:
+        stop = seq.detokenizer.add_token(token, check_stop=ended)
+        if stop is not None:
             return self._finish(seq, "stop", stop)
         if (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
             seq.num_tokens >= self.max_model_len

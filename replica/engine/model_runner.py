@@ -129,12 +129,13 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
                 sample_seqs.append(seq)
             done = seq.request.prompt_logprobs
-            if (
-                seq.index == 0
-                and done is not None
-                and len(done) == start + 1 < seq.num_prompt_tokens
-            ):
-                prompt_spans.append((seq, row, min(n, seq.num_prompt_tokens - 1 - start), start))
+            if seq.index == 0 and done is not None:
+                # Row p's logits score prompt token p + 1; `done` covers tokens 0..len(done)-1
+                # (a chunk recomputed after preemption skips what is already there).
+                first = len(done) - 1
+                end = min(start + n, seq.num_prompt_tokens - 1)
+                if start <= first < end:
+                    prompt_spans.append((seq, row + first - start, end - first, first))
             row += n
 
         meta = AttentionMetadata(

@@ -109,3 +109,18 @@ def test_engine_stop_strings_and_streamed_deltas(llama_llm) -> None:
     assert choice.text == text[: text.index(stop)]
     assert "".join(deltas) == choice.text
     assert all(stop not in d for d in deltas)
+
+
+def test_stop_strings_wait_for_min_tokens(llama_llm) -> None:
+    prompt = random_prompts([5], seed=21)[0]
+    free = llama_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    first_token_text = llama_llm.tokenizer.decode(free[0].outputs[0].token_ids[:1])
+    assert first_token_text
+    early = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[first_token_text])
+    assert llama_llm.generate(prompt, early)[0].outputs[0].text == ""
+    late = SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True, stop=[first_token_text], min_tokens=6
+    )
+    out = llama_llm.generate(prompt, late)[0].outputs[0]
+    assert out.finish_reason == "length"
+    assert out.text == llama_llm.tokenizer.decode(free[0].outputs[0].token_ids[:6])

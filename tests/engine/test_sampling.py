@@ -178,3 +178,9 @@ def test_engine_rejects_requests_it_cannot_serve(llama_llm) -> None:
         engine.add_request("bias", [5], SamplingParams(logit_bias={-3: 1.0}))
     assert err.value.param == "logit_bias"
     assert not engine.has_unfinished
+
+
+def test_a_bad_prompt_in_a_batch_adds_nothing(llama_llm) -> None:
+    with pytest.raises(SamplingParamsError):
+        llama_llm.generate([[5, 6], [5] * 600], SamplingParams(max_tokens=4))
+    assert not llama_llm.engine.has_unfinished and not llama_llm.engine.requests
