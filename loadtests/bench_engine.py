@@ -32,11 +32,12 @@ def make_prompts(vocab: int, num: int, length: int, seed: int) -> list[list[int]
     return [torch.randint(8, vocab, (length,), generator=gen).tolist() for _ in range(num)]
 
 
-def timed(run: Callable[[], int]) -> tuple[float, int]:
+def timed(run: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
+    """Seconds taken and the generated token ids per prompt, in prompt order."""
     gc.collect()
     start = time.perf_counter()
-    tokens = run()
-    return time.perf_counter() - start, tokens
+    outputs = run()
+    return time.perf_counter() - start, outputs
 
 
 def bench_ours(path: Path, dtype: str, prompts: list[list[int]], args) -> tuple[float, int]:
@@ -51,9 +52,8 @@ def bench_ours(path: Path, dtype: str, prompts: list[list[int]], args) -> tuple[
     warm = make_prompts(llm.engine.vocab_size, 2, args.prompt_len, seed=99)
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
 
-    def run() -> int:
-        outs = llm.generate(prompts, params)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+    def run() -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
     result = timed(run)
     return result
@@ -65,21 +65,22 @@ def bench_hf_static(path: Path, dtype: str, prompts: list[list[int]], args) -> t
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     batch = args.hf_batch
 
-    def generate(chunk: list[list[int]], new_tokens: int) -> int:
+    def generate(chunk: list[list[int]], new_tokens: int) -> list[list[int]]:
         ids = torch.tensor(chunk)
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
         )  # fmt: skip
-        return (out.shape[1] - ids.shape[1]) * out.shape[0]
+        return out[:, ids.shape[1] :].tolist()
 
     with torch.inference_mode():
         generate(prompts[:2], 4)
         result = timed(
-            lambda: sum(
-                generate(prompts[i : i + batch], args.output_len)
+            lambda: [
+                ids
                 for i in range(0, len(prompts), batch)
-            )
+                for ids in generate(prompts[i : i + batch], args.output_len)
+            ]
         )
     return result
 
@@ -94,11 +95,12 @@ def bench_hf_batch(path: Path, dtype: str, prompts: list[list[int]], args) -> tu
     )
     cb_config = ContinuousBatchingConfig(num_blocks=args.hf_cache_blocks)
 
-    def run() -> int:
+    def run() -> list[list[int]]:
         outs = model.generate_batch(
             prompts, generation_config=gen_config, continuous_batching_config=cb_config
         )
-        return sum(len(o.generated_tokens) for o in outs.values())
+        by_prompt = {tuple(o.prompt_ids): list(o.generated_tokens) for o in outs.values()}
+        return [by_prompt.get(tuple(p), []) for p in prompts]
 
     result = timed(run)
     return result
@@ -151,25 +153,29 @@ def main() -> None:
     )
     rows = []
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-        results: dict[str, float] = {}
+        rates: dict[str, float] = {}
+        reference: list[list[int]] | None = None
         for name in engines:
-            seconds, tokens = ENGINES[name](path, dtype, prompts, args)
-            results[name] = tokens / seconds
-            rows.append((dtype, name, tokens, seconds, tokens / seconds))
+            seconds, outputs = ENGINES[name](path, dtype, prompts, args)
+            tokens = sum(len(o) for o in outputs)
+            rates[name] = tokens / seconds
+            reference = reference or outputs
+            same = sum(o == r for o, r in zip(outputs, reference, strict=True))
+            rows.append((dtype, name, tokens, seconds, rates[name], same))
             print(
-                f"  {dtype:9s} {name:22s} {tokens:6d} tokens in {seconds:7.2f} s = {tokens / seconds:8.1f} tok/s",
+                f"  {dtype:9s} {name:22s} {tokens:6d} tokens in {seconds:7.2f} s "
+                f"= {rates[name]:8.1f} tok/s ({same}/{len(prompts)} outputs as {engines[0]})",
                 flush=True,
             )
         for name in engines[1:]:
-            if "fleetserve" in results:
-                print(
-                    f"  {dtype:9s} fleetserve / {name}: {results['fleetserve'] / results[name]:.2f}x"
-                )
+            print(f"  {dtype:9s} {engines[0]} / {name}: {rates[engines[0]] / rates[name]:.2f}x")
     print()
-    print("| dtype | engine | output tokens | seconds | tokens/s |")
-    print("|---|---|---:|---:|---:|")
-    for dtype, name, tokens, seconds, rate in rows:
-        print(f"| {dtype} | {name} | {tokens} | {seconds:.2f} | {rate:.1f} |")
+    print(f"| dtype | engine | output tokens | seconds | tokens/s | same outputs as {engines[0]} |")
+    print("|---|---|---:|---:|---:|---:|")
+    for dtype, name, tokens, seconds, rate, same in rows:
+        print(
+            f"| {dtype} | {name} | {tokens} | {seconds:.2f} | {rate:.1f} | {same}/{len(prompts)} |"
+        )
 
 
 if __name__ == "__main__":
