@@ -63,35 +63,40 @@ def paged_attention(
     k = k.view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
     v = v.view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
 
+    keys = torch.arange(ctx, device=q.device)
+    if decode:  # one query per sequence, at its last position: no padding, no causal band
+        padded = q.view(num_seqs, num_kv_heads, group, head_dim)
+        mask = (keys[None, :] < seq_lens[:, None]).view(num_seqs, 1, 1, ctx)
+        out = _sdpa(padded, k, v, mask, scale)
+        return out.reshape(num_tokens, num_q_heads, head_dim)
+
     starts = query_start_loc[:-1].long()
     q_lens = query_start_loc[1:].long() - starts
     steps = torch.arange(max_query_len, device=q.device)
-    if decode:
-        padded = q.view(num_seqs, 1, num_q_heads, head_dim)
-    else:
-        rows = (starts[:, None] + steps[None, :]).clamp_max(num_tokens - 1)
-        padded = q[rows]  # [B, Q, Hq, D]; rows past a sequence's queries are dropped below
+    rows = (starts[:, None] + steps[None, :]).clamp_max(num_tokens - 1)
+    padded = q[rows]  # [B, Q, Hq, D]; rows past a sequence's queries are dropped below
     # [B, Q, Hkv, G, D] -> [B, Hkv, G*Q, D]: query row g * Q + i, so GQA needs no copy of K/V.
     padded = padded.view(num_seqs, max_query_len, num_kv_heads, group, head_dim)
     padded = padded.permute(0, 2, 3, 1, 4).reshape(
         num_seqs, num_kv_heads, group * max_query_len, head_dim
     )
-
     # Query i of sequence b sits at position seq_len - q_len + i and sees keys up to it.
     last_key = (seq_lens.long() - q_lens)[:, None] + steps[None, :]  # [B, Q]
-    keys = torch.arange(ctx, device=q.device)
     mask = keys[None, None, :] <= last_key[:, :, None]  # [B, Q, ctx]
     mask = mask.repeat(1, group, 1).unsqueeze(1)  # [B, 1, G*Q, ctx]
-
-    # A cache kept wider than q (bf16 served in fp32 on CPUs without bf16 units) sets the
-    # compute dtype; the result comes back in q's dtype.
-    out = F.scaled_dot_product_attention(padded.to(k.dtype), k, v, attn_mask=mask, scale=scale)
-    out = out.to(q.dtype).view(num_seqs, num_kv_heads, group, max_query_len, head_dim)
+    out = _sdpa(padded, k, v, mask, scale)
+    out = out.view(num_seqs, num_kv_heads, group, max_query_len, head_dim)
     out = out.permute(0, 3, 1, 2, 4).reshape(num_seqs, max_query_len, num_q_heads, head_dim)
-    if decode:
-        return out.view(num_tokens, num_q_heads, head_dim)
-    valid = steps[None, :] < q_lens[:, None]  # [B, Q]
-    return out[valid]
+    return out[steps[None, :] < q_lens[:, None]]
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA in the cache's dtype (wider than q when bf16 is served in fp32 on CPUs without bf16
+    units), the result back in q's dtype."""
+    out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=scale)
+    return out.to(q.dtype)
 
 
 def rms_norm(
