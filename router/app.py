@@ -218,7 +218,7 @@ class RouterApp:
             sample = self.tokens.wants_sample(model)
             if request.get("stream") is True:
                 ex.stream = True
-                if sample or not self.gate.open:
+                if sample or record is not None:
                     body = self._ask_for_usage(ex, request, body)
             max_model_len = replicas[0].max_model_len if replicas else None
             reserve = prompt_tokens + completion_budget(
@@ -258,7 +258,8 @@ class RouterApp:
         )
 
     def _ask_for_usage(self, ex: Exchange, request: dict, body: bytes) -> bytes:
-        """Usage is needed to settle the key: ask the replica for it, strip it if unasked."""
+        """Usage settles a fleet key (and teaches the token estimator): ask the replica for it,
+        strip it from the stream if the client did not ask."""
         options = request.get("stream_options")
         if options is not None and not isinstance(options, dict):
             return body
