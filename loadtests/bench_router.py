@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-requests-c1", type=int, default=300)
     parser.add_argument("--stream-requests-c64", type=int, default=1000)
     parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--kv-cache-tokens", type=int, default=12288)
+    parser.add_argument("--kv-cache-tokens", type=int, default=10240)
     parser.add_argument("--tenants", type=int, default=16)
     parser.add_argument("--tenant-tokens", type=int, default=1500)
     parser.add_argument("--routing-requests", type=int, default=160)
