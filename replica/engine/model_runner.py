@@ -93,8 +93,8 @@ class ModelRunner:
         seqs, counts = batch.seqs, batch.num_new_tokens
         starts = [seq.num_computed_tokens for seq in seqs]
         is_decode = all(n == 1 for n in counts)
-        if is_decode:
-            token_list = [seq.token_ids[-1] for seq in seqs]
+        if is_decode:  # also a prompt chunk of one token: take the token at `start`
+            token_list = [seq.token_ids[start] for seq, start in zip(seqs, starts, strict=True)]
         else:
             token_list = []
             for seq, start, n in zip(seqs, starts, counts, strict=True):

@@ -47,3 +47,10 @@ def test_preemption_matches_transformers(arch, tiny_models, make_llm, expected) 
     load = llm.load()
     assert load["num_preemptions"] > 0
     assert load["free_blocks"] == load["num_blocks"] == 10
+
+
+def test_one_token_budget_matches_transformers(tiny_models, make_llm, expected) -> None:
+    """Every step computes one token: prompts advance one position at a time next to decodes."""
+    prompts, want = expected
+    llm = make_llm(tiny_models["llama"], max_num_batched_tokens=1)
+    assert _run(llm, prompts[:4]) == want["llama"][:4]
