@@ -96,6 +96,10 @@ class AsyncEngine:
             if not finished:
                 self._submit(("abort", request_id))
 
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise SamplingParamsError for a request this engine cannot serve (no side effects)."""
+        self.core.validate(prompt_token_ids, params)
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks before the next step; safe from any thread."""
         stream = self._streams.pop(request_id, None)
