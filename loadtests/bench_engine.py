@@ -156,15 +156,17 @@ def main() -> None:
         rates: dict[str, float] = {}
         reference: list[list[int]] | None = None
         for name in engines:
+            load_before = os.getloadavg()[0]
             seconds, outputs = ENGINES[name](path, dtype, prompts, args)
+            load = f"load {load_before:.1f}->{os.getloadavg()[0]:.1f}"
             tokens = sum(len(o) for o in outputs)
             rates[name] = tokens / seconds
             reference = reference or outputs
             same = sum(o == r for o, r in zip(outputs, reference, strict=True))
-            rows.append((dtype, name, tokens, seconds, rates[name], same))
+            rows.append((dtype, name, tokens, seconds, rates[name], same, load))
             print(
                 f"  {dtype:9s} {name:22s} {tokens:6d} tokens in {seconds:7.2f} s "
-                f"= {rates[name]:8.1f} tok/s ({same}/{len(prompts)} outputs as {engines[0]})",
+                f"= {rates[name]:8.1f} tok/s ({same}/{len(prompts)} outputs as {engines[0]}, {load})",
                 flush=True,
             )
         for name in engines[1:]:

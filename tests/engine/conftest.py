@@ -10,7 +10,7 @@ import torch
 from engine_helpers import ARCHS
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Tiny models run fastest on one thread, and far faster when the box is oversubscribed
     (OpenMP barriers wait for descheduled threads)."""
