@@ -173,8 +173,12 @@ def test_chat_stream_with_usage(replica: LiveReplica) -> None:
     finishes = [c["choices"][0]["finish_reason"] for c in content]
     assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
     # The client's own stream parser agrees.
-    streamed = client.chat.completions.create(**args, stream=True)
+    *streamed, usage_chunk = client.chat.completions.create(
+        **args, stream=True, stream_options={"include_usage": True}
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_chat_logprobs(replica: LiveReplica) -> None:
