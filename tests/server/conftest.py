@@ -1,94 +1,12 @@
-"""A real replica server (uvicorn + AsyncEngine on a tiny model) running in a thread of the test
-process, on a loopback socket it was handed (no port race)."""
+"""Fixtures of the replica-server tests (helpers live in live_replica.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
-import uvicorn
-
-from replica.async_engine import AsyncEngine
-from replica.config import EngineArgs
-from replica.server.app import build_app
-from replica.server.runtime import ReplicaRuntime, ServerSettings
-
-MODEL_NAME = "tiny-llama"
-API_KEY = "sk-test-static-key"
-
-
-@dataclass
-class LiveReplica:
-    url: str
-    runtime: ReplicaRuntime
-    api_key: str | None
-
-    @property
-    def engine(self) -> AsyncEngine:
-        return self.runtime.engine
-
-    def openai(self, api_key: str | None = None, **kwargs) -> openai.OpenAI:
-        key = api_key or self.api_key or "unused"
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
-
-    def http(self, **kwargs) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
-
-
-def engine_args(model: Path, **overrides) -> EngineArgs:
-    defaults = dict(
-        device="cpu", dtype="float32", max_model_len=512, kv_cache_tokens=8192, max_num_seqs=64
-    )
-    return EngineArgs(model=str(model), **{**defaults, **overrides})
-
-
-@contextlib.contextmanager
-def serve(
-    model: Path,
-    *,
-    api_key: str | None = None,
-    redis_url: str | None = None,
-    max_waiting: int | None = None,
-    **engine_overrides,
-) -> Iterator[LiveReplica]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    settings = ServerSettings(
-        model=str(model),
-        served_model_name=MODEL_NAME,
-        port=port,
-        api_key=api_key,
-        redis_url=redis_url,
-        max_waiting=max_waiting,
-        drain_grace_s=5,
-    )
-    args = engine_args(model, **engine_overrides)
-    app = build_app(settings, lambda: AsyncEngine(args))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("replica server did not start")
-        time.sleep(0.02)
-    try:
-        yield LiveReplica(f"http://127.0.0.1:{port}", app.state.runtime, api_key)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+from live_replica import API_KEY, LiveReplica, serve
 
 
 @pytest.fixture(scope="session")
@@ -101,12 +19,3 @@ def replica(tiny_model: Path) -> Iterator[LiveReplica]:
     """One server shared by a module's tests, with a static API key."""
     with serve(tiny_model, api_key=API_KEY) as live:
         yield live
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import LiveReplica, serve, wait_until
+from live_replica import LiveReplica, serve, wait_until
 from openai_schema import assert_valid
 
 # Long enough that no request can finish while the others are still connecting.
@@ -30,6 +30,7 @@ def _engine_idle(replica: LiveReplica) -> bool:
 async def test_cancelled_streams_free_everything_within_a_second(replica: LiveReplica) -> None:
     streams = 50
     all_streaming = asyncio.Event()
+    release = asyncio.Event()  # the clients disconnect only after the checks below
     ready = 0
 
     async def one(client: httpx.AsyncClient) -> int:
@@ -44,7 +45,7 @@ async def test_cancelled_streams_free_everything_within_a_second(replica: LiveRe
                     ready += 1
                     if ready == streams:
                         all_streaming.set()
-                    await all_streaming.wait()
+                    await release.wait()
                     break  # leaving the block closes the connection mid-stream
         return frames
 
@@ -56,6 +57,7 @@ async def test_cancelled_streams_free_everything_within_a_second(replica: LiveRe
         # Every request is mid-stream in the engine right now.
         assert replica.engine.load()["running"] + replica.engine.load()["waiting"] == streams
         assert replica.runtime.inflight == streams
+        release.set()
         assert await asyncio.gather(*tasks) == [2] * streams
     closed_at = time.monotonic()
     assert await asyncio.to_thread(wait_until, lambda: _engine_idle(replica), 1.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, serve, wait_until
+from live_replica import MODEL_NAME, serve, wait_until
 from openai_schema import assert_valid
 
 from fleet.control.keys import KeyAdmin

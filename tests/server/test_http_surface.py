@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import API_KEY, MODEL_NAME, LiveReplica
+from live_replica import API_KEY, MODEL_NAME, LiveReplica
 from openai_schema import assert_valid
 
 

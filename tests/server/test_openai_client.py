@@ -7,7 +7,7 @@ import json
 
 import openai
 import pytest
-from conftest import MODEL_NAME, LiveReplica
+from live_replica import MODEL_NAME, LiveReplica
 from openai_schema import assert_valid
 
 GREEDY = {"temperature": 0.0}
