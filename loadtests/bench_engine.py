@@ -172,11 +172,13 @@ def main() -> None:
         for name in engines[1:]:
             print(f"  {dtype:9s} {engines[0]} / {name}: {rates[engines[0]] / rates[name]:.2f}x")
     print()
-    print(f"| dtype | engine | output tokens | seconds | tokens/s | same outputs as {engines[0]} |")
-    print("|---|---|---:|---:|---:|---:|")
-    for dtype, name, tokens, seconds, rate, same in rows:
+    header = f"same outputs as {engines[0]}"
+    print(f"| dtype | engine | output tokens | seconds | tokens/s | {header} | machine load |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for dtype, name, tokens, seconds, rate, same, load in rows:
         print(
-            f"| {dtype} | {name} | {tokens} | {seconds:.2f} | {rate:.1f} | {same}/{len(prompts)} |"
+            f"| {dtype} | {name} | {tokens} | {seconds:.2f} | {rate:.1f} "
+            f"| {same}/{len(prompts)} | {load} |"
         )
 
 
