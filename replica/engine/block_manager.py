@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence as Seq
 
 from replica.engine.sequence import Sequence
 
@@ -67,7 +68,7 @@ class BlockManager:
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += len(cached_blocks) * self.block_size
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: Seq[int] = ()) -> bool:
         """Give `seq` blocks for `num_new_tokens` more tokens after its computed ones (and after
         `cached_blocks`, which count as computed); False, changing nothing, if the pool is short."""
         num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size

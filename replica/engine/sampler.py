@@ -49,18 +49,17 @@ class Sampler:
         penalised = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
         if penalised:
             logits = self._penalise(logits, [seqs[i] for i in penalised], penalised)
-        rows, cols, values = [], [], []
+        edits: list[tuple[int, int, float]] = []  # (row, token, added logit)
         for i, seq in enumerate(seqs):
             params = seq.params
-            for token, bias in (params.logit_bias or {}).items():
-                rows.append(i), cols.append(token), values.append(bias)
+            edits.extend((i, token, bias) for token, bias in (params.logit_bias or {}).items())
             if seq.num_output_tokens < params.min_tokens:
                 banned = list(params.stop_token_ids)
                 if not params.ignore_eos:
                     banned += self.eos_token_ids
-                for token in banned:
-                    rows.append(i), cols.append(token), values.append(float("-inf"))
-        if rows:
+                edits.extend((i, token, float("-inf")) for token in banned)
+        if edits:
+            rows, cols, values = zip(*edits, strict=True)
             index = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
             logits = logits.index_put(
                 index, torch.tensor(values, device=self.device), accumulate=True
