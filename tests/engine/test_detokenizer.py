@@ -124,3 +124,21 @@ def test_stop_strings_wait_for_min_tokens(llama_llm) -> None:
     out = llama_llm.generate(prompt, late)[0].outputs[0]
     assert out.finish_reason == "length"
     assert out.text == llama_llm.tokenizer.decode(free[0].outputs[0].token_ids[:6])
+
+
+def test_streamed_text_equals_a_full_decode(llama_llm) -> None:
+    """Sampled byte-level output (partial UTF-8 included) streams to exactly the full decode."""
+    engine, tokenizer = llama_llm.engine, llama_llm.tokenizer
+    prompts = [tokenizer.encode("日本語と🚀 émoji"), *random_prompts([9, 4], seed=22)]
+    params = SamplingParams(temperature=1.3, seed=5, max_tokens=60, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"utf8-{i}", prompt, params)
+    deltas: dict[str, list[str]] = {f"utf8-{i}": [] for i in range(len(prompts))}
+    finals = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            deltas[out.request_id].append(out.outputs[0].delta_text)
+            finals[out.request_id] = out.outputs[0]
+    for request_id, choice in finals.items():
+        full = tokenizer.decode(choice.token_ids, skip_special_tokens=True)
+        assert choice.text == full == "".join(deltas[request_id])
