@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,10 +46,10 @@ def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
     from fleet.model_factory import make_model
 
     root = tmp_path_factory.mktemp("models")
-    built: dict[tuple, Path] = {}
+    built: dict[tuple[str, str, int, str], Path] = {}
 
     def build(arch: str = "llama", size: str = "tiny", seed: int = 0, **overrides) -> Path:
-        key = (arch, size, seed, tuple(sorted(overrides.items())))
+        key = (arch, size, seed, json.dumps(overrides, sort_keys=True))
         if key not in built:
             name = f"{arch}-{size}-{seed}-{len(built)}"
             built[key] = make_model(root / name, arch=arch, size=size, seed=seed, **overrides)
