@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with neither this nor --redis-url the router is open",
     )
     parser.add_argument(
+        "--no-fleet-keys",
+        dest="fleet_keys",
+        action="store_false",
+        help="do not check the fleet's API keys in Redis (a trusted network only); "
+        "--api-key still applies",
+    )
+    parser.add_argument(
         "--upstream-api-key",
         default=os.environ.get(UPSTREAM_KEY_ENV),
         help=f"bearer key the router presents to replicas (env {UPSTREAM_KEY_ENV})",
@@ -94,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         admin_key=args.admin_key,
         api_keys=args.api_key,
         upstream_api_key=args.upstream_api_key,
+        fleet_keys=args.fleet_keys,
         connect_timeout_s=args.connect_timeout,
         ttfb_timeout_s=args.ttfb_timeout,
         idle_timeout_s=args.idle_timeout,

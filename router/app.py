@@ -65,7 +65,8 @@ class RouterApp:
         self.config = config
         self.started_at = time.time()
         if config.redis_url:
-            key_store = key_store or KeyStore(config.redis_url)
+            if config.fleet_keys:
+                key_store = key_store or KeyStore(config.redis_url)
             watcher = watcher or MembershipWatcher(config.redis_url)
         self.key_store = key_store
         self.policy = make_policy(config.policy, queue_weight=config.prefix_queue_weight)

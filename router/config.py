@@ -17,6 +17,7 @@ class RouterConfig:
     admin_key: str | None = None
     api_keys: list[str] = field(default_factory=list)
     upstream_api_key: str | None = None
+    fleet_keys: bool = True
     connect_timeout_s: float = 3.0
     ttfb_timeout_s: float = 300.0
     idle_timeout_s: float = 60.0
@@ -26,7 +27,3 @@ class RouterConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     prefix_queue_weight: float = 64.0
     pool: PoolSettings = field(default_factory=PoolSettings)
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.redis_url or self.api_keys)

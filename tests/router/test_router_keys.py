@@ -143,3 +143,21 @@ async def test_replicas_join_and_leave_through_redis_membership(replicas, redis_
         draining.status_code == 503 and draining.json()["error"]["code"] == "no_replica_available"
     )
     assert not gone
+
+
+async def test_fleet_keys_off_serves_without_a_key_but_static_keys_still_apply(
+    replicas, redis_url
+) -> None:
+    open_config = router_config(replicas, redis_url=redis_url, fleet_keys=False)
+    async with run_router(open_config) as router:
+        anonymous = await router.client.post("/v1/chat/completions", json=chat())
+    static_config = router_config(
+        replicas, redis_url=redis_url, fleet_keys=False, api_keys=["sk-static"]
+    )
+    async with run_router(static_config) as router:
+        missing = await router.client.post("/v1/chat/completions", json=chat())
+        good = await router.client.post(
+            "/v1/chat/completions", json=chat(), headers=bearer("sk-static")
+        )
+    assert anonymous.status_code == 200
+    assert missing.status_code == 401 and good.status_code == 200
