@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"static key (env {API_KEY_ENV})"
     )
     add_redis_url_argument(fleet)
+    fleet.add_argument(
+        "--no-fleet-keys",
+        dest="fleet_keys",
+        action="store_false",
+        help="do not check the fleet's API keys in Redis (a trusted network only)",
+    )
     fleet.add_argument("--advertise-url", help="URL routers use to reach this replica")
     fleet.add_argument("--replica-id", help="membership id (default: random)")
     serving = p.add_argument_group("serving")
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key,
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
+        fleet_keys=args.fleet_keys,
         advertise_url=args.advertise_url,
         replica_id=args.replica_id,
         max_waiting=args.max_waiting,

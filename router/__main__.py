@@ -96,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         host=args.host,
         port=args.port,
         redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
         policy=args.policy,
         replicas=args.replica,
         admin_key=args.admin_key,

@@ -66,8 +66,8 @@ class RouterApp:
         self.started_at = time.time()
         if config.redis_url:
             if config.fleet_keys:
-                key_store = key_store or KeyStore(config.redis_url)
-            watcher = watcher or MembershipWatcher(config.redis_url)
+                key_store = key_store or KeyStore(config.redis_url, prefix=config.redis_prefix)
+            watcher = watcher or MembershipWatcher(config.redis_url, prefix=config.redis_prefix)
         self.key_store = key_store
         self.policy = make_policy(config.policy, queue_weight=config.prefix_queue_weight)
         self.metrics = RouterMetrics(lambda: self.pool.gauges())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fleet.control.redis_conn import DEFAULT_PREFIX
 from router.pool import PoolSettings
 
 
@@ -12,6 +13,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     redis_url: str | None = None
+    redis_prefix: str = DEFAULT_PREFIX
     policy: str = "prefix"
     replicas: list[str] = field(default_factory=list)
     admin_key: str | None = None

@@ -108,15 +108,10 @@ class FleetManager:
                 )
             for line in await asyncio.to_thread(lambda: list(teardown(existing, 30.0))):
                 self.note(f"left by a previous fleet: {line}")
-        if not self.spec.keys.enabled:
-            raise FleetStartError(
-                "keys.enabled=false (--no-keys) is not available yet: the router and replicas "
-                "always check API keys when they share a Redis; keep keys on and use the printed key"
-            )
         _check_port_free(self.spec.router.host, self.spec.router.port)
         self.backend = await self._make_backend()
         await self._start_redis()
-        if self.spec.keys.enabled and not self.admin_key:
+        if not self.admin_key:
             self.admin_key = new_admin_key()
         self.state = FleetState(
             name=self.spec.name,
@@ -190,9 +185,11 @@ class FleetManager:
             "--policy",
             router.policy,
         ]
-        env = {"FLEET_UPSTREAM_API_KEY": self.internal_key}
-        if self.admin_key:
-            env["FLEET_ADMIN_KEY"] = self.admin_key
+        env = {"FLEET_ADMIN_KEY": self.admin_key}
+        if self.spec.keys.enabled:
+            env["FLEET_UPSTREAM_API_KEY"] = self.internal_key
+        else:
+            argv.append("--no-fleet-keys")
         spec = ProcessSpec(argv + router.args, self.log_dir / "router.log", env)
         self.router = Supervisor(
             "router", spec, self.policy, f"{self.router_url}/health", self._on_supervisor
@@ -206,11 +203,12 @@ class FleetManager:
         self._next_index[name] = index + 1
         gpus = self.backend.gpu_count()
         device = replica_device(model, gpus) if self.spec.backend == "local" else model.device
-        env = {
-            "TOKENIZERS_PARALLELISM": "false",
-            "FLEET_REPLICA_API_KEY": self.internal_key,
-            **model.env,
-        }
+        env = {"TOKENIZERS_PARALLELISM": "false", **model.env}
+        flags = model.engine_flags()
+        if self.spec.keys.enabled:
+            env["FLEET_REPLICA_API_KEY"] = self.internal_key
+        else:
+            flags.append("--no-fleet-keys")
         if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             env.setdefault("OMP_NUM_THREADS", str(self.backend.cpu_threads(self._count(model))))
         launch = ReplicaLaunch(
@@ -219,7 +217,7 @@ class FleetManager:
             model_path=self.model_paths[name],
             device=device,
             redis_url=self.redis_url,
-            flags=model.engine_flags(),
+            flags=flags,
             env=env,
         )
         handle = self.backend.create(launch)

@@ -41,6 +41,7 @@ class ServerSettings:
     api_key: str | None = None
     redis_url: str | None = None
     redis_prefix: str = DEFAULT_PREFIX
+    fleet_keys: bool = True
     advertise_url: str | None = None
     replica_id: str | None = None
     max_waiting: int | None = None
@@ -82,9 +83,10 @@ class ReplicaRuntime:
         self.engine = await asyncio.to_thread(self._engine_factory)
         self.texts = TokenTexts(self.engine.tokenizer)
         if self.settings.redis_url:
-            keystore = KeyStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
-            await keystore.start()
-            self.auth = Auth(self.settings.api_key, keystore)
+            if self.settings.fleet_keys:
+                keystore = KeyStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
+                await keystore.start()
+                self.auth = Auth(self.settings.api_key, keystore)
             self._register_task = asyncio.create_task(self._register_when_listening())
         self.status = "ready"
         log.info("replica ready: %s at %s", self.settings.served_model_name, self.settings.url)
