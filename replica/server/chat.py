@@ -4,7 +4,7 @@ logprobs, whole or streamed (a role chunk per choice first, then content deltas)
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import orjson
@@ -107,7 +107,7 @@ class ChatJob:
         await self.scope.settle(body_usage["prompt_tokens"], body_usage["completion_tokens"])
         return chat_response(self.head, choices, body_usage)
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         include_usage = self.body.include_usage
         head = self.head
         role = {"role": "assistant", "content": ""}

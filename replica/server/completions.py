@@ -4,7 +4,7 @@ and logprobs, whole or streamed. Choice `index` runs over prompt x n, prompt 0's
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import orjson
@@ -147,7 +147,7 @@ class CompletionJob:
         await self.scope.settle(body_usage["prompt_tokens"], body_usage["completion_tokens"])
         return completion_response(self.head, choices, body_usage)
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         n = self.params.n
         include_usage = self.body.include_usage
         logprobs = {k: self._logprobs() for k in range(len(self.prompts) * n)}

@@ -1,5 +1,5 @@
-"""Every failure leaves as OpenAI error JSON: our own APIErrors, unknown paths (404), wrong methods
-(405), and anything unexpected (500; starlette re-raises it afterwards so the server logs the
+"""Every failure leaves as OpenAI error JSON: our own APIErrors, parameters the engine refuses (400),
+unknown paths (404), wrong methods (405), and anything unexpected (500; starlette re-raises it afterwards so the server logs the
 traceback, which never goes on the wire)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
+from replica.sampling_params import SamplingParamsError
 from replica.server.sse import ClientGone
 
 # nginx's "client closed request": the status recorded (never sent) when the client left first.
@@ -18,6 +19,12 @@ CLIENT_CLOSED = 499
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return exc.response()
+
+
+async def sampling_error(request: Request, exc: Exception) -> Response:
+    """The engine refused a request's parameters: a 400 naming the field."""
+    assert isinstance(exc, SamplingParamsError)
+    return APIError(400, str(exc), exc.param).response()
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -41,6 +48,7 @@ async def unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     APIError: api_error,
+    SamplingParamsError: sampling_error,
     HTTPException: http_error,
     ClientGone: client_gone,
     Exception: unexpected,

@@ -9,9 +9,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fleet.control.errors import APIError
 from replica.outputs import RequestOutput
-from replica.sampling_params import SamplingParams, SamplingParamsError
+from replica.sampling_params import SamplingParams
 from replica.server.auth import Admission
 from replica.server.metrics import ServerMetrics
 from replica.server.protocol import SamplingFields
@@ -24,32 +23,30 @@ def sampling_params(
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """The engine's SamplingParams from validated request fields (OpenAI defaults where unset)."""
-    try:
-        return SamplingParams(
-            n=body.n or 1,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            # top_p=0 is legal in OpenAI's API and means "only the most likely token".
-            top_p=1.0 if body.top_p is None else max(body.top_p, 1e-9),
-            top_k=body.top_k or 0,
-            min_p=body.min_p or 0.0,
-            seed=body.seed,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            logit_bias=body.logit_bias_ids(),
-            stop=body.stop_strings,
-            stop_token_ids=body.stop_token_ids or [],
-            include_stop_str_in_output=bool(body.include_stop_str_in_output),
-            ignore_eos=bool(body.ignore_eos),
-            min_tokens=body.min_tokens or 0,
-            max_tokens=max_tokens,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=body.skip_special_tokens is not False,
-        )
-    except SamplingParamsError as exc:
-        raise APIError(400, str(exc), exc.param) from None
+    """The engine's SamplingParams from validated request fields (OpenAI defaults where unset);
+    a SamplingParamsError it raises becomes a 400 (see errors.py)."""
+    return SamplingParams(
+        n=body.n or 1,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        # top_p=0 is legal in OpenAI's API and means "only the most likely token".
+        top_p=1.0 if body.top_p is None else max(body.top_p, 1e-9),
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias=body.logit_bias_ids(),
+        stop=body.stop_strings,
+        stop_token_ids=body.stop_token_ids or [],
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        ignore_eos=bool(body.ignore_eos),
+        min_tokens=body.min_tokens or 0,
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=body.skip_special_tokens is not False,
+    )
 
 
 class LatencyTracker:
@@ -95,8 +92,6 @@ async def run_prompt(
         async for out in outputs:
             tracker.saw(out)
             yield out
-    except SamplingParamsError as exc:
-        raise APIError(400, str(exc), exc.param) from None
     finally:
         await outputs.aclose()
 

@@ -19,7 +19,7 @@ from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
 from fleet.control.redis_conn import DEFAULT_PREFIX
-from replica.sampling_params import SamplingParams, SamplingParamsError
+from replica.sampling_params import SamplingParams
 from replica.server.auth import Auth
 from replica.server.metrics import ServerMetrics
 from replica.server.token_text import TokenTexts
@@ -199,11 +199,9 @@ class ReplicaRuntime:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """The engine's own checks (token ids in the vocabulary, logprobs, ...), run before any
-        response starts so that a stream never opens for a request the engine would refuse."""
-        try:
-            self.engine.core.validate(prompt_ids, params)
-        except SamplingParamsError as exc:
-            raise APIError(400, str(exc), exc.param) from None
+        response starts so that a stream never opens for a request the engine would refuse.
+        Raises SamplingParamsError, a 400 naming the field (see errors.py)."""
+        self.engine.core.validate(prompt_ids, params)
 
     def load(self) -> dict | None:
         """The engine's load, plus its KV capacity in tokens (what prefix-aware routers size by)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -67,7 +67,7 @@ class SSEResponse(Response):
 
     def __init__(
         self,
-        frames: AsyncIterator[bytes],
+        frames: AsyncGenerator[bytes, None],
         on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         # Not Response.__init__: it would set a Content-Length for an empty body.
@@ -104,11 +104,5 @@ class SSEResponse(Response):
             log.exception("stream failed after the response began")
             tail = APIError(500, "internal error while streaming").sse_frames()
         finally:
-            await _close(self.frames)
+            await self.frames.aclose()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
-
-
-async def _close(frames: AsyncIterator[bytes]) -> None:
-    aclose = getattr(frames, "aclose", None)
-    if aclose is not None:
-        await aclose()
