@@ -26,10 +26,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 async def health(request: Request) -> Response:
     """200 while taking new work; 503 while loading or draining (probes and routers read this)."""
-    runtime = runtime_of(request)
-    if runtime.status == "ready" and not runtime.healthy:
-        return json_response({"status": "engine_dead"}, 503)
-    return json_response({"status": runtime.status}, 200 if runtime.healthy else 503)
+    state = runtime_of(request).state
+    return json_response({"status": state}, 200 if state == "ready" else 503)
 
 
 async def version_route(request: Request) -> Response:
@@ -42,7 +40,7 @@ async def load(request: Request) -> Response:
     return json_response(
         {
             "model": runtime.settings.served_model_name,
-            "status": runtime.status,
+            "status": runtime.state,
             "in_flight": runtime.inflight,
             **(runtime.load() or {}),
         }

@@ -157,18 +157,20 @@ class ReplicaRuntime:
     # -- per request
 
     @property
-    def healthy(self) -> bool:
-        return self.status == "ready" and self.engine.is_running
+    def state(self) -> str:
+        """`status`, or "engine_dead" once the engine's step thread has stopped under us."""
+        if self.status == "ready" and not self.engine.is_running:
+            return "engine_dead"
+        return self.status
 
     def accept(self) -> Any:
         """The engine, if this replica takes new generation work now; else 503 with Retry-After."""
-        if self.status == "ready" and not self.engine.is_running:
-            raise APIError(503, "the engine has stopped", code="engine_dead")
-        if self.status != "ready":
+        state = self.state
+        if state != "ready":
             raise APIError(
                 503,
-                f"replica is {self.status}; retry on another replica",
-                code=f"replica_{self.status}",
+                f"replica is {state}; retry on another replica",
+                code=f"replica_{state}",
                 headers={"Retry-After": "1"},
             )
         limit = self.settings.max_waiting
