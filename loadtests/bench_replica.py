@@ -1,6 +1,6 @@
 """Output tokens/s through the replica's HTTP server against the offline engine, same requests, one run.
 
-    .venv/bin/python loadtests/bench_replica.py      # 64 x (128 in, 128 out), `small` Llama, bf16
+    .venv/bin/python loadtests/bench_replica.py --rounds 3   # 64 x (128 in, 128 out), `small`, bf16
 
 Requests and engine settings are the engine benchmark's (loadtests/bench_engine.py). The offline
 number is `LLM.generate` on all prompts at once in this process. The HTTP number is a
@@ -8,6 +8,8 @@ number is `LLM.generate` on all prompts at once in this process. The HTTP number
 /v1/completions requests by an aiohttp client that parses only the final usage chunk. Both are
 greedy with ignore_eos, so both generate exactly requests x output-len tokens. The gap between
 them is what the HTTP layer costs: parsing, SSE framing, and sharing the CPU with the event loop.
+A third row runs the offline engine in a worker thread, where the server's engine steps run. On a
+shared machine runs vary by +-10-20%: `--rounds` alternates the modes and keeps each one's best.
 """
 
 from __future__ import annotations
