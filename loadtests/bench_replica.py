@@ -7,9 +7,9 @@ number is `LLM.generate` on all prompts at once in this process. The HTTP number
 `python -m replica` subprocess (as deployed) fed the same prompts as 64 concurrent streaming
 /v1/completions requests by an aiohttp client that parses only the final usage chunk. Both are
 greedy with ignore_eos, so both generate exactly requests x output-len tokens. The gap between
-them is what the HTTP layer costs: parsing, SSE framing, and sharing the CPU with the event loop.
-A third row runs the offline engine in a worker thread, where the server's engine steps run. On a
-shared machine runs vary by +-10-20%: `--rounds` alternates the modes and keeps each one's best.
+them is what the HTTP layer costs: parsing, SSE framing, the client, and sharing the CPU with the
+event loop. On a shared machine runs vary by +-10-20%: `--rounds` alternates the modes and keeps
+each one's best.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,20 +70,10 @@ def server_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def run_offline(
-    model: Path, prompts: list[list[int]], args: argparse.Namespace, in_thread: bool = False
-) -> Result:
-    """`LLM.generate` on all prompts; `in_thread` runs it in a worker thread, as the server's
-    engine runs, to tell the HTTP layer's cost apart from where the engine's thread lives."""
-    if in_thread:
-        with ThreadPoolExecutor(1) as pool:
-            seconds, tokens = pool.submit(_time_generate, model, prompts, args).result()
-    else:
-        seconds, tokens = _time_generate(model, prompts, args)
+def run_offline(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> Result:
+    seconds, tokens = _time_generate(model, prompts, args)
     gc.collect()
-    return Result(
-        "offline, worker thread" if in_thread else "offline LLM.generate", seconds, tokens
-    )
+    return Result("offline LLM.generate", seconds, tokens)
 
 
 def _time_generate(
@@ -204,13 +193,12 @@ def main() -> None:
     prompts = make_prompts(vocab, args.num_prompts, args.prompt_len, args.seed)
     print(f"model {model} ({args.dtype}), {args.num_prompts} requests x ({args.prompt_len} "
           f"prompt, {args.output_len} output) tokens, greedy, ignore_eos, torch threads "
-          f"{torch.get_num_threads()}; the three modes run in turn, {args.rounds} round(s)\n")  # fmt: skip
+          f"{torch.get_num_threads()}; the two modes run in turn, {args.rounds} round(s)\n")  # fmt: skip
     print(f"{'round':>5} {'mode':<30} {'tok/s':>8} {'seconds':>8} {'TTFT p50':>9} {'load avg':>8}")
     best: dict[str, Result] = {}
     for round_ in range(1, args.rounds + 1):
         for run in (
             lambda: run_offline(model, prompts, args),
-            lambda: run_offline(model, prompts, args, in_thread=True),
             lambda: run_http(model, prompts, vocab, args),
         ):
             r = run()
@@ -219,12 +207,10 @@ def main() -> None:
                   f"{os.getloadavg()[0]:>8.1f}", flush=True)  # fmt: skip
             if r.mode not in best or r.tokens_per_s > best[r.mode].tokens_per_s:
                 best[r.mode] = r
-    offline, threaded, http = best.values()
+    offline, http = best.values()
     print(f"\nbest of {args.rounds}: HTTP {http.tokens_per_s:.1f} tok/s = "
           f"{http.tokens_per_s / offline.tokens_per_s:.1%} of offline LLM.generate "
-          f"({offline.tokens_per_s:.1f}; target >= 85%), "
-          f"{http.tokens_per_s / threaded.tokens_per_s:.1%} of offline in a worker thread "
-          f"({threaded.tokens_per_s:.1f})")  # fmt: skip
+          f"({offline.tokens_per_s:.1f}; target >= 85%)")  # fmt: skip
 
 
 if __name__ == "__main__":

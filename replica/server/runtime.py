@@ -203,7 +203,7 @@ class ReplicaRuntime:
         """The engine's own checks (token ids in the vocabulary, logprobs, ...), run before any
         response starts so that a stream never opens for a request the engine would refuse.
         Raises SamplingParamsError, a 400 naming the field (see errors.py)."""
-        self.engine.core.validate(prompt_ids, params)
+        self.engine.validate(prompt_ids, params)
 
     def load(self) -> dict | None:
         """The engine's load, plus its KV capacity in tokens (what prefix-aware routers size by)."""
