@@ -69,6 +69,11 @@ class SamplingParams:
             value = getattr(self, name)
             need(-2 <= value <= 2, name, f"{name} must be in [-2, 2], got {value}")
         need(self.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0")
+        need(
+            self.seed is None or -(2**63) <= self.seed < 2**63,
+            "seed",
+            f"seed must be a signed 64-bit integer, got {self.seed}",
+        )
         need(self.min_tokens >= 0, "min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None:
             need(

@@ -158,6 +158,7 @@ def test_prompt_logprobs_survive_chunked_prefill(llama_path, make_llm) -> None:
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"logprobs": -1}, "logprobs"),
+        ({"seed": 2**64}, "seed"),
     ],
 )
 def test_bad_fields_name_the_parameter(fields, param) -> None:
