@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     from router.server import serve
 
-    serve(config_from_args(args), args.log_level)
+    serve(config_from_args(args))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The router's ASGI application.
 
-The generation routes (`/v1/chat/completions`, `/v1/completions`) and per-replica pinning
-(`/replicas/{id}/...`) are dispatched by path straight to their handlers, with no framework
-request objects: they are the data path, and every microsecond there is paid per request.
-Everything else (`/v1/models`, `/tokenize`, `/detokenize`, `/health`, `/metrics`, `/admin/...`) is
-an ordinary Starlette app.
+The data path (`/v1/chat/completions`, `/v1/completions`, `/tokenize`, `/detokenize`, and
+per-replica pinning `/replicas/{id}/...`) is dispatched by path straight to its handlers on the
+router's own HTTP server (router.http_server), with no framework objects: every microsecond there
+is paid per request. Everything else (`/v1/models`, `/health`, `/metrics`, `/admin/...`) is an
+ordinary Starlette app behind an ASGI bridge.
 
 Per generation request: read the body, authenticate (cached), parse it once with orjson, check
 the model, take the key's limits, pick a replica, proxy, then settle the key's usage from the
@@ -14,16 +14,14 @@ upstream's own `usage` (streams ask the replica for `include_usage`; see sse.py)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -33,7 +31,8 @@ from fleet.control.membership import MembershipWatcher
 from router import admin
 from router.auth import Gate
 from router.config import RouterConfig
-from router.flight import CLIENT_GONE, ClientDisconnected, Flight, Watchdog, watch_client
+from router.flight import CLIENT_GONE, Flight, Watchdog
+from router.http_server import Connection, Request, asgi_bridge, error_headers
 from router.metrics import RouterMetrics
 from router.policies import RouteRequest, make_policy
 from router.pool import ReplicaPool
@@ -100,18 +99,9 @@ class RouterApp:
                 *admin.routes(self),
             ],
             exception_handlers={APIError: _api_error, HTTPException: _http_error},
-            lifespan=self._lifespan,
         )
 
     # -- lifecycle
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        await self.start()
-        try:
-            yield
-        finally:
-            await self.stop()
 
     async def start(self) -> None:
         if self.key_store is not None:
@@ -134,24 +124,21 @@ class RouterApp:
 
     # -- dispatch
 
-    async def __call__(self, scope: dict, receive, send) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            route = GENERATION_ROUTES.get(path)
-            if route is not None and scope["method"] == "POST":
-                await self._generation(scope, receive, send, route, path, None)
-                return
-            if path in PLAIN_ROUTES and scope["method"] == "POST":
-                await self._plain(scope, receive, send, path[1:], path, None)
-                return
-            if path.startswith(PINNED_PREFIX):
-                await self._pinned(scope, receive, send)
-                return
-        await self.web(scope, receive, send)
+    async def handle(self, request: Request, conn: Connection) -> None:
+        path = request.path
+        route = GENERATION_ROUTES.get(path)
+        if route is not None and request.method == "POST":
+            await self._generation(request, conn, route, path, None)
+        elif path in PLAIN_ROUTES and request.method == "POST":
+            await self._plain(request, conn, path[1:], path, None)
+        elif path.startswith(PINNED_PREFIX):
+            await self._pinned(request, conn)
+        else:
+            await asgi_bridge(self.web, request, conn)
 
-    async def _pinned(self, scope: dict, receive, send) -> None:
+    async def _pinned(self, request: Request, conn: Connection) -> None:
         """`/replicas/{id}/<path>`: the same API, served by exactly that replica (no retries)."""
-        path = scope["path"]
+        path = request.path
         slash = path.find("/", len(PINNED_PREFIX))
         replica_id = unquote(path[len(PINNED_PREFIX) : slash if slash > 0 else None])
         rest = path[slash:] if slash > 0 else "/"
@@ -160,7 +147,7 @@ class RouterApp:
         if replica is None:
             refusal = APIError(404, f"No replica with id '{replica_id}'.", code="replica_not_found")
         route = GENERATION_ROUTES.get(rest)
-        if route is not None and scope["method"] == "POST":
+        if route is not None and request.method == "POST":
             if replica is not None and replica.draining:
                 refusal = APIError(
                     503,
@@ -168,35 +155,34 @@ class RouterApp:
                     code="replica_draining",
                     headers={"Retry-After": "1"},
                 )
-            await self._generation(scope, receive, send, route, rest, replica, refusal)
+            await self._generation(request, conn, route, rest, replica, refusal)
             return
-        query = scope.get("query_string") or b""
+        query = request.query
         full = rest + ("?" + query.decode("latin-1") if query else "")
-        await self._plain(scope, receive, send, "pinned", full, replica, refusal)
+        await self._plain(request, conn, "pinned", full, replica, refusal)
 
     # -- the generation data path
 
     async def _generation(
         self,
-        scope: dict,
-        receive,
-        send,
+        incoming: Request,
+        conn: Connection,
         route: str,
         path: str,
         pinned: Replica | None,
         pinned_error: APIError | None = None,
     ) -> None:
         started = time.perf_counter()
-        flight = Flight(asyncio.current_task())  # type: ignore[arg-type]
-        ex = Exchange(route, path, send, flight, started)
+        flight = Flight(conn.task)
+        ex = Exchange(route, path, conn, flight, started)
         ticket: Ticket | None = None
         units: Units = ""
         sample = False
         try:
-            body = await read_body(receive, self.config.max_body_bytes)
-            watch_client(scope, receive, flight)
+            body = incoming.body
+            conn.on_disconnect = flight.client_left
             self.watchdog.flights.add(flight)
-            authorization, session_id = request_headers(scope)
+            authorization, session_id = request_headers(incoming.headers)
             record = await self.gate.authenticate(authorization, None)
             if pinned_error is not None:
                 raise pinned_error
@@ -231,9 +217,7 @@ class RouterApp:
             )
             await self.proxy.forward(ex, route_request, body, "POST", pinned)
         except APIError as err:
-            await self._refuse(ex, err)
-        except ClientDisconnected:
-            ex.status = 499
+            self._refuse(ex, err)
         except asyncio.CancelledError:
             reason = flight.absorb()
             if reason is None:
@@ -241,7 +225,7 @@ class RouterApp:
             if reason == CLIENT_GONE:
                 ex.status = 499
             else:
-                await self._refuse(ex, APIError(504, "The replica did not answer in time."))
+                self._refuse(ex, APIError(504, "The replica did not answer in time."))
         finally:
             flight.done = True
             self.watchdog.flights.discard(flight)
@@ -301,32 +285,33 @@ class RouterApp:
             completion = ex.tap.frames if ex.tap is not None else 0
         await self.gate.settle(ticket, prompt, completion)
 
-    async def _refuse(self, ex: Exchange, err: APIError) -> None:
+    def _refuse(self, ex: Exchange, err: APIError) -> None:
         ex.status = err.status
         if ex.head_sent:
             return
         ex.head_sent = True
-        await send_error(ex.send, err)
+        ex.conn.respond(err.status, error_headers(err), orjson.dumps(err.body()))
 
     # -- everything else that is proxied: tokenize, detokenize, pinned non-generation paths
 
     async def _plain(
         self,
-        scope: dict,
-        receive,
-        send,
+        request: Request,
+        conn: Connection,
         route: str,
         path: str,
         pinned: Replica | None,
         pinned_error: APIError | None = None,
     ) -> None:
         started = time.perf_counter()
-        flight = Flight(asyncio.current_task())  # type: ignore[arg-type]
-        ex = Exchange(route, path, send, flight, started)
+        flight = Flight(conn.task)
+        ex = Exchange(route, path, conn, flight, started)
+        method = request.method
         try:
-            body = await read_body(receive, self.config.max_body_bytes)
+            body = request.body
+            conn.on_disconnect = flight.client_left
             self.watchdog.flights.add(flight)
-            authorization, _ = request_headers(scope)
+            authorization, _ = request_headers(request.headers)
             record = await self.gate.authenticate(authorization, None)
             if pinned_error is not None:
                 raise pinned_error
@@ -336,16 +321,17 @@ class RouterApp:
                 if record is not None:
                     record.check_model(model)
             ex.model = model or (pinned.model if pinned else "") or ""
-            request = RouteRequest(model, "", 0)
-            await self.proxy.forward(ex, request, body, scope["method"], pinned)
+            await self.proxy.forward(ex, RouteRequest(model, "", 0), body, method, pinned)
         except APIError as err:
-            await self._refuse(ex, err)
-        except ClientDisconnected:
-            ex.status = 499
+            self._refuse(ex, err)
         except asyncio.CancelledError:
-            if flight.absorb() is None:
+            reason = flight.absorb()
+            if reason is None:
                 raise
-            await self._refuse(ex, APIError(504, "The replica did not answer in time."))
+            if reason == CLIENT_GONE:
+                ex.status = 499
+            else:
+                self._refuse(ex, APIError(504, "The replica did not answer in time."))
         finally:
             flight.done = True
             self.watchdog.flights.discard(flight)
@@ -370,16 +356,16 @@ class RouterApp:
 
     # -- local routes
 
-    async def health(self, request: Request) -> Response:
+    async def health(self, request: StarletteRequest) -> Response:
         now = time.monotonic()
         routable = sum(r.routable(now) for r in self.pool.replicas.values())
         body = {"status": "ok", "replicas": len(self.pool.replicas), "routable": routable}
         return Response(orjson.dumps(body), media_type="application/json")
 
-    async def prometheus(self, request: Request) -> Response:
+    async def prometheus(self, request: StarletteRequest) -> Response:
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    async def models(self, request: Request) -> Response:
+    async def models(self, request: StarletteRequest) -> Response:
         record = await self.gate.authenticate(request.headers.get("authorization"), None)
         cards = [
             {
@@ -412,33 +398,15 @@ def completion_budget(
     return max((max_model_len or 0) - prompt_tokens, 0) * n
 
 
-def request_headers(scope: dict) -> tuple[str | None, str | None]:
+def request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
     """(Authorization, X-Session-Id), in one pass over the raw headers."""
     authorization = session = None
-    for name, value in scope["headers"]:
+    for name, value in headers:
         if name == b"authorization":
             authorization = value.decode("latin-1")
         elif name == b"x-session-id":
             session = value.decode("latin-1")
     return authorization, session
-
-
-async def read_body(receive, limit: int) -> bytes:
-    message = await receive()
-    body = message.get("body", b"")
-    parts = [body]
-    size = len(body)
-    while True:
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        if size > limit:
-            raise APIError(413, f"The request body is larger than {limit} bytes.")
-        if not message.get("more_body"):
-            return body if len(parts) == 1 else b"".join(parts)
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        parts.append(chunk)
 
 
 def parse_object(body: bytes) -> dict:
@@ -460,23 +428,12 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-async def send_error(send, err: APIError) -> None:
-    body = orjson.dumps(err.body())
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in err.headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _api_error(request: Request, exc: Exception) -> Response:
+async def _api_error(request: StarletteRequest, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return exc.response()
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
+async def _http_error(request: StarletteRequest, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = "Not found." if exc.status_code == 404 else str(exc.detail)
     return APIError(exc.status_code, f"{message} ({request.method} {request.url.path})").response()

@@ -2,8 +2,8 @@
 
 Each request has a `Flight`: the task serving it and a deadline that the data path moves forward
 with one attribute store per upstream read. One `Watchdog` task scans the flights a few times a
-second and cancels the task of any flight past its deadline, naming the reason; a per-request
-watcher cancels it when the client disconnects. The handler catches the cancellation, reads the
+second and cancels the task of any flight past its deadline, naming the reason; the client's
+connection cancels it when the client disconnects (`client_left`). The handler catches the cancellation, reads the
 reason, and decides: retry (time to first byte), SSE error (idle stream), or stop (client gone).
 """
 
@@ -11,27 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import time
 from dataclasses import dataclass
 
 CLIENT_GONE = "client_gone"
-# Scope key our uvicorn protocol (router.server) provides: the app may put a callable there, which
-# the protocol calls when the connection drops before the response completed. Other servers lack
-# the key, and the app then watches `receive()` in a task instead.
-DISCONNECT_HOOK = "fleet.on_disconnect"
-
-
-class ClientDisconnected(Exception):
-    """The client left while its request body was still arriving."""
-
-
 TTFB_TIMEOUT = "ttfb_timeout"
 IDLE_TIMEOUT = "idle_timeout"
 
 
 @dataclass(slots=True, eq=False)
 class Flight:
-    task: asyncio.Task
+    task: asyncio.Task | None
     deadline: float = 0.0
     phase: str = TTFB_TIMEOUT
     reason: str | None = None
@@ -40,7 +30,8 @@ class Flight:
     def expire(self, reason: str) -> None:
         if self.reason is None and not self.done:
             self.reason = reason
-            self.task.cancel()
+            if self.task is not None:
+                self.task.cancel()
 
     def client_left(self) -> None:
         self.expire(CLIENT_GONE)
@@ -72,28 +63,9 @@ class Watchdog:
                 await self._task
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
-            now = loop.time()
+            now = time.monotonic()
             for flight in list(self.flights):
                 if flight.deadline and now > flight.deadline:
                     flight.expire(flight.phase)
-
-
-def watch_client(scope: dict, receive: Callable[[], Awaitable[dict]], flight: Flight) -> None:
-    """Arrange for `flight` to learn of a client disconnect, the cheap way when the server can."""
-    if DISCONNECT_HOOK in scope:
-        scope[DISCONNECT_HOOK] = flight.client_left
-    else:
-        asyncio.get_running_loop().create_task(watch_disconnect(receive, flight))
-
-
-async def watch_disconnect(receive: Callable[[], Awaitable[dict]], flight: Flight) -> None:
-    """Runs beside the handler; ends by itself when the response completes (uvicorn then answers
-    `http.disconnect`, which `flight.done` tells apart from a real disconnect)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            flight.expire(CLIENT_GONE)
-            return

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 from fleet.control.errors import APIError
 from router.flight import IDLE_TIMEOUT, TTFB_TIMEOUT, Flight
+from router.http_server import Connection as ClientConnection
 from router.metrics import RouterMetrics
 from router.policies import Decision, Policy, RouteRequest
 from router.pool import ReplicaPool
@@ -56,16 +56,13 @@ class Retryable(Exception):
         self.detail = detail
 
 
-Send = Callable[[dict], Awaitable[None]]
-
-
 @dataclass(slots=True, eq=False)
 class Exchange:
     """One client request on its way through the router."""
 
     route: str
     path: str
-    send: Send
+    conn: ClientConnection
     flight: Flight
     started: float
     model: str = ""
@@ -217,7 +214,7 @@ class Proxy:
         replica.breaker.dispatched()
         flight = ex.flight
         flight.phase = TTFB_TIMEOUT
-        flight.deadline = asyncio.get_running_loop().time() + self.ttfb_timeout_s
+        flight.deadline = time.monotonic() + self.ttfb_timeout_s
         response: Connection | None = None
         verdict = False
         try:
@@ -271,20 +268,19 @@ class Proxy:
         ex.status = response.status
         headers = [
             (b"content-type", response.header(b"content-type") or b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
             (b"x-fleet-replica", replica.id_header),
         ]
-        await ex.send({"type": "http.response.start", "status": ex.status, "headers": headers})
         ex.head_sent = True
-        self.metrics.first_byte(ex.route, ex.model, time.perf_counter() - ex.started)
-        await ex.send({"type": "http.response.body", "body": payload, "more_body": False})
         ex.flight.done = True
+        ex.conn.respond(ex.status, headers, payload)
+        self.metrics.first_byte(ex.route, ex.model, time.perf_counter() - ex.started)
         ex.body_out = payload
 
     async def _stream(
         self, ex: Exchange, replica: Replica, response: Connection, first: bytes
     ) -> None:
-        send = ex.send
+        conn = ex.conn
+        send = conn.send_chunk
         flight = ex.flight
         tap = ex.tap
         ex.status = 200
@@ -293,14 +289,12 @@ class Proxy:
             (b"cache-control", b"no-cache"),
             (b"x-fleet-replica", replica.id_header),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        conn.start_stream(200, headers)
         ex.head_sent = True
         self.metrics.first_byte(ex.route, ex.model, time.perf_counter() - ex.started)
-        data = tap.feed(first) if tap is not None else first
-        if data:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+        send(tap.feed(first) if tap is not None else first)
         readany = response.readany
-        clock = asyncio.get_running_loop().time
+        clock = time.monotonic
         idle = self.idle_timeout_s
         flight.phase = IDLE_TIMEOUT
         failure: APIError | None = None
@@ -311,11 +305,9 @@ class Proxy:
                 flight.deadline = 0.0
                 if not chunk:
                     break
-                if tap is not None:
-                    chunk = tap.feed(chunk)
-                    if not chunk:
-                        continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                send(tap.feed(chunk) if tap is not None else chunk)
+                if conn.writing_paused:
+                    await conn.drain()
         except asyncio.CancelledError:
             if flight.reason != IDLE_TIMEOUT:
                 raise
@@ -327,13 +319,10 @@ class Proxy:
             failure = APIError(
                 502, f"The replica's stream broke: {type(exc).__name__}.", code="upstream_error"
             )
+        flight.done = True
         if failure is not None:
             self.pool.failed(replica)
             ex.status = failure.status
-            await send(
-                {"type": "http.response.body", "body": failure.sse_frames(), "more_body": False}
-            )
+            conn.end_stream(failure.sse_frames())
         else:
-            tail = tap.flush() if tap is not None else b""
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
-        flight.done = True
+            conn.end_stream(tap.flush() if tap is not None else b"")

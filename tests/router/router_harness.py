@@ -1,6 +1,6 @@
 """Helpers for router tests: fake replicas as real processes, routers as real servers on loopback.
 
-Routers run in the test's event loop under uvicorn (the same server code `python -m router` runs),
+Routers run in the test's event loop on the same server code `python -m router` runs,
 so tests can also look at their state.
 """
 
@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from fleet.embedded_redis import free_port
 from router.app import RouterApp
 from router.config import RouterConfig
+from router.http_server import HttpServer
 from router.pool import PoolSettings
-from router.server import uvicorn_config
+from router.server import http_server
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "loadtests" / "fake_replica.py"
@@ -116,7 +116,7 @@ class RunningRouter:
     app: RouterApp
     url: str
     client: httpx.AsyncClient
-    server: uvicorn.Server
+    server: HttpServer
 
     def replica(self, replica_id: str):
         return self.app.pool.replicas[replica_id]
@@ -126,31 +126,19 @@ FAST_POOL = PoolSettings(probe_interval_s=0.2, load_interval_s=0.2, probe_timeou
 
 
 @contextlib.asynccontextmanager
-async def run_router(
-    config: RouterConfig, http: str | None = None, **app_kwargs
-) -> AsyncIterator[RunningRouter]:
-    """`http` picks another uvicorn protocol than the router's own (e.g. "h11")."""
+async def run_router(config: RouterConfig, **app_kwargs) -> AsyncIterator[RunningRouter]:
     config.port = config.port or free_port()
     app = RouterApp(config, **app_kwargs)
-    server_config = uvicorn_config(app, config, log_level="warning")
-    if http is not None:
-        server_config.http = http
-    server = uvicorn.Server(server_config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if task.done():
-            task.result()
-        if time.monotonic() > deadline:
-            raise TimeoutError("router did not start")
-        await asyncio.sleep(0.01)
-    url = f"http://127.0.0.1:{config.port}"
+    server = http_server(app, config)
+    await app.start()
     try:
+        await server.start()
+        url = f"http://127.0.0.1:{config.port}"
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             yield RunningRouter(app, url, client, server)
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+        await asyncio.wait_for(server.stop(grace_s=10), 15)
+        await app.stop()
 
 
 def router_config(replicas: list[FakeReplica], **overrides) -> RouterConfig:

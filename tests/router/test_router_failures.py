@@ -8,7 +8,6 @@ import time
 
 import httpx
 import orjson
-import pytest
 from router_harness import ADMIN, MODEL, chat, router_config, run_router, sse_events
 
 from router.pool import PoolSettings
@@ -88,11 +87,10 @@ async def test_idle_stream_gets_an_sse_timeout_error(replicas) -> None:
     assert events[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize("http", [None, "h11"], ids=["router-protocol", "plain-uvicorn-h11"])
-async def test_client_disconnect_closes_upstream_and_releases_counters(replicas, http) -> None:
+async def test_client_disconnect_closes_upstream_and_releases_counters(replicas) -> None:
     slow = replicas[0]
     slow.configure(chunk_delay=0.2, chunks=50)
-    async with run_router(router_config([slow]), http=http) as router:
+    async with run_router(router_config([slow])) as router:
         async with httpx.AsyncClient(base_url=router.url) as client:
             for _ in range(5):
                 async with client.stream(

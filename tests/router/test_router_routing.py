@@ -194,7 +194,7 @@ async def test_client_sockets_have_nodelay_and_reused_streams_do_not_stall(repli
             response = await router.client.post("/v1/chat/completions", json=chat(stream=True))
             assert response.status_code == 200
             timings.append(time.perf_counter() - started)
-        connections = list(router.server.server_state.connections)
+        connections = list(router.server.connections)
         flags = [
             c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             for c in connections
