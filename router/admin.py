@@ -1,7 +1,9 @@
 """The admin API (admin key required): replicas with their load, drain / undrain, router stats.
 
-Drain here is this router's own flag (the replica keeps serving what it has, gets nothing new from
-this router). A replica that drains itself (SIGTERM) is seen by every router through membership.
+A drained replica keeps serving what it has and gets nothing new. For replicas known through the
+fleet's membership the drain is recorded in Redis, so every router honours it (`"scope": "fleet"`);
+for `--replica` URLs it is this router's own flag (`"scope": "router"`). A replica that drains
+itself (SIGTERM) is seen by every router through membership.
 """
 
 from __future__ import annotations
@@ -51,14 +53,14 @@ def routes(app: RouterApp) -> list[Route]:
     async def drain(request: Request) -> Response:
         check(request)
         replica = replica_of(request)
-        replica.admin_drained = True
-        return _json(describe(replica))
+        scope = await app.pool.set_drained(replica, True)
+        return _json({**describe(replica), "scope": scope})
 
     async def undrain(request: Request) -> Response:
         check(request)
         replica = replica_of(request)
-        replica.admin_drained = False
-        return _json(describe(replica))
+        scope = await app.pool.set_drained(replica, False)
+        return _json({**describe(replica), "scope": scope})
 
     async def stats(request: Request) -> Response:
         check(request)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
+from fleet.control.errors import APIError
 from fleet.control.membership import MembershipEvent, MembershipWatcher, ReplicaInfo
 from router.breaker import CircuitBreaker
 from router.load_signals import from_load_json, from_prometheus_text
@@ -133,8 +134,24 @@ class ReplicaPool:
         replica.model = info.model
         replica.engine = info.engine
         replica.state = info.state
+        replica.admin_drained = info.admin_drained
         replica.max_model_len = info.max_model_len or None
         replica.kv_capacity_tokens = info.kv_capacity_tokens
+
+    async def set_drained(self, replica: Replica, drained: bool) -> str:
+        """An operator's drain: fleet-wide (through membership) for replicas that came from it,
+        this router only for `--replica` ones. Returns the scope: "fleet" or "router"."""
+        replica.admin_drained = drained
+        if replica.source != "redis" or self._watcher is None:
+            return "router"
+        if not await self._watcher.set_admin_drained(replica.id, drained):
+            raise APIError(
+                503,
+                "The control plane is unavailable: the drain was not recorded. Retry shortly.",
+                code="control_plane_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        return "fleet"
 
     def _add(self, replica: Replica) -> None:
         self.replicas[replica.id] = replica

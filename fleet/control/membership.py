@@ -12,9 +12,15 @@ notices expired leases). Listeners get a `MembershipEvent` per join / update / d
 External engines (vLLM, SGLang) are registered by hand with `register_external` (no TTL); the
 router's health checks decide whether they get traffic.
 
+An operator's drain (`set_admin_drained`, from any router's admin API or the CLI) is kept apart
+from the replica's own entry, so the replica's heartbeats cannot undo it, and every router reads
+it with the entry (`ReplicaInfo.admin_drained`): a replica drained through one router is drained
+for all of them.
+
 Redis layout: `{prefix}:replicas` ZSET (id -> last write, ms) indexes `{prefix}:replica:{id}`
-(JSON of ReplicaInfo, with a TTL for leases); changes are announced on `{prefix}:replicas:events`.
-Index entries whose key has expired are pruned atomically by every full read (no KEYS scans).
+(JSON of ReplicaInfo, with a TTL for leases); `{prefix}:drained` SET of admin-drained ids; changes
+are announced on `{prefix}:replicas:events`. Index entries whose key has expired are pruned
+atomically by every full read (no KEYS scans).
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ class ReplicaInfo:
     engine: str = "fleetserve"
     managed: Literal["lease", "external"] = "lease"
     kv_capacity_tokens: int | None = None
+    admin_drained: bool = False  # set by readers from `{prefix}:drained`, not by the replica
+
+    @property
+    def takes_work(self) -> bool:
+        return self.state == "ready" and not self.admin_drained
 
     def to_json(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))
@@ -87,9 +98,14 @@ def new_replica_id(prefix: str = "r") -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
-def _keys(prefix: str) -> tuple[str, str, str]:
-    """(index, replica key prefix, channel)."""
-    return f"{prefix}:replicas", f"{prefix}:replica:", f"{prefix}:replicas:events"
+def _keys(prefix: str) -> tuple[str, str, str, str]:
+    """(index, replica key prefix, channel, admin-drained set)."""
+    return (
+        f"{prefix}:replicas",
+        f"{prefix}:replica:",
+        f"{prefix}:replicas:events",
+        f"{prefix}:drained",
+    )
 
 
 # KEYS: index, replica key, channel. ARGV: id, json, ttl_ms (0 = no TTL), event ("" = join if new).
@@ -110,15 +126,17 @@ end
 return existed
 """
 
-# KEYS: index, replica key, channel. ARGV: id.
+# KEYS: index, replica key, channel, drained set. ARGV: id.
 _DELETE_LUA = """
 local n = redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('PUBLISH', KEYS[3], cjson.encode({event = 'leave', id = ARGV[1]}))
 return n
 """
 
-# KEYS: index. ARGV: replica key prefix. Returns {id, json, id, json, ...}; prunes expired ids.
+# KEYS: index, drained set. ARGV: replica key prefix.
+# Returns {{id, json, id, json, ...}, {drained ids}}; prunes expired ids.
 _READ_ALL_LUA = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
 local out = {}
@@ -131,11 +149,24 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[1], id)
   end
 end
-return out
+return {out, redis.call('SMEMBERS', KEYS[2])}
+"""
+
+# KEYS: drained set, channel. ARGV: id, "1" to drain or "0" to undrain.
+_ADMIN_DRAIN_LUA = """
+if ARGV[2] == '1' then
+  redis.call('SADD', KEYS[1], ARGV[1])
+else
+  redis.call('SREM', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'drain', id = ARGV[1]}))
+return 1
 """
 
 
-def _parse_all(flat: list[bytes]) -> dict[str, ReplicaInfo]:
+def _parse_all(result: list) -> dict[str, ReplicaInfo]:
+    flat, drained_ids = result
+    drained = {d.decode() if isinstance(d, bytes) else d for d in drained_ids}
     replicas: dict[str, ReplicaInfo] = {}
     for i in range(0, len(flat), 2):
         try:
@@ -143,6 +174,7 @@ def _parse_all(flat: list[bytes]) -> dict[str, ReplicaInfo]:
         except (ValueError, TypeError) as exc:
             log.warning("skipping unreadable replica entry %r: %s", flat[i], exc)
             continue
+        info.admin_drained = info.id in drained
         replicas[info.id] = info
     return replicas
 
@@ -152,10 +184,11 @@ class _Scripts:
 
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self.client = client
-        self.index, self.key_prefix, self.channel = _keys(prefix)
+        self.index, self.key_prefix, self.channel, self.drained = _keys(prefix)
         self.write = client.register_script(_WRITE_LUA)
         self.delete = client.register_script(_DELETE_LUA)
         self.read_all = client.register_script(_READ_ALL_LUA)
+        self.admin_drain = client.register_script(_ADMIN_DRAIN_LUA)
 
     async def put(self, info: ReplicaInfo, ttl_s: float | None, event: str = "") -> bool:
         ttl_ms = int(ttl_s * 1000) if ttl_s else 0
@@ -164,11 +197,16 @@ class _Scripts:
         return bool(existed)
 
     async def remove(self, replica_id: str) -> bool:
-        keys = [self.index, self.key_prefix + replica_id, self.channel]
+        keys = [self.index, self.key_prefix + replica_id, self.channel, self.drained]
         return bool(await self.delete(keys=keys, args=[replica_id]))
 
     async def all(self) -> dict[str, ReplicaInfo]:
-        return _parse_all(await self.read_all(keys=[self.index], args=[self.key_prefix]))
+        keys = [self.index, self.drained]
+        return _parse_all(await self.read_all(keys=keys, args=[self.key_prefix]))
+
+    async def set_admin_drained(self, replica_id: str, drained: bool) -> None:
+        keys = [self.drained, self.channel]
+        await self.admin_drain(keys=keys, args=[replica_id, "1" if drained else "0"])
 
 
 class MembershipLease:
@@ -297,7 +335,7 @@ class MembershipWatcher:
         return [
             r
             for r in self.replicas.values()
-            if r.state == "ready" and (model is None or r.model == model)
+            if r.takes_work and (model is None or r.model == model)
         ]
 
     async def start(self, wait: float = 1.0) -> None:
@@ -334,7 +372,7 @@ class MembershipWatcher:
             if before is None:
                 events.append(MembershipEvent("join", info))
             elif before != info:
-                drained = info.state == "draining" and before.state != "draining"
+                drained = before.takes_work and not info.takes_work
                 events.append(MembershipEvent("drain" if drained else "update", info))
         events.extend(
             MembershipEvent("leave", info) for rid, info in old.items() if rid not in fresh
@@ -346,6 +384,15 @@ class MembershipWatcher:
                     listener(event)
                 except Exception:
                     log.exception("membership listener failed on %s", event.kind)
+
+    async def set_admin_drained(self, replica_id: str, drained: bool) -> bool:
+        """Drain (or undrain) a replica for every router; False if Redis is unreachable."""
+        try:
+            await self._scripts.set_admin_drained(replica_id, drained)
+        except REDIS_DOWN_ERRORS as exc:
+            self._health.failed(exc)
+            return False
+        return await self.refresh()
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -399,8 +446,8 @@ def list_replicas_sync(
     """Blocking variant for `fleet status`; raises redis errors so the CLI can report them."""
     client = sync_client(redis_url)
     try:
-        index, key_prefix, _ = _keys(prefix)
-        flat = client.eval(_READ_ALL_LUA, 1, index, key_prefix)
+        index, key_prefix, _, drained = _keys(prefix)
+        result = client.eval(_READ_ALL_LUA, 2, index, drained, key_prefix)
     finally:
         client.close()
-    return sorted(_parse_all(flat).values(), key=lambda r: (r.model, r.id))
+    return sorted(_parse_all(result).values(), key=lambda r: (r.model, r.id))

@@ -91,6 +91,40 @@ async def test_watcher_sees_join_drain_leave_within_a_second(redis_url: str, pre
         await watcher.stop()
 
 
+async def test_admin_drain_reaches_every_watcher_and_outlives_heartbeats(
+    redis_url: str, prefix: str
+) -> None:
+    operator = MembershipWatcher(redis_url, prefix=prefix, resync_interval=30.0)
+    other = MembershipWatcher(redis_url, prefix=prefix, resync_interval=30.0)
+    recorder = Recorder()
+    other.add_listener(recorder)
+    await operator.start()
+    await other.start()
+    lease = MembershipLease(_info("r1"), redis_url, prefix=prefix, heartbeat_interval=0.1)
+    try:
+        await lease.register()
+        await recorder.wait_for("join", "r1")
+        assert await operator.set_admin_drained("r1", True)
+        assert await recorder.wait_for("drain", "r1") < 1.0
+        await asyncio.sleep(0.4)  # several heartbeats rewrite the replica's own entry
+        await other.refresh()
+        assert other.replicas["r1"].admin_drained and other.replicas["r1"].state == "ready"
+        assert other.ready() == []
+        assert [r.admin_drained for r in list_replicas_sync(redis_url, prefix)] == [True]
+        assert await operator.set_admin_drained("r1", False)
+        await asyncio.sleep(0.3)
+        assert [r.id for r in other.ready()] == ["r1"]
+        await operator.set_admin_drained("r1", True)
+        await lease.deregister()  # leaving clears the flag: a new replica with this id is fresh
+        await lease.register()
+        await other.refresh()
+        assert not other.replicas["r1"].admin_drained
+    finally:
+        await lease.close()
+        await other.stop()
+        await operator.stop()
+
+
 async def test_lease_expiry_removes_a_replica_that_died(
     redis_url: str, prefix: str, redis_client: aioredis.Redis
 ) -> None:

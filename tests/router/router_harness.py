@@ -147,6 +147,7 @@ def router_config(replicas: list[FakeReplica], **overrides) -> RouterConfig:
         admin_key="admin-secret",
         pool=FAST_POOL,
         policy="round-robin",
+        port=0,  # a free port, picked by run_router
     )
     settings.update(overrides)
     return RouterConfig(**settings)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-from router_harness import MODEL, chat, router_config, run_router, sse_events
+from router_harness import ADMIN, MODEL, chat, router_config, run_router, sse_events
 
 from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, MembershipWatcher, ReplicaInfo
@@ -161,3 +161,47 @@ async def test_fleet_keys_off_serves_without_a_key_but_static_keys_still_apply(
         )
     assert anonymous.status_code == 200
     assert missing.status_code == 401 and good.status_code == 200
+
+
+async def test_admin_drain_through_one_router_holds_for_another(replicas, redis_url) -> None:
+    prefix = f"rt-{uuid.uuid4().hex[:10]}"
+    leases = [
+        MembershipLease(
+            ReplicaInfo(id=f"lease-{i}", url=fake.url, model=MODEL), redis_url, prefix=prefix
+        )
+        for i, fake in enumerate(replicas[:2])
+    ]
+    for lease in leases:
+        await lease.register()
+    watchers = [MembershipWatcher(redis_url, prefix=prefix, resync_interval=0.2) for _ in "ab"]
+    config_a = router_config([], policy="round-robin")
+    config_b = router_config([], policy="round-robin")
+    try:
+        async with (
+            run_router(config_a, watcher=watchers[0]) as a,
+            run_router(config_b, watcher=watchers[1]) as b,
+        ):
+            drained = await a.client.post("/admin/replicas/lease-0/drain", headers=ADMIN)
+            await asyncio.sleep(0.5)
+            served_by = {
+                (await b.client.post("/v1/chat/completions", json=chat())).headers[
+                    "x-fleet-replica"
+                ]
+                for _ in range(6)
+            }
+            listed = (await b.client.get("/admin/replicas", headers=ADMIN)).json()["data"]
+            await b.client.post("/admin/replicas/lease-0/undrain", headers=ADMIN)
+            await asyncio.sleep(0.5)
+            back = {
+                (await a.client.post("/v1/chat/completions", json=chat())).headers[
+                    "x-fleet-replica"
+                ]
+                for _ in range(6)
+            }
+    finally:
+        for lease in leases:
+            await lease.close()
+    assert drained.status_code == 200 and drained.json()["scope"] == "fleet"
+    assert served_by == {"lease-1"}
+    assert {r["id"]: r["state"] for r in listed}["lease-0"] == "draining"
+    assert back == {"lease-0", "lease-1"}
