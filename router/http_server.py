@@ -38,6 +38,7 @@ from fleet.control.errors import APIError
 log = logging.getLogger("router.http")
 
 MAX_PIPELINED = 16
+MAX_HEAD_BYTES = 64 * 1024
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -83,6 +84,7 @@ class Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.body_size = 0
+        self.head_size = 0
         self.too_large = False
         self.queue: deque[tuple[Request, bool, APIError | None]] = deque()
         self.active = False
@@ -139,13 +141,22 @@ class Connection(asyncio.Protocol):
         self.headers = []
         self.body = []
         self.body_size = 0
+        self.head_size = 0
         self.too_large = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
+        self._count_head(len(name) + len(value))
+
+    def _count_head(self, size: int) -> None:
+        """Refuse a request line plus headers over MAX_HEAD_BYTES (memory is not the client's)."""
+        self.head_size += size
+        if self.head_size > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
 
     def on_headers_complete(self) -> None:
         for name, value in self.headers:
@@ -161,12 +172,12 @@ class Connection(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
-        url = httptools.parse_url(self.url)
+        path, _, query = self.url.partition(b"?")
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         request = Request(
             self.parser.get_method().decode(),
-            url.path.decode("latin-1"),
-            url.query or b"",
+            path.partition(b"#")[0].decode("latin-1"),
+            query,
             self.headers,
             body,
         )

@@ -119,8 +119,9 @@ async def test_streamed_response_is_chunked() -> None:
     [
         (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000, 413),
         (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        (b"GET /echo HTTP/1.1\r\n" + b"X-Big: %s\r\n\r\n" % (b"y" * 70_000), 400),
     ],
-    ids=["body-over-limit", "malformed"],
+    ids=["body-over-limit", "malformed", "head-over-limit"],
 )
 async def test_bad_requests_get_an_error_body_and_a_closed_connection(request_bytes, status):
     async with serving(max_body=1024) as (server, _):
