@@ -172,16 +172,13 @@ class RouterApp:
         pinned: Replica | None,
         pinned_error: APIError | None = None,
     ) -> None:
-        started = time.perf_counter()
-        flight = Flight(conn.task)
-        ex = Exchange(route, path, conn, flight, started)
+        ex = self._begin(route, path, conn)
+        flight = ex.flight
         ticket: Ticket | None = None
         units: Units = ""
         sample = False
         try:
             body = incoming.body
-            conn.on_disconnect = flight.client_left
-            self.watchdog.flights.add(flight)
             authorization, session_id = request_headers(incoming.headers)
             record = await self.gate.authenticate(authorization, None)
             if pinned_error is not None:
@@ -219,13 +216,8 @@ class RouterApp:
         except APIError as err:
             self._refuse(ex, err)
         except asyncio.CancelledError:
-            reason = flight.absorb()
-            if reason is None:
+            if not self._interrupted(ex):
                 raise
-            if reason == CLIENT_GONE:
-                ex.status = 499
-            else:
-                self._refuse(ex, APIError(504, "The replica did not answer in time."))
         finally:
             flight.done = True
             self.watchdog.flights.discard(flight)
@@ -233,14 +225,7 @@ class RouterApp:
             await self._settle(ex, ticket, units)
         elif sample and ex.status == 200:
             self._learn(ex, units, self._usage_of(ex))
-        model_label = ex.model if ex.model in self.pool.by_model else "unknown"
-        self.metrics.request_done(
-            route,
-            model_label,
-            ex.replica_id or "none",
-            status_text(ex.status),
-            time.perf_counter() - started,
-        )
+        self._count(ex)
 
     def _ask_for_usage(self, ex: Exchange, request: dict, body: bytes) -> bytes:
         """Usage settles a fleet key (and teaches the token estimator): ask the replica for it,
@@ -285,6 +270,35 @@ class RouterApp:
             completion = ex.tap.frames if ex.tap is not None else 0
         await self.gate.settle(ticket, prompt, completion)
 
+    def _begin(self, route: str, path: str, conn: Connection) -> Exchange:
+        """An exchange whose task the client's disconnect and the watchdog's timeouts can stop."""
+        flight = Flight(conn.task)
+        conn.on_disconnect = flight.client_left
+        self.watchdog.flights.add(flight)
+        return Exchange(route, path, conn, flight, time.perf_counter())
+
+    def _interrupted(self, ex: Exchange) -> bool:
+        """A cancellation the exchange's own flight caused: the client left (499) or the replica
+        timed out (504). False when it came from elsewhere (shutdown): the caller re-raises."""
+        reason = ex.flight.absorb()
+        if reason is None:
+            return False
+        if reason == CLIENT_GONE:
+            ex.status = 499
+        else:
+            self._refuse(ex, APIError(504, "The replica did not answer in time."))
+        return True
+
+    def _count(self, ex: Exchange) -> None:
+        model = ex.model if ex.model in self.pool.by_model else "unknown"
+        self.metrics.request_done(
+            ex.route,
+            model,
+            ex.replica_id or "none",
+            status_text(ex.status),
+            time.perf_counter() - ex.started,
+        )
+
     def _refuse(self, ex: Exchange, err: APIError) -> None:
         ex.status = err.status
         if ex.head_sent:
@@ -303,14 +317,11 @@ class RouterApp:
         pinned: Replica | None,
         pinned_error: APIError | None = None,
     ) -> None:
-        started = time.perf_counter()
-        flight = Flight(conn.task)
-        ex = Exchange(route, path, conn, flight, started)
+        ex = self._begin(route, path, conn)
+        flight = ex.flight
         method = request.method
         try:
             body = request.body
-            conn.on_disconnect = flight.client_left
-            self.watchdog.flights.add(flight)
             authorization, _ = request_headers(request.headers)
             record = await self.gate.authenticate(authorization, None)
             if pinned_error is not None:
@@ -325,24 +336,12 @@ class RouterApp:
         except APIError as err:
             self._refuse(ex, err)
         except asyncio.CancelledError:
-            reason = flight.absorb()
-            if reason is None:
+            if not self._interrupted(ex):
                 raise
-            if reason == CLIENT_GONE:
-                ex.status = 499
-            else:
-                self._refuse(ex, APIError(504, "The replica did not answer in time."))
         finally:
             flight.done = True
             self.watchdog.flights.discard(flight)
-        model_label = ex.model if ex.model in self.pool.by_model else "unknown"
-        self.metrics.request_done(
-            route,
-            model_label,
-            ex.replica_id or "none",
-            status_text(ex.status),
-            time.perf_counter() - started,
-        )
+        self._count(ex)
 
     def _model_for(self, request: dict) -> str:
         model = request.get("model")
