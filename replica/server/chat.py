@@ -14,8 +14,8 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 from replica.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from replica.sampling_params import SamplingParams
-from replica.server.body import json_response, read_body, runtime_of
-from replica.server.generation import RequestScope, run_prompt, sampling_params
+from replica.server.body import read_body, runtime_of
+from replica.server.generation import RequestScope, answer, run_prompt, sampling_params
 from replica.server.prompts import check_length, encode_chat, render_chat
 from replica.server.protocol import ChatCompletionRequest, parse_body, plain_messages
 from replica.server.responses import (
@@ -27,7 +27,7 @@ from replica.server.responses import (
     usage,
     usage_chunk,
 )
-from replica.server.sse import SSEResponse, frame, until_disconnect
+from replica.server.sse import frame
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -62,12 +62,7 @@ async def create_chat_completion(request: Request) -> Response:
         params,
         top_n,
     )
-    if body.stream:
-        return SSEResponse(job.stream(), on_close=job.scope.close)
-    try:
-        return json_response(await until_disconnect(request, job.collect()))
-    finally:
-        await job.scope.close()
+    return await answer(request, job, bool(body.stream))
 
 
 @dataclass

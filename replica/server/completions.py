@@ -14,8 +14,8 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 from replica.outputs import CompletionOutput, RequestOutput
 from replica.sampling_params import SamplingParams
-from replica.server.body import json_response, read_body, runtime_of
-from replica.server.generation import RequestScope, run_prompts, sampling_params
+from replica.server.body import read_body, runtime_of
+from replica.server.generation import RequestScope, answer, run_prompts, sampling_params
 from replica.server.prompts import check_length, encode
 from replica.server.protocol import CompletionRequest, parse_body
 from replica.server.responses import (
@@ -27,7 +27,7 @@ from replica.server.responses import (
     usage,
     usage_chunk,
 )
-from replica.server.sse import SSEResponse, frame, until_disconnect
+from replica.server.sse import frame
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
 
@@ -67,12 +67,7 @@ async def create_completion(request: Request) -> Response:
         params,
         output_wanted=max_tokens > 0,
     )
-    if body.stream:
-        return SSEResponse(job.stream(), on_close=job.scope.close)
-    try:
-        return json_response(await until_disconnect(request, job.collect()))
-    finally:
-        await job.scope.close()
+    return await answer(request, job, bool(body.stream))
 
 
 @dataclass

@@ -7,14 +7,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
 
 from replica.outputs import RequestOutput
 from replica.sampling_params import SamplingParams
 from replica.server.auth import Admission
+from replica.server.body import json_response
 from replica.server.metrics import ServerMetrics
 from replica.server.protocol import SamplingFields
 from replica.server.runtime import ReplicaRuntime
+from replica.server.sse import SSEResponse, until_disconnect
 
 
 def sampling_params(
@@ -158,3 +163,24 @@ class RequestScope:
         self._closed = True
         self.runtime.request_finished()
         await self.admission.release()
+
+
+class Job(Protocol):
+    """One generation request, answered whole (`collect`) or as SSE frames (`stream`)."""
+
+    scope: RequestScope
+
+    def stream(self) -> AsyncIterator[bytes]: ...
+
+    async def collect(self) -> dict: ...
+
+
+async def answer(request: Request, job: Job, stream: bool) -> Response:
+    """Stream the job, or collect it (cancelled if the client leaves first); either way its scope
+    is closed exactly once."""
+    if stream:
+        return SSEResponse(job.stream(), on_close=job.scope.close)
+    try:
+        return json_response(await until_disconnect(request, job.collect()))
+    finally:
+        await job.scope.close()
