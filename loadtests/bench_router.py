@@ -2,7 +2,8 @@
 
 Part 1, overhead (fake replicas, loadtests/fake_replica.py, answering instantly): the same requests
 sent directly to a replica and through `python -m router` (prefix policy, metrics on, auth on:
-once with the control plane's Redis KeyStore, once with a static key), at concurrency 1 and 64,
+once with the control plane's Redis KeyStore, once with a static key), and through
+loadtests/bare_proxy.py (HTTP in and out and nothing else: the floor), at concurrency 1 and 64,
 non-streaming and 64-chunk streams. Reports p50/p99 latency, the latency the router adds, requests
 per second, and the router process's CPU time per request (psutil on its pid: the steadiest figure
 on a shared machine), also net of the CPU it burns idle (probes, timers), sampled before each run.
@@ -308,11 +309,19 @@ def overhead(args: argparse.Namespace, workdir: Path) -> list[OverheadRow]:
             router_cmd(static_port, fakes, "prefix", "--api-key", "sk-static-bench"),
             router_cpus, workdir / "router-static.log",
         )  # fmt: skip
-        started += [keyed, static]
+        bare_port = free_port()
+        bare_cmd = [PY, "loadtests/bare_proxy.py", "--port", str(bare_port)]
+        bare = spawn(
+            bare_cmd + [a for url in fakes for a in ("--replica", url)],
+            router_cpus, workdir / "bare-proxy.log",
+        )  # fmt: skip
+        started += [keyed, static, bare]
         wait_ready(f"http://127.0.0.1:{keyed_port}/health", keyed)
         wait_ready(f"http://127.0.0.1:{static_port}/health", static)
+        wait_ready(f"http://127.0.0.1:{bare_port}/health", bare)
         targets = [
             ("direct", fakes[0], {}, None),
+            ("bare proxy (floor)", f"http://127.0.0.1:{bare_port}", {}, bare.pid),
             ("router (Redis keys)", f"http://127.0.0.1:{keyed_port}", {"Authorization": f"Bearer {secret}"}, keyed.pid),
             ("router (static key)", f"http://127.0.0.1:{static_port}", {"Authorization": "Bearer sk-static-bench"}, static.pid),
         ]  # fmt: skip
