@@ -17,7 +17,7 @@ import asyncio
 import collections
 import hashlib
 import ssl as ssl_module
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,10 +32,10 @@ Reply = int | bytes | list | None | ResponseError
 @dataclass(frozen=True)
 class LuaScript:
     source: str
+    sha: str = field(init=False)  # hashed once: EVALSHA sends it with every call
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 def _encode(args: tuple) -> bytes:
