@@ -28,7 +28,9 @@ from fleet.launch import control
 from fleet.launch.state import CONTROL_SOCKET, ERROR_FILE, SPEC_FILE, FleetState
 from fleet.spec import FleetSpec, SpecError, load_spec, parse_assignment, run_dir
 
-console = Console(highlight=False)
+# Piped output (logs, CI, grep) is not held to rich's default 80 columns, where the status tables
+# squeeze their short columns into vertical headers: one line per replica instead.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False)
 
 RUN_DIR_HELP = (
