@@ -17,6 +17,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from replica.config import EngineArgs
@@ -52,16 +53,12 @@ class AsyncEngine:
         self._wakeup = threading.Condition()
         self._stopped = False
         self.error: BaseException | None = None
-        built: list[EngineCore | BaseException] = []
-        ready = threading.Event()
+        built: Future[EngineCore] = Future()
         self._thread = threading.Thread(
-            target=self._build_and_run, args=(built, ready), name="engine-steps", daemon=True
+            target=self._build_and_run, args=(built,), name="engine-steps", daemon=True
         )
         self._thread.start()
-        ready.wait()
-        if isinstance(built[0], BaseException):
-            raise built[0]
-        self.core = built[0]
+        self.core = built.result()
         self.tokenizer = self.core.tokenizer
         self.max_model_len = self.core.max_model_len
 
@@ -146,16 +143,14 @@ class AsyncEngine:
 
     # -- step thread ------------------------------------------------------------------------
 
-    def _build_and_run(self, built: list, ready: threading.Event) -> None:
+    def _build_and_run(self, built: Future[EngineCore]) -> None:
         try:
             core = EngineCore(self.args)
         except BaseException as exc:
-            built.append(exc)
-            ready.set()
+            built.set_exception(exc)
             return
         self._load = core.load()
-        built.append(core)
-        ready.set()
+        built.set_result(core)
         self._run(core)
 
     def _run(self, core: EngineCore) -> None:

@@ -32,7 +32,7 @@ from router import admin
 from router.auth import Gate
 from router.config import RouterConfig
 from router.flight import CLIENT_GONE, Flight, Watchdog
-from router.http_server import Connection, Request, asgi_bridge, error_headers
+from router.http_server import Connection, Request, asgi_bridge
 from router.metrics import RouterMetrics
 from router.policies import RouteRequest, make_policy
 from router.pool import ReplicaPool
@@ -304,7 +304,7 @@ class RouterApp:
         if ex.head_sent:
             return
         ex.head_sent = True
-        ex.conn.respond(err.status, error_headers(err), orjson.dumps(err.body()))
+        ex.conn.respond_error(err)
 
     # -- everything else that is proxied: tokenize, detokenize, pinned non-generation paths
 

@@ -3,8 +3,9 @@
 Each request has a `Flight`: the task serving it and a deadline that the data path moves forward
 with one attribute store per upstream read. One `Watchdog` task scans the flights a few times a
 second and cancels the task of any flight past its deadline, naming the reason; the client's
-connection cancels it when the client disconnects (`client_left`). The handler catches the cancellation, reads the
-reason, and decides: retry (time to first byte), SSE error (idle stream), or stop (client gone).
+connection cancels it when the client disconnects (`client_left`). The handler catches the
+cancellation, reads the reason, and decides: retry (time to first byte), SSE error (idle
+stream), or stop (client gone).
 """
 
 from __future__ import annotations

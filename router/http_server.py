@@ -50,22 +50,12 @@ class Request:
     headers: list[tuple[bytes, bytes]]  # names in lower case
     body: bytes
 
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
 
 Handler = Callable[[Request, "Connection"], Awaitable[None]]
 
 
-def status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
-
-
 def _head(status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
-    lines = [status_line(status)]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
     for name, value in headers:
         lines.append(b"%s: %s\r\n" % (name, value))
     lines.append(framing)
@@ -86,6 +76,7 @@ class Connection(asyncio.Protocol):
         self.body_size = 0
         self.head_size = 0
         self.too_large = False
+        self.expects_continue = False
         self.queue: deque[tuple[Request, bool, APIError | None]] = deque()
         self.active = False
         self.keep_alive = True
@@ -143,14 +134,18 @@ class Connection(asyncio.Protocol):
         self.body_size = 0
         self.head_size = 0
         self.too_large = False
+        self.expects_continue = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        self.headers.append((name, value))
         self._count_head(len(name) + len(value))
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expects_continue = True
 
     def _count_head(self, size: int) -> None:
         """Refuse a request line plus headers over MAX_HEAD_BYTES (memory is not the client's)."""
@@ -159,9 +154,8 @@ class Connection(asyncio.Protocol):
             raise httptools.HttpParserError("request head too large")
 
     def on_headers_complete(self) -> None:
-        for name, value in self.headers:
-            if name == b"expect" and value.lower() == b"100-continue" and self.transport:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.expects_continue:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -204,7 +198,7 @@ class Connection(asyncio.Protocol):
         self.response_done = False
         self.on_disconnect = None
         if error is not None:
-            self.respond(error.status, error_headers(error), orjson.dumps(error.body()))
+            self.respond_error(error)
             self._finished()
             return
         self.task = self.loop.create_task(self._serve(request))
@@ -216,11 +210,10 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             if not self.response_done:
-                if self._held or self._chunked:
+                if self._chunked:
                     self.close()
                 else:
-                    err = APIError(500, "The router failed to serve this request.")
-                    self.respond(err.status, error_headers(err), orjson.dumps(err.body()))
+                    self.respond_error(APIError(500, "The router failed to serve this request."))
         if not self.response_done:  # the handler returned without answering (client gone)
             self.response_done = True
             self.close()
@@ -250,6 +243,12 @@ class Connection(asyncio.Protocol):
         )
         self._write(_head(status, headers, framing) + body)
         self.response_done = True
+
+    def respond_error(self, err: APIError) -> None:
+        """The OpenAI-style error body, with the error's status and headers (Retry-After...)."""
+        headers = [(b"content-type", b"application/json")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+        self.respond(err.status, headers, orjson.dumps(err.body()))
 
     def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """A streamed response: the head is held until the first chunk (or the end)."""
@@ -295,15 +294,8 @@ class Connection(asyncio.Protocol):
         if not self.active:
             self.keep_alive = False
             self.active = True
-            self.respond(err.status, error_headers(err), orjson.dumps(err.body()))
+            self.respond_error(err)
         self.close()
-
-
-def error_headers(err: APIError) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"content-type", b"application/json"),
-        *((k.lower().encode(), v.encode()) for k, v in err.headers.items()),
-    ]
 
 
 class HttpServer:

@@ -386,13 +386,14 @@ class MembershipWatcher:
                     log.exception("membership listener failed on %s", event.kind)
 
     async def set_admin_drained(self, replica_id: str, drained: bool) -> bool:
-        """Drain (or undrain) a replica for every router; False if Redis is unreachable."""
+        """Drain (or undrain) a replica for every router; False if Redis is unreachable. Every
+        watcher, this one included, picks the change up from the notification it publishes."""
         try:
             await self._scripts.set_admin_drained(replica_id, drained)
         except REDIS_DOWN_ERRORS as exc:
             self._health.failed(exc)
             return False
-        return await self.refresh()
+        return True
 
     async def _run(self) -> None:
         while not self._stopping.is_set():

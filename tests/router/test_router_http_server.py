@@ -166,6 +166,7 @@ async def test_asgi_bridge_serves_the_starlette_routes() -> None:
 async def test_stop_lets_the_request_in_flight_finish() -> None:
     async with serving() as (server, _), httpx.AsyncClient() as client:
         streaming = asyncio.create_task(client.get(f"http://127.0.0.1:{server.port}/stream"))
-        await asyncio.sleep(0.005)
+        while not any(conn.active for conn in server.connections):
+            await asyncio.sleep(0.001)
         await server.stop(grace_s=5)
         assert (await streaming).content == b"one,two,three!"
