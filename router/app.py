@@ -13,9 +13,9 @@ upstream's own `usage` (streams ask the replica for `include_usage`; see sse.py)
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from urllib.parse import unquote
 
 import orjson
@@ -26,18 +26,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fleet.control.errors import APIError
-from fleet.control.keys import KeyStore, Ticket
+from fleet.control.keys import KeyRecord, KeyStore, Ticket
 from fleet.control.membership import MembershipWatcher
 from router import admin
 from router.auth import Gate
 from router.config import RouterConfig
-from router.flight import CLIENT_GONE, Flight, Watchdog
 from router.http_server import Connection, Request, asgi_bridge
 from router.metrics import RouterMetrics
 from router.policies import RouteRequest, make_policy
 from router.pool import ReplicaPool
-from router.prompt_key import Units, chat_units, completion_units
-from router.proxy import Exchange, Proxy, Upstream, status_text
+from router.prompt_key import chat_units, completion_units
+from router.proxy import Exchange, Proxy, status_text
 from router.replica import Replica
 from router.retry_budget import RetryBudget
 from router.sse import UsageTap
@@ -48,6 +47,7 @@ log = logging.getLogger("router")
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 GENERATION_ROUTES = {CHAT_PATH: "chat", COMPLETIONS_PATH: "completions"}
+GENERATION_KINDS = frozenset(GENERATION_ROUTES.values())
 PLAIN_ROUTES = frozenset({"/tokenize", "/detokenize"})
 PINNED_PREFIX = "/replicas/"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -78,14 +78,13 @@ class RouterApp:
             on_leave=lambda replica: self.policy.forget(replica.id),
         )
         self.gate = Gate(key_store, config.api_keys)
-        self.upstream = Upstream(config.connect_timeout_s, config.upstream_api_key)
-        self.watchdog = Watchdog()
         self.tokens = TokenEstimator()
         self.proxy = Proxy(
             self.pool,
             self.policy,
-            self.upstream,
             self.metrics,
+            connect_timeout_s=config.connect_timeout_s,
+            upstream_api_key=config.upstream_api_key,
             ttfb_timeout_s=config.ttfb_timeout_s,
             idle_timeout_s=config.idle_timeout_s,
             max_attempts=config.max_attempts,
@@ -107,7 +106,7 @@ class RouterApp:
         if self.key_store is not None:
             await self.key_store.start()
         await self.pool.start()
-        self.watchdog.start()
+        self.proxy.watchdog.start()
         log.info(
             "router up: policy=%s, %d replicas, auth=%s",
             self.policy.name,
@@ -116,27 +115,26 @@ class RouterApp:
         )
 
     async def stop(self) -> None:
-        await self.watchdog.stop()
+        await self.proxy.close()
         await self.pool.close()
         if self.key_store is not None:
             await self.key_store.close()
-        await self.upstream.close()
 
     # -- dispatch
 
-    async def handle(self, request: Request, conn: Connection) -> None:
+    def handle(self, request: Request, conn: Connection) -> Awaitable[None] | None:
+        """Proxied paths are answered from callbacks (router.proxy); the rest runs as a task."""
         path = request.path
         route = GENERATION_ROUTES.get(path)
         if route is not None and request.method == "POST":
-            await self._generation(request, conn, route, path, None)
-        elif path in PLAIN_ROUTES and request.method == "POST":
-            await self._plain(request, conn, path[1:], path, None)
-        elif path.startswith(PINNED_PREFIX):
-            await self._pinned(request, conn)
-        else:
-            await asgi_bridge(self.web, request, conn)
+            return self._proxied(request, conn, route, path, None, None)
+        if path in PLAIN_ROUTES and request.method == "POST":
+            return self._proxied(request, conn, path[1:], path, None, None)
+        if path.startswith(PINNED_PREFIX):
+            return self._pinned(request, conn)
+        return asgi_bridge(self.web, request, conn)
 
-    async def _pinned(self, request: Request, conn: Connection) -> None:
+    def _pinned(self, request: Request, conn: Connection) -> Awaitable[None] | None:
         """`/replicas/{id}/<path>`: the same API, served by exactly that replica (no retries)."""
         path = request.path
         slash = path.find("/", len(PINNED_PREFIX))
@@ -155,77 +153,130 @@ class RouterApp:
                     code="replica_draining",
                     headers={"Retry-After": "1"},
                 )
-            await self._generation(request, conn, route, rest, replica, refusal)
-            return
+            return self._proxied(request, conn, route, rest, replica, refusal)
         query = request.query
         full = rest + ("?" + query.decode("latin-1") if query else "")
-        await self._plain(request, conn, "pinned", full, replica, refusal)
+        return self._proxied(request, conn, "pinned", full, replica, refusal)
 
-    # -- the generation data path
+    # -- the data path
 
-    async def _generation(
+    def _proxied(
         self,
         incoming: Request,
         conn: Connection,
         route: str,
         path: str,
         pinned: Replica | None,
-        pinned_error: APIError | None = None,
-    ) -> None:
-        ex = self._begin(route, path, conn)
-        flight = ex.flight
-        ticket: Ticket | None = None
-        units: Units = ""
-        sample = False
+        refusal: APIError | None,
+    ) -> Awaitable[None] | None:
+        """Check, plan and start one proxied request. Static keys (or none) are checked here and
+        now; a fleet key may need Redis, so that path is a coroutine."""
+        ex = self.proxy.exchange(route, path, conn, self._ended)
+        authorization, session_id = request_headers(incoming.headers)
         try:
-            body = incoming.body
-            authorization, session_id = request_headers(incoming.headers)
+            if not self.gate.check_static(authorization):
+                return self._proxied_with_key(
+                    ex, incoming, pinned, refusal, authorization, session_id
+                )
+            if refusal is not None:
+                raise refusal
+            request, body, _ = self._plan(ex, incoming, pinned, None, session_id)
+        except APIError as err:
+            ex.refuse(err)
+            return None
+        ex.start(request, body, incoming.method, pinned)
+        return None
+
+    async def _proxied_with_key(
+        self,
+        ex: Exchange,
+        incoming: Request,
+        pinned: Replica | None,
+        refusal: APIError | None,
+        authorization: str | None,
+        session_id: str | None,
+    ) -> None:
+        """The fleet-key path: authenticate (cached), take the key's limits (one Redis round
+        trip when it has any), proxy, then settle what the replica reports it used."""
+        try:
             record = await self.gate.authenticate(authorization, None)
-            if pinned_error is not None:
-                raise pinned_error
-            request = parse_object(body)
-            model = request.get("model")
-            if not isinstance(model, str) or not model:
-                raise APIError(400, "You must provide a model parameter.", param="model")
-            replicas = self.pool.by_model.get(model)
-            if replicas is None and pinned is None:
-                raise model_not_found(model)
-            ex.model = model
-            if record is not None:
-                record.check_model(model)
-            units = (
-                chat_units(request.get("messages"))
-                if route == "chat"
-                else completion_units(request.get("prompt"))
-            )
-            prompt_tokens = self.tokens.estimate(model, units)
-            sample = self.tokens.wants_sample(model)
-            if request.get("stream") is True:
-                ex.stream = True
-                if sample or record is not None:
-                    body = self._ask_for_usage(ex, request, body)
+            if refusal is not None:
+                raise refusal
+            request, body, reserve = self._plan(ex, incoming, pinned, record, session_id)
+            ex.ticket = await self.gate.admit(record, reserve)
+        except APIError as err:
+            ex.refuse(err)
+            return
+        ex.start(request, body, incoming.method, pinned)
+        await ex.wait_end()
+        if ex.ticket is not None:
+            await self._settle(ex, ex.ticket)
+
+    def _plan(
+        self,
+        ex: Exchange,
+        incoming: Request,
+        pinned: Replica | None,
+        record: KeyRecord | None,
+        session_id: str | None,
+    ) -> tuple[RouteRequest, bytes, int]:
+        """What to route and send: (the routing facts, the body for the replica, the tokens to
+        reserve against the key's limits)."""
+        body = incoming.body
+        if ex.route not in GENERATION_KINDS:
+            model = ""
+            if pinned is None:
+                model = self._model_for(parse_object(body))
+                if record is not None:
+                    record.check_model(model)
+            ex.model = model or (pinned.model if pinned else "") or ""
+            return RouteRequest(model, "", 0), body, 0
+        request = parse_object(body)
+        model = request.get("model")
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "You must provide a model parameter.", param="model")
+        replicas = self.pool.by_model.get(model)
+        if replicas is None and pinned is None:
+            raise model_not_found(model)
+        ex.model = model
+        if record is not None:
+            record.check_model(model)
+        units = (
+            chat_units(request.get("messages"))
+            if ex.route == "chat"
+            else completion_units(request.get("prompt"))
+        )
+        ex.units = units
+        prompt_tokens = self.tokens.estimate(model, units)
+        sample = self.tokens.wants_sample(model)
+        ex.learn = sample and record is None
+        if request.get("stream") is True:
+            ex.stream = True
+            if sample or record is not None:
+                body = self._ask_for_usage(ex, request, body)
+        reserve = 0
+        if record is not None:  # only a fleet key's limits need the reservation
             max_model_len = replicas[0].max_model_len if replicas else None
             reserve = prompt_tokens + completion_budget(
-                request, route, prompt_tokens, max_model_len
+                request, ex.route, prompt_tokens, max_model_len
             )
-            ticket = await self.gate.admit(record, reserve)
-            route_request = RouteRequest(
-                model, units, prompt_tokens, self.tokens.ratio(model), session_id
-            )
-            await self.proxy.forward(ex, route_request, body, "POST", pinned)
-        except APIError as err:
-            self._refuse(ex, err)
-        except asyncio.CancelledError:
-            if not self._interrupted(ex):
-                raise
-        finally:
-            flight.done = True
-            self.watchdog.flights.discard(flight)
-        if ticket is not None:
-            await self._settle(ex, ticket, units)
-        elif sample and ex.status == 200:
-            self._learn(ex, units, self._usage_of(ex))
-        self._count(ex)
+        route_request = RouteRequest(
+            model, units, prompt_tokens, self.tokens.ratio(model), session_id
+        )
+        return route_request, body, reserve
+
+    def _ended(self, ex: Exchange) -> None:
+        """Every exchange's last word: learn the token ratio from sampled answers, count it."""
+        if ex.learn and ex.status == 200:
+            self._learn(ex, self._usage_of(ex))
+        model = ex.model if ex.model in self.pool.by_model else "unknown"
+        self.metrics.request_done(
+            ex.route,
+            model,
+            ex.replica_id or "none",
+            status_text(ex.status),
+            time.perf_counter() - ex.started,
+        )
 
     def _ask_for_usage(self, ex: Exchange, request: dict, body: bytes) -> bytes:
         """Usage settles a fleet key (and teaches the token estimator): ask the replica for it,
@@ -251,97 +302,24 @@ class RouterApp:
             return None
         return usage if isinstance(usage, dict) else None
 
-    def _learn(self, ex: Exchange, units: Units, usage: dict | None) -> None:
+    def _learn(self, ex: Exchange, usage: dict | None) -> None:
         if usage is not None and isinstance(usage.get("prompt_tokens"), int):
-            self.tokens.observe(ex.model, units, usage["prompt_tokens"])
+            self.tokens.observe(ex.model, ex.units, usage["prompt_tokens"])
 
-    async def _settle(self, ex: Exchange, ticket: Ticket, units: Units) -> None:
+    async def _settle(self, ex: Exchange, ticket: Ticket) -> None:
         """Charge what the replica reports; with no report, the estimate; nothing if nothing ran."""
         if ex.status != 200:
             await self.gate.release(ticket)
             return
         usage = self._usage_of(ex)
         if usage is not None:
-            self._learn(ex, units, usage)
+            self._learn(ex, usage)
             prompt = int(usage.get("prompt_tokens") or 0)
             completion = int(usage.get("completion_tokens") or 0)
         else:
-            prompt = self.tokens.estimate(ex.model, units)
+            prompt = self.tokens.estimate(ex.model, ex.units)
             completion = ex.tap.frames if ex.tap is not None else 0
         await self.gate.settle(ticket, prompt, completion)
-
-    def _begin(self, route: str, path: str, conn: Connection) -> Exchange:
-        """An exchange whose task the client's disconnect and the watchdog's timeouts can stop."""
-        flight = Flight(conn.task)
-        conn.on_disconnect = flight.client_left
-        self.watchdog.flights.add(flight)
-        return Exchange(route, path, conn, flight, time.perf_counter())
-
-    def _interrupted(self, ex: Exchange) -> bool:
-        """A cancellation the exchange's own flight caused: the client left (499) or the replica
-        timed out (504). False when it came from elsewhere (shutdown): the caller re-raises."""
-        reason = ex.flight.absorb()
-        if reason is None:
-            return False
-        if reason == CLIENT_GONE:
-            ex.status = 499
-        else:
-            self._refuse(ex, APIError(504, "The replica did not answer in time."))
-        return True
-
-    def _count(self, ex: Exchange) -> None:
-        model = ex.model if ex.model in self.pool.by_model else "unknown"
-        self.metrics.request_done(
-            ex.route,
-            model,
-            ex.replica_id or "none",
-            status_text(ex.status),
-            time.perf_counter() - ex.started,
-        )
-
-    def _refuse(self, ex: Exchange, err: APIError) -> None:
-        ex.status = err.status
-        if ex.head_sent:
-            return
-        ex.head_sent = True
-        ex.conn.respond_error(err)
-
-    # -- everything else that is proxied: tokenize, detokenize, pinned non-generation paths
-
-    async def _plain(
-        self,
-        request: Request,
-        conn: Connection,
-        route: str,
-        path: str,
-        pinned: Replica | None,
-        pinned_error: APIError | None = None,
-    ) -> None:
-        ex = self._begin(route, path, conn)
-        flight = ex.flight
-        method = request.method
-        try:
-            body = request.body
-            authorization, _ = request_headers(request.headers)
-            record = await self.gate.authenticate(authorization, None)
-            if pinned_error is not None:
-                raise pinned_error
-            model = ""
-            if pinned is None:
-                model = self._model_for(parse_object(body))
-                if record is not None:
-                    record.check_model(model)
-            ex.model = model or (pinned.model if pinned else "") or ""
-            await self.proxy.forward(ex, RouteRequest(model, "", 0), body, method, pinned)
-        except APIError as err:
-            self._refuse(ex, err)
-        except asyncio.CancelledError:
-            if not self._interrupted(ex):
-                raise
-        finally:
-            flight.done = True
-            self.watchdog.flights.discard(flight)
-        self._count(ex)
 
     def _model_for(self, request: dict) -> str:
         model = request.get("model")
@@ -398,14 +376,14 @@ def completion_budget(
 
 
 def request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
-    """(Authorization, X-Session-Id), in one pass over the raw headers."""
-    authorization = session = None
-    for name, value in headers:
-        if name == b"authorization":
-            authorization = value.decode("latin-1")
-        elif name == b"x-session-id":
-            session = value.decode("latin-1")
-    return authorization, session
+    """(Authorization, X-Session-Id): one dict built in C beats a Python loop over the headers."""
+    by_name = dict(headers)
+    authorization = by_name.get(b"authorization")
+    session = by_name.get(b"x-session-id")
+    return (
+        authorization.decode("latin-1") if authorization is not None else None,
+        session.decode("latin-1") if session is not None else None,
+    )
 
 
 def parse_object(body: bytes) -> dict:

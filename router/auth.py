@@ -11,8 +11,8 @@ VERIFIED_CACHE = 1024
 
 class Gate:
     """Static keys are kept as SHA-256 digests: a presented key is hashed and looked up once,
-    which takes the same time whichever key (if any) it matches; keys that matched are remembered
-    so that clients reusing a key skip the hash."""
+    which takes the same time whichever key (if any) it matches; Authorization headers that
+    matched are remembered so that clients reusing a key skip parsing and hashing."""
 
     def __init__(self, store: KeyStore | None = None, static_keys: list[str] | tuple = ()) -> None:
         self.store = store
@@ -23,21 +23,26 @@ class Gate:
     def open(self) -> bool:
         return self.store is None and not self.static_keys
 
-    async def authenticate(self, authorization: str | None, model: str | None) -> KeyRecord | None:
-        """The caller's key record (None for static keys and open routers), or APIError 401/403/503."""
-        if self.open:
-            return None
+    def check_static(self, authorization: str | None) -> bool:
+        """True when the caller holds one of the static keys (or none is needed); without a key
+        store, anything else is APIError 401. No I/O: the data path calls it inline."""
+        if self.open or authorization in self._verified:
+            return True
         token = bearer_token(authorization)
-        if token is not None and self.static_keys:
-            if token in self._verified:
-                return None
-            if hash_secret(token) in self.static_keys:
-                if len(self._verified) < VERIFIED_CACHE:
-                    self._verified.add(token)
-                return None
+        if token is not None and self.static_keys and hash_secret(token) in self.static_keys:
+            if len(self._verified) < VERIFIED_CACHE:
+                self._verified.add(authorization)  # type: ignore[arg-type]
+            return True
         if self.store is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return await self.store.authenticate(token, model)
+        return False
+
+    async def authenticate(self, authorization: str | None, model: str | None) -> KeyRecord | None:
+        """The caller's key record (None for static keys and open routers), or APIError 401/403/503."""
+        if self.check_static(authorization):
+            return None
+        assert self.store is not None
+        return await self.store.authenticate(bearer_token(authorization), model)
 
     async def admit(self, record: KeyRecord | None, reserve_tokens: int) -> Ticket | None:
         if record is None or self.store is None:

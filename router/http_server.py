@@ -4,12 +4,16 @@ Why not uvicorn: per request, an ASGI server builds a scope dict, a request-resp
 `receive`/`send` message dicts and a flow-control gate; on the proxy's data path that cost more CPU
 than the router's own work (measured: ~200 µs per proxied request under uvicorn, ~85 µs for a bare
 protocol proxy). Here a request is parsed whole (the router needs the body before it can route),
-handed to the handler as one `Request`, and answered through its `Connection`:
+handed to the handler as one `Request`, and answered through its `Connection`. A handler either
+answers later from callbacks (it returns None: the proxy's data path, which spends no task or
+future per request) or returns an awaitable, which is run as a task (everything that waits on
+Redis or on starlette):
 
 - `respond(status, headers, body)`: a whole response in one `send`;
 - `start_stream(status, headers)`, `send_chunk(data)`, `end_stream(tail)`: chunked transfer
   encoding; the head waits for the first chunk so both leave in one `send`;
-- `writing_paused` and `drain()`: backpressure from a slow client;
+- `writing_paused` and `on_writable`: backpressure from a slow client (a callable the handler
+  sets, called once the client has read enough);
 - `on_disconnect`: a callable the handler sets, called once if the client leaves mid-request.
 
 Everything else (the starlette app for /health, /metrics, /v1/models, /admin) is reached through
@@ -40,6 +44,7 @@ log = logging.getLogger("router.http")
 MAX_PIPELINED = 16
 MAX_HEAD_BYTES = 64 * 1024
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH")}
 
 
 @dataclass(slots=True, eq=False)
@@ -51,7 +56,7 @@ class Request:
     body: bytes
 
 
-Handler = Callable[[Request, "Connection"], Awaitable[None]]
+Handler = Callable[[Request, "Connection"], Awaitable[None] | None]
 
 
 def _head(status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
@@ -83,12 +88,12 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = time.monotonic()
         self.on_disconnect: Callable[[], None] | None = None
-        self.task: asyncio.Task | None = None  # the one serving the current request
+        self.on_writable: Callable[[], None] | None = None
         self.writing_paused = False
-        self._drained: asyncio.Future | None = None
         self._held = b""
         self._chunked = False
         self.response_done = True
+        self.current: Request | None = None  # the request being answered
 
     # -- asyncio.Protocol
 
@@ -111,19 +116,19 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.server.connections.discard(self)
         self.queue.clear()
+        self.on_writable = None
         if not self.response_done and self.on_disconnect is not None:
             hook, self.on_disconnect = self.on_disconnect, None
             hook()
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        if self.on_writable is not None:
+            hook, self.on_writable = self.on_writable, None
+            hook()
 
     # -- httptools callbacks
 
@@ -136,22 +141,23 @@ class Connection(asyncio.Protocol):
         self.too_large = False
         self.expects_continue = False
 
+    # The request line plus headers may not exceed MAX_HEAD_BYTES (memory is not the client's);
+    # counted inline, as these run for every header of every request.
+
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count_head(len(url))
+        self.head_size += len(url)
+        if self.head_size > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         self.headers.append((name, value))
-        self._count_head(len(name) + len(value))
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expects_continue = True
-
-    def _count_head(self, size: int) -> None:
-        """Refuse a request line plus headers over MAX_HEAD_BYTES (memory is not the client's)."""
-        self.head_size += size
+        self.head_size += len(name) + len(value)
         if self.head_size > MAX_HEAD_BYTES:
             raise httptools.HttpParserError("request head too large")
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expects_continue = True
 
     def on_headers_complete(self) -> None:
         if self.expects_continue:
@@ -168,8 +174,9 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         path, _, query = self.url.partition(b"?")
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        method = self.parser.get_method()
         request = Request(
-            self.parser.get_method().decode(),
+            _METHODS.get(method) or method.decode(),
             path.partition(b"#")[0].decode("latin-1"),
             query,
             self.headers,
@@ -178,9 +185,13 @@ class Connection(asyncio.Protocol):
         if self.too_large:
             limit = self.server.max_body_bytes
             error = APIError(413, f"The request body is larger than {limit} bytes.")
-            self.queue.append((request, False, error))
+            item = (request, False, error)
         else:
-            self.queue.append((request, self.parser.should_keep_alive(), None))
+            item = (request, self.parser.should_keep_alive(), None)
+        if not self.active and not self.queue and not self.closed:
+            self._serve_now(*item)
+            return
+        self.queue.append(item)
         if len(self.queue) > MAX_PIPELINED and self.transport is not None:
             self.transport.pause_reading()
         if not self.active:
@@ -189,39 +200,55 @@ class Connection(asyncio.Protocol):
     # -- serving requests one at a time
 
     def _next(self) -> None:
-        if not self.queue or self.closed:
-            return
-        request, self.keep_alive, error = self.queue.popleft()
+        if self.queue and not self.closed:
+            self._serve_now(*self.queue.popleft())
+
+    def _serve_now(self, request: Request, keep_alive: bool, error: APIError | None) -> None:
+        self.keep_alive = keep_alive
         if self.server.stopping:
             self.keep_alive = False
+        self.current = request
         self.active = True
         self.response_done = False
         self.on_disconnect = None
+        self.on_writable = None
         if error is not None:
             self.respond_error(error)
-            self._finished()
             return
-        self.task = self.loop.create_task(self._serve(request))
-
-    async def _serve(self, request: Request) -> None:
-        """Run the handler; the next pipelined request starts only once this one is over."""
         try:
-            await self.server.handler(request, self)
+            pending = self.server.handler(request, self)
         except Exception:
-            log.exception("unhandled error serving %s %s", request.method, request.path)
-            if not self.response_done:
-                if self._chunked:
-                    self.close()
-                else:
-                    self.respond_error(APIError(500, "The router failed to serve this request."))
-        if not self.response_done:  # the handler returned without answering (client gone)
-            self.response_done = True
+            self._handler_failed(request)
+            return
+        if pending is not None:
+            self.loop.create_task(self._serve(request, pending))
+
+    async def _serve(self, request: Request, pending: Awaitable[None]) -> None:
+        """Run a handler that waits on something; it must answer before it returns."""
+        try:
+            await pending
+        except Exception:
+            self._handler_failed(request)
+        if self.current is request and not self.response_done:  # it returned without answering
             self.close()
-        self._finished()
+            self._finished()
+
+    def _handler_failed(self, request: Request) -> None:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        if self.response_done:
+            return
+        if self._chunked:
+            self.close()
+            self._finished()
+        else:
+            self.respond_error(APIError(500, "The router failed to serve this request."))
 
     def _finished(self) -> None:
+        """The answer is out: the next pipelined request may start."""
+        self.response_done = True
         self.active = False
         self.on_disconnect = None
+        self.on_writable = None
         self.idle_since = time.monotonic()
         if self.closed:
             return
@@ -231,7 +258,7 @@ class Connection(asyncio.Protocol):
         if self.queue:
             if len(self.queue) <= MAX_PIPELINED and self.transport is not None:
                 self.transport.resume_reading()
-            self._next()
+            self.loop.call_soon(self._next)
 
     # -- the response API
 
@@ -242,7 +269,7 @@ class Connection(asyncio.Protocol):
             b"" if self.keep_alive else b"connection: close\r\n",
         )
         self._write(_head(status, headers, framing) + body)
-        self.response_done = True
+        self._finished()
 
     def respond_error(self, err: APIError) -> None:
         """The OpenAI-style error body, with the error's status and headers (Retry-After...)."""
@@ -272,14 +299,7 @@ class Connection(asyncio.Protocol):
             frame, self._held = self._held + frame, b""
         self._chunked = False
         self._write(frame)
-        self.response_done = True
-
-    async def drain(self) -> None:
-        """Wait while the client is not reading (the transport's buffer is over its limit)."""
-        while self.writing_paused and not self.closed:
-            self._drained = self.loop.create_future()
-            await self._drained
-            self._drained = None
+        self._finished()
 
     def _write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:

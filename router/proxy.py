@@ -1,38 +1,48 @@
-"""The data path: send one request to a replica and its answer back to the client.
+"""The data path: one client request sent to a replica and its answer back to the client.
 
-Upstream traffic goes through router.upstream_http (measured here at less than half of aiohttp's
-CPU per proxied request; aiohttp is itself several times cheaper than httpx). A request may be
-retried on a different replica, within the retry budget, only while nothing has reached the
-client: connection failures, 429/502/503/504 answers, a stream that ends before its first byte,
-or no first byte within the TTFB timeout.
-Once the first byte is out, an upstream failure becomes one SSE error event and `[DONE]`.
-Streams pass through frame by frame as they arrive; nothing waits for the whole answer.
+An `Exchange` is that request's state machine. Nothing awaits on the way: the client's connection
+(router.http_server), the replica's connection (router.upstream_http) and the watchdog call the
+exchange's methods as things happen, and each method moves it on. This keeps the CPU per proxied
+request near that of a bare proxy (see upstream_http for the measurement).
+
+    start ─ _attempt ─ (replica) ─ upstream_head ─┬─ upstream_done ────────── _send_whole ─ _end
+                                                  └─ upstream_body (first) ── _start_stream
+                                                       ... upstream_body ... upstream_done ─ _end
+
+A request may be retried on a different replica, within the retry budget, only while nothing has
+reached the client: connection failures, 429/502/503/504 answers, a stream that ends before its
+first byte, or no first byte within the TTFB timeout. The first attempt runs on callbacks alone;
+after a failure, a task runs tenacity's retry loop, each attempt awaiting the outcome of the same
+callback machinery. Once the first byte is out, an upstream failure becomes one SSE error event
+and `[DONE]`. The client leaving aborts the upstream request at once and releases every counter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 from fleet.control.errors import APIError
-from router.flight import IDLE_TIMEOUT, TTFB_TIMEOUT, Flight
+from fleet.control.keys import Ticket
 from router.http_server import Connection as ClientConnection
 from router.metrics import RouterMetrics
 from router.policies import Decision, Policy, RouteRequest
 from router.pool import ReplicaPool
+from router.prompt_key import Units
 from router.replica import Replica
 from router.retry_budget import RetryBudget
 from router.sessions import sticky_replica
 from router.sse import UsageTap
 from router.upstream_http import Connection, HttpClient
+from router.watchdog import Watchdog
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 NOT_REPLICA_FAULTS = frozenset({429})
-_CONNECTION_ERRORS = (OSError,)
-_STATUS_TEXT = {}
+CLIENT_GONE_STATUS = 499
+_STATUS_TEXT: dict[int, str] = {}
 
 
 def status_text(status: int) -> str:
@@ -46,6 +56,10 @@ class NoReplica(Exception):
     """No routable replica is left for this request (none at all, or all already tried)."""
 
 
+class ClientGone(Exception):
+    """The client left while a retry was waiting on its attempt."""
+
+
 class Retryable(Exception):
     """This attempt failed before anything reached the client; another replica may serve it."""
 
@@ -56,52 +70,17 @@ class Retryable(Exception):
         self.detail = detail
 
 
-@dataclass(slots=True, eq=False)
-class Exchange:
-    """One client request on its way through the router."""
-
-    route: str
-    path: str
-    conn: ClientConnection
-    flight: Flight
-    started: float
-    model: str = ""
-    stream: bool = False
-    tap: UsageTap | None = None
-    replica_id: str = ""
-    status: int = 0
-    head_sent: bool = False
-    body_out: bytes = b""
-    tried: list[Replica] = field(default_factory=list)
-
-
-class Upstream:
-    """The keep-alive connections every replica request goes through."""
-
-    def __init__(self, connect_timeout_s: float, api_key: str | None = None) -> None:
-        headers = [("Content-Type", "application/json")]
-        if api_key:
-            headers.append(("Authorization", f"Bearer {api_key}"))
-        self.client = HttpClient(connect_timeout_s, headers)
-
-    async def request(self, replica: Replica, method: str, path: str, body: bytes) -> Connection:
-        return await self.client.request(
-            replica.host, replica.port, replica.tls, replica.host_header, method,
-            replica.base_path + path, body,
-        )  # fmt: skip
-
-    async def close(self) -> None:
-        self.client.close()
-
-
 class Proxy:
+    """What every exchange shares: replicas, policy, upstream connections, metrics, limits."""
+
     def __init__(
         self,
         pool: ReplicaPool,
         policy: Policy,
-        upstream: Upstream,
         metrics: RouterMetrics,
         *,
+        connect_timeout_s: float,
+        upstream_api_key: str | None,
         ttfb_timeout_s: float,
         idle_timeout_s: float,
         max_attempts: int,
@@ -109,16 +88,25 @@ class Proxy:
     ) -> None:
         self.pool = pool
         self.policy = policy
-        self.upstream = upstream
         self.metrics = metrics
+        headers = [("Content-Type", "application/json")]
+        if upstream_api_key:
+            headers.append(("Authorization", f"Bearer {upstream_api_key}"))
+        self.client = HttpClient(connect_timeout_s, headers)
         self.ttfb_timeout_s = ttfb_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_attempts = max_attempts
         self.budget = budget
+        self.watchdog = Watchdog()
 
-    # -- choosing
+    def exchange(
+        self, route: str, path: str, conn: ClientConnection, on_end: Callable[[Exchange], None]
+    ) -> Exchange:
+        ex = Exchange(self, route, path, conn, on_end)
+        conn.on_disconnect = ex.client_left
+        return ex
 
-    def pick(self, request: RouteRequest, exclude: list[Replica]) -> Decision | None:
+    def pick(self, request: RouteRequest, exclude: tuple[Replica, ...]) -> Decision | None:
         candidates = self.pool.routable(request.model, exclude)
         if not candidates:
             return None
@@ -130,30 +118,314 @@ class Proxy:
         self.metrics.decided(self.policy.name, decision.outcome)
         return decision
 
-    # -- forwarding with retries
+    async def close(self) -> None:
+        await self.watchdog.stop()
+        self.client.close()
 
-    async def forward(
+
+class Exchange:
+    """One client request on its way through the router, and what it leaves behind for
+    accounting (`status`, `model`, `replica_id`, the answer's usage).
+
+    Most fields start at their class-level defaults and are set on the instance only when a
+    request needs them: this object is built for every request."""
+
+    model = ""
+    stream = False
+    tap: UsageTap | None = None
+    units: Units = ""
+    learn = False
+    ticket: Ticket | None = None
+    request: RouteRequest | None = None
+    body = b""
+    method = "POST"
+    pinned: Replica | None = None
+    tried: tuple[Replica, ...] = ()
+    replica: Replica | None = None  # of the attempt in progress
+    replica_id = ""
+    prefill = 0
+    judged = False
+    upstream: Connection | None = None
+    status = 0
+    head_sent = False
+    body_out = b""
+    deadline = 0.0
+    idle_phase = False
+    ended = False
+    waiter: asyncio.Future | None = None
+    end_waiter: asyncio.Future | None = None
+
+    def __init__(
         self,
-        ex: Exchange,
+        proxy: Proxy,
+        route: str,
+        path: str,
+        conn: ClientConnection,
+        on_end: Callable[[Exchange], None],
+    ) -> None:
+        self.proxy = proxy
+        self.route = route
+        self.path = path
+        self.conn = conn
+        self.on_end = on_end
+        self.started = time.perf_counter()
+
+    # -- starting and ending
+
+    def start(
+        self,
         request: RouteRequest,
         body: bytes,
         method: str = "POST",
         pinned: Replica | None = None,
     ) -> None:
-        """Serve `ex` from one replica, retrying elsewhere only before the first byte."""
-        self.budget.deposit()
-        try:
-            await self._attempt(ex, request, body, method, pinned)
+        """Send the request to a replica; the rest happens in the callbacks below."""
+        if self.ended:  # the client left while the request was being admitted
             return
+        self.request = request
+        self.body = body
+        if method != "POST":
+            self.method = method
+        if pinned is not None:
+            self.pinned = pinned
+        self.proxy.budget.deposit()
+        self.proxy.watchdog.watched.add(self)
+        try:
+            self._attempt()
         except NoReplica:
-            raise self._no_replica(ex) from None
-        except Retryable as exc:
-            if pinned is not None or self.max_attempts <= 1:
-                raise self._give_up(ex, exc) from None
-            first_failure = exc
-        last = first_failure
+            self.refuse(
+                APIError(
+                    503,
+                    f"No replica is available for model '{self.model}'; retry shortly.",
+                    code="no_replica_available",
+                    headers={"Retry-After": "1"},
+                )
+            )
+
+    def refuse(self, err: APIError) -> None:
+        """Answer with an error (if nothing was sent yet) and end."""
+        self.status = err.status
+        if not self.head_sent:
+            self.head_sent = True
+            self.conn.respond_error(err)
+        self._end()
+
+    async def wait_end(self) -> None:
+        """For handlers that have more to do once the answer is out (settling a fleet key)."""
+        if not self.ended:
+            self.end_waiter = asyncio.get_running_loop().create_future()
+            await self.end_waiter
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.deadline = 0.0
+        self.proxy.watchdog.watched.discard(self)
+        self.on_end(self)
+        if self.end_waiter is not None and not self.end_waiter.done():
+            self.end_waiter.set_result(None)
+
+    # -- one attempt at one replica
+
+    def _attempt(self) -> None:
+        if self.pinned is None:
+            assert self.request is not None
+            decision = self.proxy.pick(self.request, self.tried)
+            if decision is None:
+                raise NoReplica
+        else:
+            decision = Decision(self.pinned, "pinned")
+        replica = self.replica = decision.replica
+        self.tried += (replica,)
+        self.replica_id = replica.id
+        self.prefill = max(self.request.prompt_tokens - decision.cached_tokens, 0)  # type: ignore[union-attr]
+        self.judged = False
+        replica.in_flight += 1
+        replica.pending_prefill += self.prefill
+        replica.requests += 1
+        replica.breaker.dispatched()
+        self.idle_phase = False
+        self.deadline = time.monotonic() + self.proxy.ttfb_timeout_s
+        self.upstream = self.proxy.client.send(
+            replica.host, replica.port, replica.tls, replica.host_header, self.method,
+            replica.base_path + self.path, self.body, self,
+        )  # fmt: skip
+
+    def _answered(self) -> None:
+        """The replica answered this attempt: its prefill is done, and it counts as healthy."""
+        replica = self.replica
+        assert replica is not None
+        replica.pending_prefill -= self.prefill
+        self.prefill = 0
+        self.judged = True
+        self.proxy.pool.succeeded(replica)
+
+    def _failed_replica(self) -> None:
+        self.judged = True
+        self.proxy.pool.failed(self.replica)  # type: ignore[arg-type]
+
+    def _close_attempt(self) -> None:
+        """Give back what the attempt holds on its replica (once per attempt)."""
+        replica, self.replica = self.replica, None
+        if replica is None:
+            return
+        replica.in_flight -= 1
+        replica.pending_prefill -= self.prefill
+        self.prefill = 0
+        if not self.judged:
+            replica.breaker.released()
+        self.upstream = None
+        self.deadline = 0.0
+
+    # -- callbacks from the replica's connection (router.upstream_http.Listener)
+
+    def upstream_head(self, conn: Connection) -> None:
+        if self.stream and conn.status == 200:
+            conn.streaming = True
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.head_sent:
+            self._forward(data)
+        else:
+            self._start_stream(data)
+
+    def upstream_done(self, conn: Connection) -> None:
+        status = conn.status
+        if status in RETRY_STATUSES:
+            detail = conn.body()[:200].decode(errors="replace")
+            if status not in NOT_REPLICA_FAULTS:
+                self._failed_replica()
+            self._attempt_failed(
+                Retryable(f"status {status}", 503 if status == 429 else status, detail)
+            )
+        elif not conn.streaming:
+            self._send_whole(conn)
+        elif not self.head_sent:
+            self._attempt_failed(Retryable("stream ended before its first byte"))
+        else:
+            self._end_stream(None)
+
+    def upstream_failed(self, exc: OSError) -> None:
+        self._failed_replica()
+        if self.head_sent:
+            self._end_stream(
+                APIError(
+                    502, f"The replica's stream broke: {type(exc).__name__}.", code="upstream_error"
+                )
+            )
+        else:
+            self._attempt_failed(Retryable(type(exc).__name__, 502, str(exc)[:200]))
+
+    # -- callbacks from the client's connection and the watchdog
+
+    def client_left(self) -> None:
+        if self.ended:
+            return
+        if self.upstream is not None:
+            self.upstream.abort()
+        self._close_attempt()
+        self.status = CLIENT_GONE_STATUS
+        self._end()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ClientGone())
+
+    def timed_out(self) -> None:
+        if self.replica is None:
+            return
+        if self.upstream is not None:
+            self.upstream.abort()
+        self._failed_replica()
+        if self.idle_phase:
+            idle = self.proxy.idle_timeout_s
+            self._end_stream(
+                APIError(504, f"The replica sent nothing for {idle:g} s.", code="upstream_idle")
+            )
+        else:
+            self._attempt_failed(Retryable("no first byte in time", 504))
+
+    def client_caught_up(self) -> None:
+        """The client's buffer drained: read the replica's stream again."""
+        self.conn.on_writable = None
+        if self.upstream is not None and not self.ended:
+            self.deadline = time.monotonic() + self.proxy.idle_timeout_s
+            self.upstream.resume_reading()
+
+    # -- answering the client
+
+    def _send_whole(self, upstream: Connection) -> None:
+        self._answered()
+        payload = upstream.body()
+        self.status = upstream.status
+        headers = [
+            (b"content-type", upstream.header(b"content-type") or b"application/json"),
+            (b"x-fleet-replica", self.replica.id_header),  # type: ignore[union-attr]
+        ]
+        self.head_sent = True
+        self.conn.respond(self.status, headers, payload)
+        self.proxy.metrics.first_byte(self.route, self.model, time.perf_counter() - self.started)
+        self.body_out = payload
+        self._close_attempt()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        self._end()
+
+    def _start_stream(self, first: bytes) -> None:
+        self._answered()
+        self.status = 200
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            (b"x-fleet-replica", self.replica.id_header),  # type: ignore[union-attr]
+        ]
+        self.conn.start_stream(200, headers)
+        self.head_sent = True
+        self.proxy.metrics.first_byte(self.route, self.model, time.perf_counter() - self.started)
+        self.idle_phase = True
+        self._forward(first)
+        self._committed()
+
+    def _forward(self, data: bytes) -> None:
+        conn = self.conn
+        conn.send_chunk(self.tap.feed(data) if self.tap is not None else data)
+        if conn.writing_paused and self.upstream is not None:
+            self.deadline = 0.0  # a slow client is not the replica's fault
+            self.upstream.pause_reading()
+            conn.on_writable = self.client_caught_up
+        else:
+            self.deadline = time.monotonic() + self.proxy.idle_timeout_s
+
+    def _end_stream(self, failure: APIError | None) -> None:
+        self._close_attempt()
+        if failure is not None:
+            self.status = failure.status
+            self.conn.end_stream(failure.sse_frames())
+        else:
+            self.conn.end_stream(self.tap.flush() if self.tap is not None else b"")
+        self._end()
+
+    # -- failures before the first byte, and retries
+
+    def _attempt_failed(self, exc: Retryable) -> None:
+        self._close_attempt()
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_exception(exc)
+        elif self.pinned is not None or self.proxy.max_attempts <= 1:
+            self._give_up(exc)
+        else:
+            asyncio.get_running_loop().create_task(self._retry(exc))
+
+    def _committed(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _retry(self, first: Retryable) -> None:
+        """Further attempts, on other replicas, as tenacity allows: one at a time, each waiting
+        for its outcome (answered, or failed before the first byte)."""
+        last = first
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts - 1),
+            stop=stop_after_attempt(self.proxy.max_attempts - 1),
             retry=retry_if_exception_type(Retryable),
             wait=wait_none(),
             reraise=True,
@@ -161,168 +433,35 @@ class Proxy:
         try:
             async for attempt in retrying:
                 with attempt:
-                    if not self.budget.withdraw():
-                        raise self._give_up(ex, last, "the retry budget is spent")
-                    self.metrics.retried(ex.model, last.reason)
+                    if not self.proxy.budget.withdraw():
+                        self._give_up(last, "the retry budget is spent")
+                        return
+                    self.proxy.metrics.retried(self.model, last.reason)
                     try:
-                        await self._attempt(ex, request, body, method, None)
+                        await self._attempt_once()
                     except Retryable as exc:
                         last = exc
                         raise
         except Retryable as exc:
-            raise self._give_up(ex, exc) from None
+            self._give_up(exc)
         except NoReplica:
-            raise self._give_up(ex, last, "no other replica to try") from None
+            self._give_up(last, "no other replica to try")
+        except ClientGone:
+            pass
 
-    @staticmethod
-    def _no_replica(ex: Exchange) -> APIError:
-        return APIError(
-            503,
-            f"No replica is available for model '{ex.model}'; retry shortly.",
-            code="no_replica_available",
-            headers={"Retry-After": "1"},
-        )
+    async def _attempt_once(self) -> None:
+        if self.ended:
+            raise ClientGone
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            self._attempt()
+            await self.waiter
+        finally:
+            self.waiter = None
 
-    def _give_up(self, ex: Exchange, exc: Retryable, why: str = "") -> APIError:
-        tried = ", ".join(r.id for r in ex.tried) or "none"
+    def _give_up(self, exc: Retryable, why: str = "") -> None:
+        tried = ", ".join(r.id for r in self.tried) or "none"
         detail = f" ({exc.detail})" if exc.detail else ""
         note = f"; {why}" if why else ""
         message = f"Upstream replica failed: {exc.reason}{detail}; tried {tried}{note}."
-        return APIError(exc.status, message, code="upstream_error")
-
-    async def _attempt(
-        self,
-        ex: Exchange,
-        request: RouteRequest,
-        body: bytes,
-        method: str,
-        pinned: Replica | None,
-    ) -> None:
-        if pinned is None:
-            decision = self.pick(request, ex.tried)
-            if decision is None:
-                raise NoReplica
-        else:
-            decision = Decision(pinned, "pinned")
-        replica = decision.replica
-        ex.tried.append(replica)
-        ex.replica_id = replica.id
-        prefill = max(request.prompt_tokens - decision.cached_tokens, 0)
-        replica.in_flight += 1
-        replica.pending_prefill += prefill
-        replica.requests += 1
-        replica.breaker.dispatched()
-        flight = ex.flight
-        flight.phase = TTFB_TIMEOUT
-        flight.deadline = time.monotonic() + self.ttfb_timeout_s
-        response: Connection | None = None
-        verdict = False
-        try:
-            try:
-                response = await self.upstream.request(replica, method, ex.path, body)
-                status = response.status
-                if status in RETRY_STATUSES:
-                    detail = (await response.read())[:200].decode(errors="replace")
-                    if status not in NOT_REPLICA_FAULTS:
-                        verdict = True
-                        self.pool.failed(replica)
-                    raise Retryable(f"status {status}", 503 if status == 429 else status, detail)
-                if not ex.stream or status != 200:
-                    payload = await response.read()
-                    first = b""
-                else:
-                    first = await response.readany()
-                    if not first:
-                        raise Retryable("stream ended before its first byte")
-            except asyncio.CancelledError:
-                if flight.reason != TTFB_TIMEOUT:
-                    raise
-                flight.absorb()
-                verdict = True
-                self.pool.failed(replica)
-                raise Retryable("no first byte in time", 504) from None
-            except _CONNECTION_ERRORS as exc:
-                verdict = True
-                self.pool.failed(replica)
-                raise Retryable(type(exc).__name__, 502, str(exc)[:200]) from None
-            flight.deadline = 0.0
-            replica.pending_prefill -= prefill
-            prefill = 0
-            verdict = True
-            self.pool.succeeded(replica)
-            if first:
-                await self._stream(ex, replica, response, first)
-            else:
-                await self._send_whole(ex, replica, response, payload)
-        finally:
-            replica.in_flight -= 1
-            replica.pending_prefill -= prefill
-            if not verdict:
-                replica.breaker.released()
-            if response is not None:
-                response.release()
-
-    async def _send_whole(
-        self, ex: Exchange, replica: Replica, response: Connection, payload: bytes
-    ) -> None:
-        ex.status = response.status
-        headers = [
-            (b"content-type", response.header(b"content-type") or b"application/json"),
-            (b"x-fleet-replica", replica.id_header),
-        ]
-        ex.head_sent = True
-        ex.flight.done = True
-        ex.conn.respond(ex.status, headers, payload)
-        self.metrics.first_byte(ex.route, ex.model, time.perf_counter() - ex.started)
-        ex.body_out = payload
-
-    async def _stream(
-        self, ex: Exchange, replica: Replica, response: Connection, first: bytes
-    ) -> None:
-        conn = ex.conn
-        send = conn.send_chunk
-        flight = ex.flight
-        tap = ex.tap
-        ex.status = 200
-        headers = [
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache"),
-            (b"x-fleet-replica", replica.id_header),
-        ]
-        conn.start_stream(200, headers)
-        ex.head_sent = True
-        self.metrics.first_byte(ex.route, ex.model, time.perf_counter() - ex.started)
-        send(tap.feed(first) if tap is not None else first)
-        readany = response.readany
-        clock = time.monotonic
-        idle = self.idle_timeout_s
-        flight.phase = IDLE_TIMEOUT
-        failure: APIError | None = None
-        try:
-            while True:
-                flight.deadline = clock() + idle
-                chunk = await readany()
-                flight.deadline = 0.0
-                if not chunk:
-                    break
-                send(tap.feed(chunk) if tap is not None else chunk)
-                if conn.writing_paused:
-                    await conn.drain()
-        except asyncio.CancelledError:
-            if flight.reason != IDLE_TIMEOUT:
-                raise
-            flight.absorb()
-            failure = APIError(
-                504, f"The replica sent nothing for {idle:g} s.", code="upstream_idle"
-            )
-        except _CONNECTION_ERRORS as exc:
-            failure = APIError(
-                502, f"The replica's stream broke: {type(exc).__name__}.", code="upstream_error"
-            )
-        flight.done = True
-        if failure is not None:
-            self.pool.failed(replica)
-            ex.status = failure.status
-            conn.end_stream(failure.sse_frames())
-        else:
-            conn.end_stream(tap.flush() if tap is not None else b"")
+        self.refuse(APIError(exc.status, message, code="upstream_error"))

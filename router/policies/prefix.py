@@ -67,34 +67,42 @@ class PrefixPolicy(Policy):
 
     def choose(self, request: RouteRequest, candidates: list[Replica]) -> Decision:
         hashes = self._hashes(request)
+        weight = self.queue_weight
+        step = weight if weight > 0 else 1.0
+        self._turn += 1
+        if not hashes:
+            # Shorter than one chunk: nothing to match, so the least loaded (in rotation) wins.
+            best = candidates[0]
+            best_cost = -1
+            for replica in rotated(candidates, self._turn):
+                cost = int((replica.pending_prefill + weight * replica.queue_depth()) // step)
+                if best_cost < 0 or cost < best_cost:
+                    best, best_cost = replica, cost
+            return Decision(best, "prefix_miss")
         unit = self._chunk_size(request)
         per_token = request.units_per_token if isinstance(request.units, str) else 1.0
         tokens_per_chunk = unit / per_token
         prompt_tokens = request.prompt_tokens
-        weight = self.queue_weight
-        step = weight if weight > 0 else 1.0
-        anchor = stable_anchor(request.units, unit) if hashes else 0
-        self._turn += 1
+        anchor = stable_anchor(request.units, unit)
         best: Replica | None = None
         best_key = (0, 0)
         best_cached = 0
         best_index: PrefixIndex | None = None
         most_matched = 0
         chosen_matched = 0
-        for replica in candidates if anchor else rotated(candidates, self._turn):
+        for replica in candidates:  # the anchor's rendezvous score breaks ties, not list order
             index = self.index_for(replica, unit, per_token)
-            matched = index.match(hashes) if hashes else 0
+            matched = index.match(hashes)
             cached = min(int(matched * tokens_per_chunk), prompt_tokens)
             cost = prompt_tokens - cached + replica.pending_prefill + weight * replica.queue_depth()
-            score = ((anchor ^ replica.salt) * _MIX) & _MASK if anchor else 0
+            score = ((anchor ^ replica.salt) * _MIX) & _MASK
             key = (int(cost // step), -score)
             most_matched = max(most_matched, matched)
             if best is None or key < best_key:
                 best, best_key, best_cached, best_index = replica, key, cached, index
                 chosen_matched = matched
         assert best is not None and best_index is not None
-        if hashes:
-            best_index.insert(hashes)
+        best_index.insert(hashes)
         if most_matched == 0:
             outcome = "prefix_miss"
         elif chosen_matched == most_matched:

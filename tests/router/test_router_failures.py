@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 
 import httpx
@@ -20,8 +21,13 @@ async def test_503_before_the_first_byte_is_retried_on_another_replica(replicas)
     bad.configure(status=503)
     async with run_router(router_config([bad, good])) as router:
         results = [await router.client.post("/v1/completions", json=COMPLETION) for _ in range(6)]
+        streams = [
+            await router.client.post("/v1/chat/completions", json=chat(stream=True))
+            for _ in range(2)
+        ]
         stats = (await router.client.get("/admin/stats", headers=ADMIN)).json()
-    assert [r.status_code for r in results] == [200] * 6
+    assert [r.status_code for r in results + streams] == [200] * 8
+    assert all(sse_events(r.text)[-1] == "[DONE]" for r in streams)
     assert {r.headers["x-fleet-replica"] for r in results} == {good.id}
     assert bad.stats()["requests"] >= 1
     assert stats["retries"] >= 1
@@ -102,7 +108,7 @@ async def test_client_disconnect_closes_upstream_and_releases_counters(replicas)
         view = router.replica(slow.id)
         assert view.in_flight == 0
         assert view.pending_prefill == 0
-        assert not router.app.watchdog.flights
+        assert not router.app.proxy.watchdog.watched
     stats = slow.stats()
     assert stats["aborted"] == 5
     assert stats["active"] == 0
@@ -233,3 +239,42 @@ async def test_a_lone_failing_replica_reports_its_own_failure(replicas) -> None:
     error = response.json()["error"]
     assert error["code"] == "upstream_error" and "status 503" in error["message"]
     assert "no other replica" in error["message"]
+
+
+async def test_a_slow_client_pauses_the_replica_stream_without_an_idle_timeout(replicas) -> None:
+    """Backpressure: while the client does not read, the router stops reading the replica (its
+    buffers stay bounded); the pause is the client's doing, so the idle timeout does not fire."""
+    source = replicas[0]
+    source.configure(chunks=4000)
+    async with run_router(router_config([source], idle_timeout_s=0.3)) as router:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", router.server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        while not router.server.connections:
+            await asyncio.sleep(0.01)
+        for conn in router.server.connections:  # small kernel buffers on both ends
+            assert conn.transport is not None
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+            )
+        body = orjson.dumps(chat(stream=True))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.0)  # not reading, for over three idle timeouts
+        held_back = [c for c in router.server.connections if c.writing_paused]
+        received = b""
+        while not received.endswith(b"0\r\n\r\n"):
+            received += await asyncio.wait_for(reader.read(65536), 10)
+        writer.close()
+        await asyncio.sleep(0.1)
+        view = router.replica(source.id)
+    assert held_back, "the client's connection never filled up: the test proves nothing"
+    assert b"upstream_idle" not in received
+    assert received.count(b'"chat.completion.chunk"') >= 4000
+    assert b"data: [DONE]" in received
+    assert view.in_flight == 0 and not router.app.proxy.watchdog.watched

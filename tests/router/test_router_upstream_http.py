@@ -1,5 +1,6 @@
 """The data path's HTTP client against small raw asyncio servers: keep-alive reuse, a connection the
-server closed while idle, `Connection: close`, chunked bodies, large bodies, broken responses."""
+server closed while idle, `Connection: close`, chunked bodies, large bodies with flow control,
+broken responses, refused connections and aborted requests."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from router.upstream_http import HttpClient, UpstreamConnectionError
+from router.upstream_http import Connection, HttpClient, UpstreamConnectionError
 
 
 class Server:
@@ -59,6 +60,38 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
+class Collector:
+    """A listener that gathers one answer: streamed piece by piece, or collected whole."""
+
+    def __init__(self, stream: bool = False, slow: bool = False) -> None:
+        self.stream = stream
+        self.slow = slow  # pause reading after every piece, resume on the next loop turn
+        self.status = 0
+        self.content_type: bytes | None = None
+        self.pieces: list[bytes] = []
+        self.conn: Connection | None = None
+        self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def upstream_head(self, conn: Connection) -> None:
+        self.status = conn.status
+        self.content_type = conn.header(b"content-type")
+        conn.streaming = self.stream
+
+    def upstream_body(self, data: bytes) -> None:
+        self.pieces.append(data)
+        if self.slow and self.conn is not None:
+            self.conn.pause_reading()
+            asyncio.get_running_loop().call_soon(self.conn.resume_reading)
+
+    def upstream_done(self, conn: Connection) -> None:
+        if not self.stream:
+            self.pieces.append(conn.body())
+        self.outcome.set_result(b"".join(self.pieces))
+
+    def upstream_failed(self, exc: OSError) -> None:
+        self.outcome.set_exception(exc)
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[HttpClient]:
     http = HttpClient(2.0, [("Content-Type", "application/json")])
@@ -66,12 +99,22 @@ async def client() -> AsyncIterator[HttpClient]:
     http.close()
 
 
+def send(
+    client: HttpClient,
+    server: Server,
+    listener: Collector,
+    method: str = "POST",
+    body: bytes = b"{}",
+) -> Connection:
+    listener.conn = client.send("127.0.0.1", server.port, False, b"x", method, "/p", body, listener)
+    return listener.conn
+
+
 async def call(client: HttpClient, server: Server, body: bytes = b"{}") -> tuple[int, bytes]:
-    conn = await client.request("127.0.0.1", server.port, False, b"x", "POST", "/p", body)
-    data = await conn.read()
-    status = conn.status
-    conn.release()
-    return status, data
+    listener = Collector()
+    send(client, server, listener, body=body)
+    data = await listener.outcome
+    return listener.status, data
 
 
 async def test_keep_alive_connections_are_reused(client) -> None:
@@ -105,47 +148,48 @@ async def test_chunked_body_arrives_piece_by_piece(client) -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
     )
     async with Server(lambda n: head + body) as server:
-        conn = await client.request("127.0.0.1", server.port, False, b"x", "GET", "/s", b"")
-        assert conn.header(b"content-type") == b"text/event-stream"
-        received = b""
-        while data := await conn.readany():
-            received += data
-        conn.release()
+        listener = Collector(stream=True)
+        send(client, server, listener, "GET", b"")
+        received = await listener.outcome
+    assert listener.content_type == b"text/event-stream"
     assert received == b"".join(chunks)
+    assert len(listener.pieces) >= 1
 
 
 async def test_large_bodies_pass_with_flow_control(client) -> None:
-    big = bytes(range(256)) * 16384  # 4 MiB, over the read high-water mark
+    big = bytes(range(256)) * 16384  # 4 MiB
     async with Server(lambda n: ok(big)) as server:
-        conn = await client.request("127.0.0.1", server.port, False, b"x", "GET", "/big", b"")
-        received = bytearray()
-        while data := await conn.readany():
-            received += data
-            await asyncio.sleep(0)
-        conn.release()
-    assert bytes(received) == big
+        listener = Collector(stream=True, slow=True)
+        send(client, server, listener, "GET", b"")
+        received = await listener.outcome
+        assert await call(client, server) == (200, big)  # and the connection was reusable
+    assert received == big
+    assert len(listener.pieces) > 1
+    assert server.connections == 1
 
 
 async def test_a_response_cut_short_is_an_error(client) -> None:
     async with Server(
         lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly a bit", close_after=1
     ) as server:
-        conn = await client.request("127.0.0.1", server.port, False, b"x", "GET", "/", b"")
         with pytest.raises(UpstreamConnectionError):
-            await conn.read()
-        conn.release()
+            await call(client, server)
 
 
-async def test_refused_connections_raise_oserror(client) -> None:
+async def test_refused_connections_fail_with_oserror(client) -> None:
     async with Server(lambda n: ok(b"")) as server:
         port = server.port
+    listener = Collector()
+    client.send("127.0.0.1", port, False, b"x", "GET", "/", b"", listener)
     with pytest.raises(OSError):
-        await client.request("127.0.0.1", port, False, b"x", "GET", "/", b"")
+        await listener.outcome
 
 
-async def test_whole_body_reads_are_not_stalled_by_flow_control(client) -> None:
-    big = b"x" * (5 << 20)
-    async with Server(lambda n: ok(big)) as server:
-        assert await call(client, server) == (200, big)
-        assert await call(client, server) == (200, big)  # and the connection was reusable
-    assert server.connections == 1
+async def test_an_aborted_request_tells_its_listener_nothing(client) -> None:
+    async with Server(lambda n: ok(b"late")) as server:
+        listener = Collector()
+        send(client, server, listener).abort()
+        await asyncio.sleep(0.1)
+        assert not listener.outcome.done()
+        assert await call(client, server) == (200, b"late")  # a fresh connection serves on
+    assert server.connections == 2
