@@ -268,7 +268,8 @@ class Connection(asyncio.Protocol):
             len(body),
             b"" if self.keep_alive else b"connection: close\r\n",
         )
-        self._write(_head(status, headers, framing) + body)
+        if not self.closed:
+            self.transport.write(_head(status, headers, framing) + body)  # type: ignore[union-attr]
         self._finished()
 
     def respond_error(self, err: APIError) -> None:

@@ -5,9 +5,9 @@ An `Exchange` is that request's state machine. Nothing awaits on the way: the cl
 exchange's methods as things happen, and each method moves it on. This keeps the CPU per proxied
 request near that of a bare proxy (see upstream_http for the measurement).
 
-    start ─ _attempt ─ (replica) ─ upstream_head ─┬─ upstream_done ────────── _send_whole ─ _end
-                                                  └─ upstream_body (first) ── _start_stream
-                                                       ... upstream_body ... upstream_done ─ _end
+    start ─ _attempt ─ (replica) ─┬─ upstream_done ────────── _send_whole ─ _end
+                                  └─ upstream_body (first) ── _start_stream
+                                       ... upstream_body ... upstream_done ─ _end_stream ─ _end
 
 A request may be retried on a different replica, within the retry budget, only while nothing has
 reached the client: connection failures, 429/502/503/504 answers, a stream that ends before its
@@ -249,7 +249,7 @@ class Exchange:
         self.deadline = time.monotonic() + self.proxy.ttfb_timeout_s
         self.upstream = self.proxy.client.send(
             replica.host, replica.port, replica.tls, replica.host_header, self.method,
-            replica.base_path + self.path, self.body, self,
+            replica.base_path + self.path, self.body, self, self.stream,
         )  # fmt: skip
 
     def _answered(self) -> None:
@@ -279,10 +279,6 @@ class Exchange:
         self.deadline = 0.0
 
     # -- callbacks from the replica's connection (router.upstream_http.Listener)
-
-    def upstream_head(self, conn: Connection) -> None:
-        if self.stream and conn.status == 200:
-            conn.streaming = True
 
     def upstream_body(self, data: bytes) -> None:
         if self.head_sent:
@@ -354,7 +350,8 @@ class Exchange:
     # -- answering the client
 
     def _send_whole(self, upstream: Connection) -> None:
-        self._answered()
+        self.judged = True
+        self.proxy.pool.succeeded(self.replica)  # type: ignore[arg-type]
         payload = upstream.body()
         self.status = upstream.status
         headers = [

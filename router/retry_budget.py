@@ -12,15 +12,18 @@ class RetryBudget:
         self.min_per_s = min_per_s
         self.burst = burst
         self.tokens = burst
+        self.deposits = 0  # requests made since the last withdrawal, credited then
         self._last = time.monotonic()
 
     def deposit(self) -> None:
         """One request was made: it earns `ratio` of a retry."""
-        self.tokens = min(self.tokens + self.ratio, self.burst)
+        self.deposits += 1
 
     def withdraw(self) -> bool:
         now = time.monotonic()
-        self.tokens = min(self.tokens + (now - self._last) * self.min_per_s, self.burst)
+        earned = self.deposits * self.ratio + (now - self._last) * self.min_per_s
+        self.tokens = min(self.tokens + earned, self.burst)
+        self.deposits = 0
         self._last = now
         if self.tokens < 1.0:
             return False

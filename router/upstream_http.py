@@ -8,11 +8,11 @@ request with a task and futures per request and ~60 µs with callbacks alone. Wh
 request it builds request and response objects, header multidicts, a cookie-jar lookup and timer
 contexts, none of which the router needs. Timeouts are the caller's (router.watchdog).
 
-A listener hears, in order: `upstream_head` once the status line and headers are in (it may then
-set `streaming` to have body bytes passed on as they arrive instead of collected), `upstream_body`
-for each piece of a streamed body, and `upstream_done` at the end, or `upstream_failed` once if
-the connection breaks first. After `upstream_done` a keep-alive connection goes back to its pool
-by itself; a listener that walks away early calls `abort`.
+A request sent with `stream=True` whose answer is a 200 has its body passed on as it arrives
+(`upstream_body`, piece by piece); any other answer is collected whole. Then the listener hears
+`upstream_done`, or `upstream_failed` once if the connection breaks first. After `upstream_done`
+a keep-alive connection goes back to its pool by itself; a listener that walks away early calls
+`abort`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class UpstreamConnectionError(ConnectionError):
 
 
 class Listener(Protocol):
-    def upstream_head(self, conn: Connection) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_done(self, conn: Connection) -> None: ...
     def upstream_failed(self, exc: OSError) -> None: ...
@@ -53,23 +52,25 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
+        self.stream = False  # pass a 200's body on as it arrives
         self.streaming = False
         self.complete = False
         self.keep_alive = True
         self.closed = False
 
-    def send(self, request: bytes, listener: Listener) -> None:
+    def send(self, request: bytes, listener: Listener, stream: bool) -> None:
         """Write a request on this idle, connected connection."""
         assert self.transport is not None
         self.request = request
         self.listener = listener
+        self.stream = stream
         self.reused = True
         self.transport.write(request)
 
     def header(self, name: bytes) -> bytes | None:
-        """A response header by its lower-case name."""
+        """A response header by its lower-case name (most servers send them lower-case)."""
         for key, value in self.headers:
-            if key.lower() == name:
+            if key == name or key.lower() == name:
                 return value
         return None
 
@@ -137,10 +138,9 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        self.status = status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
-        if self.listener is not None:
-            self.listener.upstream_head(self)
+        self.streaming = self.stream and status == 200
 
     def on_body(self, body: bytes) -> None:
         if not self.streaming:
@@ -276,6 +276,7 @@ class HttpClient:
         target: str,
         body: bytes,
         listener: Listener,
+        stream: bool = False,
     ) -> Connection:
         """Send one request; its answer goes to `listener`, never before this returns. The
         connection returned is the handle to abort the request with."""
@@ -288,11 +289,12 @@ class HttpClient:
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                conn.send(request, listener)
+                conn.send(request, listener, stream)
                 return conn
         conn = Connection(pool)
         conn.request = request
         conn.listener = listener
+        conn.stream = stream
         pool.open(conn)
         return conn
 

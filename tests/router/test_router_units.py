@@ -11,6 +11,7 @@ from router.policies import LeastLoadPolicy, PrefixPolicy, RoundRobinPolicy, Rou
 from router.prefix_index import PrefixIndex
 from router.prompt_key import chat_units, chunk_hashes, completion_units
 from router.replica import LoadReport, Replica
+from router.retry_budget import RetryBudget
 from router.sessions import sticky_replica
 from router.sse import UsageTap
 
@@ -231,3 +232,14 @@ def test_load_json_and_vllm_metrics() -> None:
         0.25,
         40,
     )
+
+
+def test_retry_budget_earns_a_fraction_of_the_requests() -> None:
+    budget = RetryBudget(ratio=0.2, min_per_s=0.0, burst=3.0)
+    assert [budget.withdraw() for _ in range(4)] == [True, True, True, False]
+    for _ in range(10):
+        budget.deposit()
+    assert [budget.withdraw() for _ in range(3)] == [True, True, False]
+    for _ in range(100):
+        budget.deposit()
+    assert sum(budget.withdraw() for _ in range(10)) == 3  # never more than the burst

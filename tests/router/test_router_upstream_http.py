@@ -72,19 +72,21 @@ class Collector:
         self.conn: Connection | None = None
         self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
 
-    def upstream_head(self, conn: Connection) -> None:
-        self.status = conn.status
-        self.content_type = conn.header(b"content-type")
-        conn.streaming = self.stream
-
     def upstream_body(self, data: bytes) -> None:
+        self.head(self.conn)
         self.pieces.append(data)
         if self.slow and self.conn is not None:
             self.conn.pause_reading()
             asyncio.get_running_loop().call_soon(self.conn.resume_reading)
 
+    def head(self, conn: Connection | None) -> None:
+        assert conn is not None
+        self.status = conn.status
+        self.content_type = conn.header(b"content-type")
+
     def upstream_done(self, conn: Connection) -> None:
-        if not self.stream:
+        self.head(conn)
+        if not conn.streaming:
             self.pieces.append(conn.body())
         self.outcome.set_result(b"".join(self.pieces))
 
@@ -106,7 +108,9 @@ def send(
     method: str = "POST",
     body: bytes = b"{}",
 ) -> Connection:
-    listener.conn = client.send("127.0.0.1", server.port, False, b"x", method, "/p", body, listener)
+    listener.conn = client.send(
+        "127.0.0.1", server.port, False, b"x", method, "/p", body, listener, listener.stream
+    )
     return listener.conn
 
 
