@@ -1,9 +1,10 @@
 """The floor under the router's CPU figures: a proxy with nothing but HTTP in and out.
 
-Same loop (uvloop), same parser (httptools) and the same upstream client (router.upstream_http)
-as the router, but no auth, parsing of the body, policy, metrics, timeouts or retries: requests go
-round-robin to the replicas and answers come back whole, or chunk by chunk for streams. What the
-router spends above this is the price of its features; this much is the price of Python here.
+Same loop (uvloop), same parser (httptools) and the same upstream client (router.upstream_http,
+callbacks and no task per request) as the router, but no auth, parsing of the body, policy,
+metrics, timeouts or retries: requests go round-robin to the replicas and answers come back whole,
+or chunk by chunk for streams. What the router spends above this is the price of its features;
+this much is the price of Python and the sockets here.
 
     python loadtests/bare_proxy.py --port 8100 --replica http://127.0.0.1:8001 ...
 """
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 import httptools
 import uvloop
 
-from router.upstream_http import HttpClient
+from router.upstream_http import Connection, HttpClient
 
 
 class BareProxy(asyncio.Protocol):
@@ -46,29 +47,47 @@ class BareProxy(asyncio.Protocol):
         body, self.body = b"".join(self.body), []
         if self.url == b"/health":
             self.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        else:
-            asyncio.get_running_loop().create_task(self.forward(self.url.decode(), body))
+            return
+        host, port = next(self.replicas)
+        stream = b'"stream":true' in body
+        self.client.send(
+            host, port, False, b"replica", "POST", self.url.decode(), body, Answer(self), stream
+        )
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    async def forward(self, path: str, body: bytes) -> None:
-        host, port = next(self.replicas)
-        conn = await self.client.request(host, port, False, b"replica", "POST", path, body)
-        kind = conn.header(b"content-type") or b"application/json"
-        if kind.startswith(b"text/event-stream"):
-            self.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n\r\n" % kind
+
+class Answer:
+    """The upstream listener: passes the replica's answer to the client as it comes."""
+
+    def __init__(self, proxy: BareProxy) -> None:
+        self.proxy = proxy
+        self.started = False
+
+    def upstream_body(self, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            self.proxy.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
             )
-            while chunk := await conn.readany():
-                self.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.write(b"0\r\n\r\n")
-        else:
-            payload = await conn.read()
-            self.write(b"HTTP/1.1 %d OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
-                       % (conn.status, kind, len(payload), payload))  # fmt: skip
-        conn.release()
+        self.proxy.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def upstream_done(self, conn: Connection) -> None:
+        if conn.streaming:
+            if not self.started:
+                self.upstream_body(b"")
+            self.proxy.write(b"0\r\n\r\n")
+            return
+        payload = conn.body()
+        kind = conn.header(b"content-type") or b"application/json"
+        self.proxy.write(b"HTTP/1.1 %d OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                         % (conn.status, kind, len(payload), payload))  # fmt: skip
+
+    def upstream_failed(self, exc: OSError) -> None:
+        self.proxy.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
 
 
 async def serve(port: int, replicas: list[str]) -> None:

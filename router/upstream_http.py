@@ -9,7 +9,8 @@ request it builds request and response objects, header multidicts, a cookie-jar 
 contexts, none of which the router needs. Timeouts are the caller's (router.watchdog).
 
 A request sent with `stream=True` whose answer is a 200 has its body passed on as it arrives
-(`upstream_body`, piece by piece); any other answer is collected whole. Then the listener hears
+(`upstream_body`, once per read from the socket, so frames that arrived together leave together);
+any other answer is collected whole. Then the listener hears
 `upstream_done`, or `upstream_failed` once if the connection breaks first. After `upstream_done`
 a keep-alive connection goes back to its pool by itself; a listener that walks away early calls
 `abort`.
@@ -113,6 +114,9 @@ class Connection(asyncio.Protocol):
                 log.error("upstream listener failed", exc_info=exc.__cause__)
             self._fail(UpstreamConnectionError(f"unreadable response: {exc}"))
             self.abort()
+            return
+        if self.streaming and self.chunks:
+            self._pass_on()
 
     def eof_received(self) -> bool:
         return False
@@ -143,12 +147,11 @@ class Connection(asyncio.Protocol):
         self.streaming = self.stream and status == 200
 
     def on_body(self, body: bytes) -> None:
-        if not self.streaming:
-            self.chunks.append(body)
-        elif self.listener is not None:
-            self.listener.upstream_body(body)
+        self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self.streaming and self.chunks:
+            self._pass_on()
         self.complete = True
         listener, self.listener = self.listener, None
         if listener is None:
@@ -161,6 +164,11 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     # -- state
+
+    def _pass_on(self) -> None:
+        chunks, self.chunks = self.chunks, []
+        if self.listener is not None:
+            self.listener.upstream_body(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _fail(self, exc: OSError) -> None:
         listener, self.listener = self.listener, None
