@@ -1,4 +1,4 @@
-"""The router's ASGI application.
+"""The router application: what each request path means, and the accounting around a request.
 
 The data path (`/v1/chat/completions`, `/v1/completions`, `/tokenize`, `/detokenize`, and
 per-replica pinning `/replicas/{id}/...`) is dispatched by path straight to its handlers on the
@@ -7,8 +7,11 @@ is paid per request. Everything else (`/v1/models`, `/health`, `/metrics`, `/adm
 ordinary Starlette app behind an ASGI bridge.
 
 Per generation request: read the body, authenticate (cached), parse it once with orjson, check
-the model, take the key's limits, pick a replica, proxy, then settle the key's usage from the
-upstream's own `usage` (streams ask the replica for `include_usage`; see sse.py).
+the model, take the key's limits, then hand it to an Exchange (router.proxy) that picks a replica
+and proxies; when it ends, count it and settle the key's usage from the upstream's own `usage`
+(streams ask the replica for `include_usage`; see sse.py). With static keys (or none) nothing
+here waits, so the whole request runs on callbacks; a fleet key may wait on Redis, so its
+requests run as a task.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ class Connection(asyncio.Protocol):
         self.on_writable: Callable[[], None] | None = None
         self.writing_paused = False
         self._held = b""
-        self._chunked = False
+        self._chunked = False  # a streamed response is under way
+        self._raw = False  # ... to an HTTP/1.0 client: no chunked framing, ends with the connection
         self.response_done = True
         self.current: Request | None = None  # the request being answered
 
@@ -280,22 +281,30 @@ class Connection(asyncio.Protocol):
 
     def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """A streamed response: the head is held until the first chunk (or the end)."""
-        framing = b"transfer-encoding: chunked\r\n%s\r\n" % (
-            b"" if self.keep_alive else b"connection: close\r\n"
-        )
+        self._raw = self.parser.get_http_version() == "1.0"
+        if self._raw:
+            self.keep_alive = False
+            framing = b"connection: close\r\n\r\n"
+        else:
+            framing = b"transfer-encoding: chunked\r\n%s\r\n" % (
+                b"" if self.keep_alive else b"connection: close\r\n"
+            )
         self._held = _head(status, headers, framing)
         self._chunked = True
 
     def send_chunk(self, data: bytes) -> None:
         if not data:
             return
-        frame = b"%x\r\n%s\r\n" % (len(data), data)
+        frame = data if self._raw else b"%x\r\n%s\r\n" % (len(data), data)
         if self._held:
             frame, self._held = self._held + frame, b""
         self._write(frame)
 
     def end_stream(self, tail: bytes = b"") -> None:
-        frame = b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail) if tail else b"0\r\n\r\n"
+        if self._raw:
+            frame = tail
+        else:
+            frame = b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail) if tail else b"0\r\n\r\n"
         if self._held:
             frame, self._held = self._held + frame, b""
         self._chunked = False

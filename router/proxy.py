@@ -20,6 +20,7 @@ and `[DONE]`. The client leaving aborts the upstream request at once and release
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,8 @@ from router.sessions import sticky_replica
 from router.sse import UsageTap
 from router.upstream_http import Connection, HttpClient
 from router.watchdog import Watchdog
+
+log = logging.getLogger("router.proxy")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 NOT_REPLICA_FAULTS = frozenset({429})
@@ -204,6 +207,8 @@ class Exchange:
 
     def refuse(self, err: APIError) -> None:
         """Answer with an error (if nothing was sent yet) and end."""
+        if self.ended:
+            return
         self.status = err.status
         if not self.head_sent:
             self.head_sent = True
@@ -363,8 +368,7 @@ class Exchange:
         self.proxy.metrics.first_byte(self.route, self.model, time.perf_counter() - self.started)
         self.body_out = payload
         self._close_attempt()
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+        self._committed()
         self._end()
 
     def _start_stream(self, first: bytes) -> None:
@@ -445,6 +449,9 @@ class Exchange:
             self._give_up(last, "no other replica to try")
         except ClientGone:
             pass
+        except Exception:  # a bug must not leave the client waiting for ever
+            log.exception("retrying %s failed", self.path)
+            self.refuse(APIError(500, "The router failed to serve this request."))
 
     async def _attempt_once(self) -> None:
         if self.ended:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Protocol
+
+log = logging.getLogger("router.watchdog")
 
 
 class Timed(Protocol):
@@ -40,4 +43,7 @@ class Watchdog:
             await asyncio.sleep(self.interval)
             now = time.monotonic()
             for item in [w for w in self.watched if w.deadline and now > w.deadline]:
-                item.timed_out()
+                try:
+                    item.timed_out()
+                except Exception:  # one request's bug must not stop every timeout
+                    log.exception("timing out %r failed", item)

@@ -114,6 +114,16 @@ async def test_streamed_response_is_chunked() -> None:
     assert r.content == b"one,two,three!"
 
 
+async def test_http_1_0_streams_are_not_chunked_and_end_with_the_connection() -> None:
+    async with serving() as (server, _):
+        out = await raw(server.port, b"GET /stream HTTP/1.0\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head.lower()
+    assert body == b"one,two,three!"
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
