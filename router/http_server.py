@@ -222,7 +222,9 @@ class Connection(asyncio.Protocol):
             self._handler_failed(request)
             return
         if pending is not None:
-            self.loop.create_task(self._serve(request, pending))
+            task = self.loop.create_task(self._serve(request, pending))
+            self.server.tasks.add(task)  # a strong reference until it is done
+            task.add_done_callback(self.server.tasks.discard)
 
     async def _serve(self, request: Request, pending: Awaitable[None]) -> None:
         """Run a handler that waits on something; it must answer before it returns."""
@@ -348,6 +350,7 @@ class HttpServer:
         self.keep_alive_s = keep_alive_s
         self.backlog = backlog
         self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task] = set()
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.AbstractServer | None = None

@@ -157,6 +157,7 @@ class Exchange:
     ended = False
     waiter: asyncio.Future | None = None
     end_waiter: asyncio.Future | None = None
+    retrying: asyncio.Task | None = None
 
     def __init__(
         self,
@@ -415,7 +416,7 @@ class Exchange:
         elif self.pinned is not None or self.proxy.max_attempts <= 1:
             self._give_up(exc)
         else:
-            asyncio.get_running_loop().create_task(self._retry(exc))
+            self.retrying = asyncio.get_running_loop().create_task(self._retry(exc))
 
     def _committed(self) -> None:
         if self.waiter is not None and not self.waiter.done():
