@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import time
 
@@ -278,3 +279,46 @@ async def test_a_slow_client_pauses_the_replica_stream_without_an_idle_timeout(r
     assert received.count(b'"chat.completion.chunk"') >= 4000
     assert b"data: [DONE]" in received
     assert view.in_flight == 0 and not router.app.proxy.watchdog.watched
+
+
+async def test_mixed_failures_under_load_fail_no_unstarted_request_and_leak_nothing(
+    replicas,
+) -> None:
+    """One replica answers 503, one breaks every stream after 3 frames, some clients leave
+    early: no request fails before its first byte, and every counter comes back to zero."""
+    refusing, breaking, healthy = replicas
+    refusing.configure(status=503)
+    breaking.configure(fail_after_chunks=3, chunk_delay=0.002)
+    healthy.configure(chunks=40, chunk_delay=0.005)  # long enough streams to leave in the middle
+    rng = random.Random(7)
+    plans = [(rng.random() < 0.5, rng.random() < 0.1) for _ in range(150)]
+    outcomes: list[str] = []
+    async with run_router(router_config(replicas, policy="prefix")) as router:
+
+        async def one(i: int, stream: bool, leave: bool) -> None:
+            body = chat(f"tenant {i % 5} " + "x" * (i * 7 % 300), stream=stream)
+            if stream and leave:
+                async with router.client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    async for _line in r.aiter_lines():
+                        break
+                outcomes.append("left")
+                return
+            r = await router.client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            broke = stream and any('"error"' in event for event in sse_events(r.text))
+            outcomes.append("sse_error" if broke else "ok")
+
+        gate = asyncio.Semaphore(16)
+
+        async def limited(i: int, stream: bool, leave: bool) -> None:
+            async with gate:
+                await one(i, stream, leave)
+
+        await asyncio.gather(*(limited(i, s, leave) for i, (s, leave) in enumerate(plans)))
+        await asyncio.sleep(0.3)
+        views = list(router.app.pool.replicas.values())
+        watched = router.app.proxy.watchdog.watched
+        tasks = router.server.tasks
+    assert len(outcomes) == 150 and outcomes.count("ok") > 75
+    assert all(v.in_flight == 0 and v.pending_prefill == 0 for v in views)
+    assert not watched and not tasks
