@@ -83,7 +83,7 @@ class Connection(asyncio.Protocol):
         self.too_large = False
         self.expects_continue = False
         self.queue: deque[tuple[Request, bool, APIError | None]] = deque()
-        self.active = False
+        self.active = False  # a request is being answered (`current`)
         self.keep_alive = True
         self.closed = False
         self.idle_since = time.monotonic()
@@ -93,8 +93,7 @@ class Connection(asyncio.Protocol):
         self._held = b""
         self._chunked = False  # a streamed response is under way
         self._raw = False  # ... to an HTTP/1.0 client: no chunked framing, ends with the connection
-        self.response_done = True
-        self.current: Request | None = None  # the request being answered
+        self.current: Request | None = None  # the request being answered, or last answered
 
     # -- asyncio.Protocol
 
@@ -118,7 +117,7 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.queue.clear()
         self.on_writable = None
-        if not self.response_done and self.on_disconnect is not None:
+        if self.active and self.on_disconnect is not None:
             hook, self.on_disconnect = self.on_disconnect, None
             hook()
 
@@ -210,7 +209,6 @@ class Connection(asyncio.Protocol):
             self.keep_alive = False
         self.current = request
         self.active = True
-        self.response_done = False
         self.on_disconnect = None
         self.on_writable = None
         if error is not None:
@@ -232,13 +230,17 @@ class Connection(asyncio.Protocol):
             await pending
         except Exception:
             self._handler_failed(request)
-        if self.current is request and not self.response_done:  # it returned without answering
+        if self._answering(request):  # it returned without answering
             self.close()
             self._finished()
 
+    def _answering(self, request: Request) -> bool:
+        """Still answering `request` (a task may outlive its answer: the next one may be on)."""
+        return self.active and self.current is request
+
     def _handler_failed(self, request: Request) -> None:
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        if self.response_done:
+        if not self._answering(request):
             return
         if self._chunked:
             self.close()
@@ -248,7 +250,6 @@ class Connection(asyncio.Protocol):
 
     def _finished(self) -> None:
         """The answer is out: the next pipelined request may start."""
-        self.response_done = True
         self.active = False
         self.on_disconnect = None
         self.on_writable = None
@@ -271,8 +272,7 @@ class Connection(asyncio.Protocol):
             len(body),
             b"" if self.keep_alive else b"connection: close\r\n",
         )
-        if not self.closed:
-            self.transport.write(_head(status, headers, framing) + body)  # type: ignore[union-attr]
+        self._write(_head(status, headers, framing) + body)
         self._finished()
 
     def respond_error(self, err: APIError) -> None:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from router.breaker import CLOSED, CircuitBreaker
+from router.breaker import CircuitBreaker
 
 DEFAULT_KV_CAPACITY_TOKENS = 65536
 
@@ -70,13 +70,11 @@ class Replica:
 
     def routable(self, now: float) -> bool:
         """Can take a new request: known model, healthy, not draining, breaker closed or trial."""
-        breaker = self.breaker  # the common case (closed breaker) is decided without a call
         return (
             self.model is not None
             and self.healthy
-            and not self.admin_drained
-            and self.state != "draining"
-            and (breaker.state == CLOSED or breaker.admits(now))
+            and not self.draining
+            and self.breaker.admits(now)
         )
 
     def queue_depth(self) -> int:

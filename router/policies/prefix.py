@@ -65,17 +65,20 @@ class PrefixPolicy(Policy):
         self._indexes[replica.id] = (capacity, index)
         return index
 
+    def _queued(self, replica: Replica) -> float:
+        """The work ahead of a new request there: prefill tokens queued, plus a weight per request."""
+        return replica.pending_prefill + self.queue_weight * replica.queue_depth()
+
     def choose(self, request: RouteRequest, candidates: list[Replica]) -> Decision:
         hashes = self._hashes(request)
-        weight = self.queue_weight
-        step = weight if weight > 0 else 1.0
+        step = self.queue_weight if self.queue_weight > 0 else 1.0
         self._turn += 1
         if not hashes:
             # Shorter than one chunk: nothing to match, so the least loaded (in rotation) wins.
             best = candidates[0]
             best_cost = -1
             for replica in rotated(candidates, self._turn):
-                cost = int((replica.pending_prefill + weight * replica.queue_depth()) // step)
+                cost = int(self._queued(replica) // step)
                 if best_cost < 0 or cost < best_cost:
                     best, best_cost = replica, cost
             return Decision(best, "prefix_miss")
@@ -94,7 +97,7 @@ class PrefixPolicy(Policy):
             index = self.index_for(replica, unit, per_token)
             matched = index.match(hashes)
             cached = min(int(matched * tokens_per_chunk), prompt_tokens)
-            cost = prompt_tokens - cached + replica.pending_prefill + weight * replica.queue_depth()
+            cost = prompt_tokens - cached + self._queued(replica)
             score = ((anchor ^ replica.salt) * _MIX) & _MASK
             key = (int(cost // step), -score)
             most_matched = max(most_matched, matched)

@@ -47,6 +47,13 @@ class Echo:
             await gone.wait()
         elif request.path == "/boom":
             raise RuntimeError("handler bug")
+        elif request.path == "/late-boom":  # answers, then fails while the next one is served
+            conn.respond(200, [], b"answered")
+            await asyncio.sleep(0.02)
+            raise RuntimeError("bug after the answer")
+        elif request.path == "/later":
+            await asyncio.sleep(0.1)
+            conn.respond(200, [], b"later")
         else:
             await asgi_bridge(self.web, request, conn)
 
@@ -148,6 +155,17 @@ async def test_handler_error_is_a_500_json_and_the_server_lives_on() -> None:
         assert r.status_code == 500
         assert r.json()["error"]["type"] == "internal_server_error"
         assert (await client.post(f"{base}/echo", content=b"ok")).status_code == 200
+
+
+async def test_a_handler_failing_after_its_answer_leaves_the_next_request_alone() -> None:
+    async with serving() as (server, _):
+        out = await raw(
+            server.port,
+            b"GET /late-boom HTTP/1.1\r\nHost: x\r\n\r\nGET /later HTTP/1.1\r\nHost: x\r\n\r\n",
+            until=b"later",
+        )
+    assert out.count(b"HTTP/1.1 200 OK") == 2 and b" 500 " not in out
+    assert out.endswith(b"answeredHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nlater")
 
 
 async def test_disconnect_reaches_the_request_in_flight() -> None:

@@ -73,7 +73,6 @@ class Collector:
         self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def upstream_body(self, data: bytes) -> None:
-        self.head(self.conn)
         self.pieces.append(data)
         if self.slow and self.conn is not None:
             self.conn.pause_reading()
