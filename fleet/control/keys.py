@@ -15,7 +15,10 @@ and takes rpm, tpm and concurrency together (429 with Retry-After naming the lim
 no limits costs no round trip at all (its usage is written back in batches every second). Leaving `admitted` without `settle` (error, client
 disconnect, cancellation) refunds the reserved tokens and frees the slot; both are idempotent.
 A concurrency slot is an entry with a deadline that live tickets keep extending, so a crashed
-router's slots expire by themselves (after `slot_ttl`).
+router's slots expire by themselves (after `slot_ttl`). A ticket whose admission or settlement
+went unconfirmed (timeout in a stall, outage, caller gone) is voided once Redis answers again: its
+slot is freed and an admission still queued in Redis takes nothing, so a stall leaves no phantom
+slot behind.
 
 Revocation and rotation reach every cache within a second through pub/sub invalidation, with a
 periodic full resync behind it. While Redis is down or slow, known keys keep working with local
@@ -30,6 +33,7 @@ Redis layout (prefix default "fleet"; `{{id}}` is the id in literal braces, a cl
 `{p}:key:{{id}}:rpm` and `:tpm` HASH (unix second -> count: a 60-second sliding window of
 1-second buckets); `{p}:key:{{id}}:slots` ZSET (ticket -> deadline ms);
 `{p}:key:{{id}}:usage` HASH (requests, prompt_tokens, completion_tokens, last_used_at);
+`{p}:key:{{id}}:void:{ticket}` marker of a voided ticket (expires after `slot_ttl`);
 channel `{p}:keys:events` (JSON {"id", "old_hash"}).
 
 Metrics: fleet_control_key_rejections_total{reason} (reason: invalid, revoked, expired, model,
@@ -267,12 +271,14 @@ local function window(key, sec, now_ms, limit, need)
 end
 """
 
-# KEYS: rpm, tpm, slots, usage. ARGV: rpm, tpm, max_concurrent (0 = none), reserve, ticket, slot_ttl_ms.
-# Returns {0, bucket, reserved} on admission, {code, retry_ms, limit} when refused
-# (code 1 rpm, 2 tpm, 3 concurrency).
+# KEYS: rpm, tpm, slots, usage, the ticket's void marker. ARGV: rpm, tpm, max_concurrent
+# (0 = none), reserve, ticket, slot_ttl_ms. Returns {0, bucket, reserved} on admission,
+# {code, retry_ms, limit} when refused (code 1 rpm, 2 tpm, 3 concurrency), {4, 0, 0} for a ticket
+# voided already (its caller gave up on it, so nobody reads that reply).
 _ADMIT_LUA = (
     _WINDOW_LUA
     + """
+if redis.call('EXISTS', KEYS[5]) == 1 then return {4, 0, 0} end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -312,12 +318,26 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local delta = tonumber(ARGV[3])
 if delta ~= 0 then
   local v = redis.call('HGET', KEYS[1], ARGV[2])
-  if v then redis.call('HSET', KEYS[1], ARGV[2], math.max(0, tonumber(v) + delta)) end
+  if v then
+    redis.call('HSET', KEYS[1], ARGV[2], math.max(0, tonumber(v) + delta))
+  elseif delta > 0 then
+    redis.call('HINCRBY', KEYS[1], ARGV[2], delta)
+    redis.call('PEXPIRE', KEYS[1], 61000)
+  end
 end
 local p, c = tonumber(ARGV[4]), tonumber(ARGV[5])
 if p > 0 then redis.call('HINCRBY', KEYS[3], 'prompt_tokens', p) end
 if c > 0 then redis.call('HINCRBY', KEYS[3], 'completion_tokens', c) end
 if p > 0 or c > 0 then redis.call('HSET', KEYS[3], 'last_used_at', ARGV[6]) end
+return 1
+"""
+
+# A ticket whose admission or settlement the client could not confirm (timeout, outage, caller
+# gone): free its slot if the admission ran, and mark it void so an admission still on its way
+# (queued behind a stall) takes nothing. KEYS: slots, void marker. ARGV: ticket, marker ttl ms.
+_VOID_LUA = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 1
 """
 
@@ -349,6 +369,10 @@ return 1
 _ADMIT = LuaScript(_ADMIT_LUA)
 _SETTLE = LuaScript(_SETTLE_LUA)
 _LOOKUP = LuaScript(_LOOKUP_LUA)
+_VOID = LuaScript(_VOID_LUA)
+
+# Tickets in doubt kept for voiding; beyond this their slots are left to expire (slot_ttl).
+MAX_IN_DOUBT = 10_000
 
 
 def _url_of(client: aioredis.Redis) -> str:
@@ -386,6 +410,10 @@ class _Layout:
             names = (f"{base}:rpm", f"{base}:tpm", f"{base}:slots", f"{base}:usage")
             self._limit_keys[key_id] = names
         return names
+
+    def void(self, key_id: str, ticket_id: str) -> str:
+        """The marker that voids one ticket (same hash tag as the key's limits)."""
+        return f"{self.prefix}:key:{{{key_id}}}:void:{ticket_id}"
 
 
 def _rate_limited(record: KeyRecord, code: int, retry_ms: int, limit: int) -> APIError:
@@ -617,6 +645,7 @@ class KeyStore:
         self._live: weakref.WeakValueDictionary[str, Ticket] = weakref.WeakValueDictionary()
         self._local: dict[str, _LocalKeyState] = {}
         self._pending: dict[str, list[int]] = {}
+        self._in_doubt: dict[str, str] = {}  # ticket id -> key id, to void once Redis answers
         self._task: asyncio.Task | None = None
         self._synced = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -717,10 +746,11 @@ class KeyStore:
         reserve = max(0, int(reserve_tokens))
         if self.health.up:
             rpm_key, tpm_key, slots_key, usage_key = self.layout.limits(record.id)
+            void_key = self.layout.void(record.id, ticket_id)
             try:
                 code, a, b = await self._fast.evalsha(
                     _ADMIT,
-                    [rpm_key, tpm_key, slots_key, usage_key],
+                    [rpm_key, tpm_key, slots_key, usage_key, void_key],
                     [
                         record.rpm or 0,
                         record.tpm or 0,
@@ -731,7 +761,11 @@ class KeyStore:
                     ],
                 )
             except REDIS_DOWN_ERRORS as exc:
+                self._doubt(record.id, ticket_id)  # it may have run, or still run, in Redis
                 self.health.failed(exc)
+            except asyncio.CancelledError:
+                self._doubt(record.id, ticket_id)
+                raise
             else:
                 if code:
                     raise _rate_limited(record, code, a, b)
@@ -773,7 +807,7 @@ class KeyStore:
         ticket.done = True
         self._live.pop(ticket.id, None)
         used = max(0, int(prompt_tokens)) + max(0, int(completion_tokens))
-        delta = used - ticket.reserved_tokens if ticket.reserved_tokens else 0
+        delta = used - ticket.reserved_tokens  # usage counts even when nothing was reserved
         if ticket.local or ticket.unlimited:
             state = self._local.get(ticket.key_id)
             if state is not None:
@@ -781,7 +815,9 @@ class KeyStore:
                 state.tpm.adjust(ticket.bucket, delta)
             self._count_pending(ticket.key_id, 0, prompt_tokens, completion_tokens)
             return
-        if self.health.up:
+        if not self.health.up:
+            self._doubt(ticket.key_id, ticket.id)  # its slot is in Redis: free it when back
+        else:
             _, tpm_key, slots_key, usage_key = self.layout.limits(ticket.key_id)
             try:
                 await self._fast.evalsha(
@@ -798,6 +834,7 @@ class KeyStore:
                 )
                 return
             except REDIS_DOWN_ERRORS as exc:
+                self._doubt(ticket.key_id, ticket.id)
                 self.health.failed(exc)
         self._count_pending(ticket.key_id, 0, prompt_tokens, completion_tokens)
 
@@ -813,6 +850,29 @@ class KeyStore:
             yield ticket
         finally:
             await self.release(ticket)
+
+    def _doubt(self, key_id: str, ticket_id: str) -> None:
+        """Remember a ticket Redis may hold without anyone settling it (see `_void_in_doubt`)."""
+        if len(self._in_doubt) < MAX_IN_DOUBT:
+            self._in_doubt[ticket_id] = key_id
+
+    async def _void_in_doubt(self) -> None:
+        """Free the slots of tickets in doubt and void them (idempotent), so an admission that
+        timed out here but ran in Redis later leaves no phantom slot behind."""
+        batch = list(self._in_doubt.items())
+        ttl_ms = int(self.slot_ttl * 1000)
+        await asyncio.gather(
+            *(
+                self._fast.evalsha(
+                    _VOID,
+                    [self.layout.limits(key_id)[2], self.layout.void(key_id, ticket_id)],
+                    [ticket_id, ttl_ms],
+                )
+                for ticket_id, key_id in batch
+            )
+        )
+        for ticket_id, _ in batch:
+            self._in_doubt.pop(ticket_id, None)
 
     def _count_pending(self, key_id: str, requests: int, prompt: int, completion: int) -> None:
         counts = self._pending.setdefault(key_id, [0, 0, 0])
@@ -925,6 +985,7 @@ class KeyStore:
                 if await self.resync():
                     self.health.succeeded()
                     self._synced.set()
+                    await self._void_in_doubt()
                     await self._flush_pending()
                     await self._follow(pubsub)
             except REDIS_DOWN_ERRORS as exc:
@@ -947,6 +1008,8 @@ class KeyStore:
                 await self._on_event(message["data"])
             if not self.health.up:
                 return  # a hot-path call failed: reconnect, resync and flush before trusting Redis
+            if self._in_doubt:
+                await self._void_in_doubt()
             now = loop.time()
             if now >= next_slots:
                 await self._refresh_slots()
