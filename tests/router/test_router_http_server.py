@@ -136,7 +136,7 @@ async def test_http_1_0_streams_are_not_chunked_and_end_with_the_connection() ->
     [
         (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000, 413),
         (b"NOT HTTP AT ALL\r\n\r\n", 400),
-        (b"GET /echo HTTP/1.1\r\n" + b"X-Big: %s\r\n\r\n" % (b"y" * 70_000), 400),
+        (b"GET /echo HTTP/1.1\r\n" + b"X-Big: %s\r\n\r\n" % (b"y" * 70_000), 431),
     ],
     ids=["body-over-limit", "malformed", "head-over-limit"],
 )
