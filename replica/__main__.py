@@ -13,6 +13,12 @@ import os
 import sys
 
 from fleet.control.redis_conn import add_redis_url_argument
+from fleet.control.web_security import (
+    add_cors_arguments,
+    add_tls_arguments,
+    cors_from_args,
+    tls_from_args,
+)
 from replica.config import EngineArgs
 
 API_KEY_ENV = "FLEET_REPLICA_API_KEY"
@@ -61,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     serving.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     serving.add_argument("--log-level", default="info")
+    add_tls_arguments(p.add_argument_group("TLS"))
+    add_cors_arguments(p.add_argument_group("CORS"))
     return p.parse_args(argv)
 
 
@@ -79,16 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         eargs = engine_args(args)
+        tls = tls_from_args(args)
     except ValueError as exc:
         print(f"fleet replica: {exc}", file=sys.stderr)
         return 2
     # Server-only imports stay here: `from replica import LLM` must work without them.
-    import uvicorn
-
     from replica.async_engine import AsyncEngine
     from replica.server.app import build_app
     from replica.server.runtime import ServerSettings
-    from replica.server.serve import DrainingServer
+    from replica.server.serve import DrainingServer, add_cors, uvicorn_config
 
     settings = ServerSettings(
         model=args.model,
@@ -105,14 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         max_waiting=args.max_waiting,
         drain_grace_s=args.drain_grace,
         max_body_bytes=args.max_body_bytes,
+        tls=tls,
+        cors=cors_from_args(args),
     )
     app = build_app(settings, lambda: AsyncEngine(eargs))
-    # The drain already waited for in-flight work; uvicorn's own wait only has to close sockets.
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-        timeout_graceful_shutdown=2,
-    )  # fmt: skip
-    server = DrainingServer(config, app.state.runtime)
+    add_cors(app, settings.cors)
+    server = DrainingServer(uvicorn_config(app, settings, args.log_level), app.state.runtime)
     server.run()
     return 0 if server.started else 1
 

@@ -8,6 +8,12 @@ import os
 
 from fleet.control.keys import admin_key_from_env
 from fleet.control.redis_conn import add_redis_url_argument
+from fleet.control.web_security import (
+    add_cors_arguments,
+    add_tls_arguments,
+    cors_from_args,
+    tls_from_args,
+)
 from router.config import RouterConfig
 from router.policies import POLICIES
 from router.pool import PoolSettings
@@ -88,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=10_000,
+        help="open client connections; more get a 503 and are closed",
+    )
+    parser.add_argument(
+        "--upstream-ca-certs", help="CA bundle trusted for https:// replicas (default: system's)"
+    )
+    add_tls_arguments(parser.add_argument_group("TLS (clients to the router)"))
+    add_cors_arguments(parser.add_argument_group("CORS"))
     return parser
 
 
@@ -109,7 +126,14 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_attempts=args.max_attempts,
         retry_budget_ratio=args.retry_budget,
         prefix_queue_weight=args.prefix_queue_weight,
-        pool=PoolSettings(probe_interval_s=args.probe_interval, load_interval_s=args.load_interval),
+        pool=PoolSettings(
+            probe_interval_s=args.probe_interval,
+            load_interval_s=args.load_interval,
+            ca_certs=args.upstream_ca_certs,
+        ),
+        max_connections=args.max_connections,
+        tls=tls_from_args(args),
+        cors=cors_from_args(args),
     )
 
 
@@ -122,7 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     from router.server import serve
 
-    serve(config_from_args(args))
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        build_parser().error(str(exc))
+    serve(config)
 
 
 if __name__ == "__main__":

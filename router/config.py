@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fleet.control.redis_conn import DEFAULT_PREFIX
+from fleet.control.web_security import CORSSettings, TLSSettings
 from router.pool import PoolSettings
 
 
@@ -29,3 +30,6 @@ class RouterConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     prefix_queue_weight: float = 64.0
     pool: PoolSettings = field(default_factory=PoolSettings)
+    max_connections: int = 10_000
+    tls: TLSSettings | None = None  # HTTPS for clients
+    cors: CORSSettings | None = None  # off unless origins are given

@@ -20,6 +20,7 @@ import orjson
 
 from fleet.control.errors import APIError
 from fleet.control.membership import MembershipEvent, MembershipWatcher, ReplicaInfo
+from fleet.control.web_security import client_context
 from router.breaker import CircuitBreaker
 from router.load_signals import from_load_json, from_prometheus_text
 from router.replica import Replica
@@ -36,6 +37,7 @@ class PoolSettings:
     breaker_threshold: int = 3
     breaker_base_s: float = 1.0
     breaker_max_s: float = 30.0
+    ca_certs: str | None = None  # CA bundle trusted for https:// replicas (None: the system's)
 
 
 def static_replica_id(spec: str) -> tuple[str, str]:
@@ -57,6 +59,7 @@ class ReplicaPool:
         on_leave: Callable[[Replica], None] = lambda replica: None,
     ) -> None:
         self.settings = settings or PoolSettings()
+        self.tls = client_context(self.settings.ca_certs)  # probes and the data path share it
         self.replicas: dict[str, Replica] = {}
         self.by_model: dict[str, list[Replica]] = {}
         self._watcher = watcher
@@ -76,7 +79,9 @@ class ReplicaPool:
     # -- lifecycle
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self.settings.probe_timeout_s)
+        self._client = httpx.AsyncClient(
+            timeout=self.settings.probe_timeout_s, verify=self.tls or True
+        )
         if self._watcher is not None:
             self._watcher.add_listener(self._on_membership)
             await self._watcher.start()

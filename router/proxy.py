@@ -95,7 +95,7 @@ class Proxy:
         headers = [("Content-Type", "application/json")]
         if upstream_api_key:
             headers.append(("Authorization", f"Bearer {upstream_api_key}"))
-        self.client = HttpClient(connect_timeout_s, headers)
+        self.client = HttpClient(connect_timeout_s, headers, tls=pool.tls)
         self.ttfb_timeout_s = ttfb_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_attempts = max_attempts

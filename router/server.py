@@ -15,6 +15,7 @@ import uvloop
 
 from router.app import RouterApp
 from router.config import RouterConfig
+from router.cors import CorsPolicy
 from router.http_server import HttpServer, run_until_signalled
 
 GRACE_S = 30.0
@@ -22,7 +23,16 @@ GC_YOUNG_THRESHOLD = 20_000
 
 
 def http_server(app: RouterApp, config: RouterConfig) -> HttpServer:
-    return HttpServer(app.handle, config.host, config.port, max_body_bytes=config.max_body_bytes)
+    """The client-facing server; TLS and CORS only when configured (none of their work else)."""
+    return HttpServer(
+        app.handle,
+        config.host,
+        config.port,
+        max_body_bytes=config.max_body_bytes,
+        max_connections=config.max_connections,
+        tls=config.tls.server_context() if config.tls is not None else None,
+        cors=CorsPolicy(config.cors) if config.cors is not None else None,
+    )
 
 
 def serve(config: RouterConfig) -> None:

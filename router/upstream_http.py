@@ -256,12 +256,13 @@ class HttpClient:
         connect_timeout_s: float,
         headers: Iterable[tuple[str, str]] = (),
         max_idle_per_host: int = 512,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.max_idle_per_host = max_idle_per_host
         self.extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers)
         self.pools: dict[tuple[str, int, bool], HostPool] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls  # for https:// replicas; None: the system's CAs
 
     def _pool(self, host: str, port: int, tls: bool) -> HostPool:
         pool = self.pools.get((host, port, tls))

@@ -19,6 +19,7 @@ from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
 from fleet.control.redis_conn import DEFAULT_PREFIX
+from fleet.control.web_security import CORSSettings, TLSSettings
 from replica.sampling_params import SamplingParams
 from replica.server.auth import Auth
 from replica.server.metrics import ServerMetrics
@@ -47,6 +48,8 @@ class ServerSettings:
     max_waiting: int | None = None
     drain_grace_s: float = 30.0
     max_body_bytes: int = 32 * 1024 * 1024
+    tls: TLSSettings | None = None
+    cors: CORSSettings | None = None
 
     @property
     def url(self) -> str:
@@ -54,7 +57,8 @@ class ServerSettings:
         if self.advertise_url:
             return self.advertise_url.rstrip("/")
         host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
 
 class ReplicaRuntime:

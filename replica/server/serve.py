@@ -1,4 +1,4 @@
-"""Run the app under uvicorn with a graceful drain on SIGTERM.
+"""Run the app under uvicorn with a graceful drain on SIGTERM, over TLS and with CORS when set.
 
 Uvicorn's own handler stops accepting connections at once and re-raises the signal when it is done
 (so the exit status is not 0). Instead, the first SIGTERM or SIGINT drains through the runtime (new
@@ -14,10 +14,43 @@ import signal
 from collections.abc import Iterator
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 
-from replica.server.runtime import ReplicaRuntime
+from fleet.control.web_security import CORSSettings
+from replica.server.runtime import ReplicaRuntime, ServerSettings
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def add_cors(app: Starlette, cors: CORSSettings | None) -> None:
+    """Starlette's CORSMiddleware, only when origins are configured (off by default)."""
+    if cors is not None:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors.origins,
+            allow_methods=cors.methods,
+            allow_headers=cors.headers,
+            allow_credentials=cors.credentials,
+        )
+
+
+def uvicorn_config(app: Starlette, settings: ServerSettings, log_level: str) -> uvicorn.Config:
+    """The server's settings, TLS included (uvicorn's ssl_* arguments, as vLLM passes them)."""
+    tls = settings.tls
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        lifespan="on",
+        # The drain already waited for in-flight work; uvicorn's own wait only closes sockets.
+        timeout_graceful_shutdown=2,
+        ssl_certfile=tls.certfile if tls else None,
+        ssl_keyfile=tls.keyfile if tls else None,
+        ssl_ca_certs=tls.ca_certs if tls else None,
+        ssl_cert_reqs=int(tls.verify_mode) if tls else 0,
+    )
 
 
 class DrainingServer(uvicorn.Server):
