@@ -19,7 +19,7 @@ import pytest
 import trustme
 import uvicorn
 
-from fleet.control.web_security import CORSSettings, TLSSettings
+from fleet.control.web_security import CORSSettings, TLSSettings, cors_from_args, tls_from_args
 from replica.async_engine import AsyncEngine
 from replica.config import EngineArgs
 from replica.server.app import build_app
@@ -239,3 +239,35 @@ async def test_replica_cors_preflight_and_answers(tls_replica: str, certs: Certs
         answer = await client.post("/v1/completions", json=COMPLETION, headers={"Origin": ORIGIN})
         assert answer.status_code == 200
         assert answer.headers["access-control-allow-origin"] == ORIGIN
+
+
+# -- the flags
+
+
+def test_router_and_replica_flags_build_tls_and_cors_settings() -> None:
+    from replica.__main__ import parse_args as replica_args
+    from router.__main__ import build_parser, config_from_args, main
+
+    tls_flags = ["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem", "--ssl-ca-certs", "ca.pem"]
+    cors_flags = ["--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST"]
+    config = config_from_args(
+        build_parser().parse_args(
+            ["--replica", "https://r:1", "--upstream-ca-certs", "up.pem", "--max-connections",
+             "50", *tls_flags, *cors_flags]
+        )
+    )  # fmt: skip
+    assert config.tls == TLSSettings("c.pem", "k.pem", "ca.pem")
+    assert config.tls.verify_mode == ssl.CERT_REQUIRED  # a client CA means client certs
+    assert config.cors == CORSSettings(("https://a.example",), ("GET", "POST"), ("*",), False)
+    assert config.pool.ca_certs == "up.pem" and config.max_connections == 50
+    defaults = config_from_args(build_parser().parse_args(["--replica", "http://r:1"]))
+    assert defaults.tls is None and defaults.cors is None  # both off unless asked for
+    with pytest.raises(SystemExit):
+        main(["--replica", "http://r:1", "--ssl-keyfile", "k.pem"])  # a key without a cert
+
+    args = replica_args(["--model", "m", *tls_flags, "--ssl-cert-reqs", "0", *cors_flags])
+    settings = ServerSettings(
+        model="m", served_model_name="m", host="h", port=1, tls=tls_from_args(args)
+    )
+    assert settings.url == "https://h:1" and settings.tls.verify_mode == ssl.CERT_NONE
+    assert cors_from_args(args).methods == ("GET", "POST")
