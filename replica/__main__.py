@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders, replica_key
+from fleet.control.membership import new_replica_id
 from fleet.control.redis_conn import add_redis_url_argument
 from fleet.control.web_security import (
     add_cors_arguments,
@@ -82,6 +84,12 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    secret = os.environ.get(INTERNAL_SECRET_ENV)
+    exit_on_placeholders(
+        "fleet replica", FLEET_REPLICA_API_KEY=args.api_key, FLEET_INTERNAL_SECRET=secret,
+        FLEET_REDIS_URL=args.redis_url,
+    )  # fmt: skip
+    replica_id = args.replica_id or new_replica_id()  # routers key the replica by this id
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -104,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         device=str(eargs.resolve_device()),
         api_key=args.api_key,
+        internal_key=replica_key(secret, replica_id) if secret else None,
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
         fleet_keys=args.fleet_keys,
         advertise_url=args.advertise_url,
-        replica_id=args.replica_id,
+        replica_id=replica_id,
         max_waiting=args.max_waiting,
         drain_grace_s=args.drain_grace,
         max_body_bytes=args.max_body_bytes,

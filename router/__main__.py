@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders
 from fleet.control.keys import admin_key_from_env
 from fleet.control.redis_conn import add_redis_url_argument
 from fleet.control.web_security import (
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--upstream-api-key",
         default=os.environ.get(UPSTREAM_KEY_ENV),
-        help=f"bearer key the router presents to replicas (env {UPSTREAM_KEY_ENV})",
+        help=f"bearer key the router presents to --replica URLs (env {UPSTREAM_KEY_ENV}); "
+        f"the fleet's own replicas get one key each, from env {INTERNAL_SECRET_ENV}",
     )
     parser.add_argument("--connect-timeout", type=float, default=3.0, help="seconds")
     parser.add_argument(
@@ -119,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         admin_key=args.admin_key,
         api_keys=args.api_key,
         upstream_api_key=args.upstream_api_key,
+        internal_secret=os.environ.get(INTERNAL_SECRET_ENV) or None,
         fleet_keys=args.fleet_keys,
         connect_timeout_s=args.connect_timeout,
         ttfb_timeout_s=args.ttfb_timeout,
@@ -139,6 +142,11 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    exit_on_placeholders(
+        "fleet router", FLEET_ADMIN_KEY=args.admin_key, FLEET_REDIS_URL=args.redis_url,
+        FLEET_UPSTREAM_API_KEY=args.upstream_api_key,
+        FLEET_INTERNAL_SECRET=os.environ.get(INTERNAL_SECRET_ENV),
+    )  # fmt: skip
     if not args.replica and not args.redis_url:
         build_parser().error("give --replica URL (repeatable) and/or --redis-url")
     logging.basicConfig(

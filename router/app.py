@@ -79,6 +79,8 @@ class RouterApp:
             watcher,
             on_eject=lambda replica: self.metrics.ejected(replica.id),
             on_leave=lambda replica: self.policy.forget(replica.id),
+            internal_secret=config.internal_secret,
+            static_key=config.upstream_api_key,
         )
         self.gate = Gate(key_store, config.api_keys)
         self.tokens = TokenEstimator()
@@ -87,7 +89,6 @@ class RouterApp:
             self.policy,
             self.metrics,
             connect_timeout_s=config.connect_timeout_s,
-            upstream_api_key=config.upstream_api_key,
             ttfb_timeout_s=config.ttfb_timeout_s,
             idle_timeout_s=config.idle_timeout_s,
             max_attempts=config.max_attempts,

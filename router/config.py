@@ -19,7 +19,8 @@ class RouterConfig:
     replicas: list[str] = field(default_factory=list)
     admin_key: str | None = None
     api_keys: list[str] = field(default_factory=list)
-    upstream_api_key: str | None = None
+    upstream_api_key: str | None = None  # for `--replica` URLs only
+    internal_secret: str | None = None  # keys the fleet's own replicas (fleet.control.internal)
     fleet_keys: bool = True
     connect_timeout_s: float = 3.0
     ttfb_timeout_s: float = 300.0

@@ -19,6 +19,7 @@ import httpx
 import orjson
 
 from fleet.control.errors import APIError
+from fleet.control.internal import replica_key
 from fleet.control.membership import MembershipEvent, MembershipWatcher, ReplicaInfo
 from fleet.control.web_security import client_context
 from router.breaker import CircuitBreaker
@@ -57,8 +58,14 @@ class ReplicaPool:
         watcher: MembershipWatcher | None = None,
         on_eject: Callable[[Replica], None] = lambda replica: None,
         on_leave: Callable[[Replica], None] = lambda replica: None,
+        *,
+        internal_secret: str | None = None,
+        static_key: str | None = None,
     ) -> None:
+        """`internal_secret` keys the fleet's own replicas (one key each, see
+        fleet.control.internal); `static_key` goes to `--replica` URLs only."""
         self.settings = settings or PoolSettings()
+        self._internal_secret = internal_secret
         self.tls = client_context(self.settings.ca_certs)  # probes and the data path share it
         self.replicas: dict[str, Replica] = {}
         self.by_model: dict[str, list[Replica]] = {}
@@ -70,7 +77,7 @@ class ReplicaPool:
         self._uses_metrics: set[str] = set()
         for spec in static:
             replica_id, url = static_replica_id(spec)
-            self._add(Replica(replica_id, url, breaker=self._new_breaker()))
+            self._add(Replica(replica_id, url, breaker=self._new_breaker(), api_key=static_key))
 
     def _new_breaker(self) -> CircuitBreaker:
         s = self.settings
@@ -125,7 +132,10 @@ class ReplicaPool:
         if replica is None or replica.url != info.url.rstrip("/"):
             if replica is not None:
                 self._remove(replica)
-            replica = Replica(info.id, info.url, source="redis", breaker=self._new_breaker())
+            replica = Replica(
+                info.id, info.url, source="redis", breaker=self._new_breaker(),
+                api_key=self._key_for(info),
+            )  # fmt: skip
             self._apply_info(replica, info)
             self._add(replica)
         else:
@@ -133,6 +143,13 @@ class ReplicaPool:
             self._apply_info(replica, info)
             if model_changed:
                 self._reindex()
+
+    def _key_for(self, info: ReplicaInfo) -> str | None:
+        """Our own replicas (leased fleetserve servers) get the key of their id; engines
+        registered by hand get none."""
+        if self._internal_secret and info.managed == "lease" and info.engine == "fleetserve":
+            return replica_key(self._internal_secret, info.id)
+        return None
 
     @staticmethod
     def _apply_info(replica: Replica, info: ReplicaInfo) -> None:

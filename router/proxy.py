@@ -83,7 +83,6 @@ class Proxy:
         metrics: RouterMetrics,
         *,
         connect_timeout_s: float,
-        upstream_api_key: str | None,
         ttfb_timeout_s: float,
         idle_timeout_s: float,
         max_attempts: int,
@@ -92,9 +91,7 @@ class Proxy:
         self.pool = pool
         self.policy = policy
         self.metrics = metrics
-        headers = [("Content-Type", "application/json")]
-        if upstream_api_key:
-            headers.append(("Authorization", f"Bearer {upstream_api_key}"))
+        headers = [("Content-Type", "application/json")]  # keys per replica: Replica.request_host
         self.client = HttpClient(connect_timeout_s, headers, tls=pool.tls)
         self.ttfb_timeout_s = ttfb_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -254,7 +251,7 @@ class Exchange:
         self.idle_phase = False
         self.deadline = time.monotonic() + self.proxy.ttfb_timeout_s
         self.upstream = self.proxy.client.send(
-            replica.host, replica.port, replica.tls, replica.host_header, self.method,
+            replica.host, replica.port, replica.tls, replica.request_host, self.method,
             replica.base_path + self.path, self.body, self, self.stream,
         )  # fmt: skip
 

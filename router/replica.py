@@ -44,11 +44,15 @@ class Replica:
     pending_prefill: int = 0
     requests: int = 0
     failures: int = 0
+    # The bearer key this replica gets (fleet.control.internal): our own replicas' per-replica
+    # key, a `--replica`'s static upstream key, or None (engines registered by hand).
+    api_key: str | None = field(default=None, repr=False)
     id_header: bytes = field(init=False, repr=False)
     host: str = field(init=False, repr=False)
     port: int = field(init=False, repr=False)
     tls: bool = field(init=False, repr=False)
     host_header: bytes = field(init=False, repr=False)
+    request_host: bytes = field(init=False, repr=False)
     base_path: str = field(init=False, repr=False)
     salt: int = field(init=False, repr=False)
 
@@ -62,6 +66,7 @@ class Replica:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.tls else 80)
         self.host_header = parts.netloc.encode("idna")
+        self.request_host = self.host_header + _auth_line(self.api_key)
         self.base_path = parts.path
 
     @property
@@ -113,3 +118,13 @@ class Replica:
                 "age_s": round(now - self.load.updated_at, 3) if self.load.updated_at else None,
             },
         }
+
+
+def _auth_line(api_key: str | None) -> bytes:
+    """What follows the Host header's value in each request to this replica: its own key, so
+    the upstream client builds one head per replica without a per-request header list."""
+    if not api_key:
+        return b""
+    if any(c in api_key for c in "\r\n\0"):
+        raise ValueError("an upstream API key cannot hold line breaks")
+    return b"\r\nAuthorization: Bearer " + api_key.encode("latin-1")

@@ -139,10 +139,8 @@ def print_ready(state: FleetState) -> None:
     if state.example_key:
         console.print(f"API key for you: [bold]{state.example_key}[/]")
         auth = f' \\\n  -H "Authorization: Bearer {state.example_key}"'
-    console.print(
-        f"more keys: FLEET_REDIS_URL={state.redis_url} fleet keys create --name NAME",
-        soft_wrap=True,
-    )
+    home = "" if Path(state.run_dir) == run_dir() else f"FLEET_HOME={state.run_dir} "
+    console.print(f"more keys: {home}fleet keys create --name NAME", soft_wrap=True)
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}],
                        "max_tokens": 32})  # fmt: skip
     console.print(

@@ -1,7 +1,8 @@
 """`fleet keys ...`: create, list, revoke, rotate API keys and read their usage.
 
 Secrets are printed once, at create and rotate; Redis keeps only their SHA-256 digests.
-Every command takes `--redis-url` (env FLEET_REDIS_URL) and `--json` for scripts.
+Every command takes `--redis-url` (env FLEET_REDIS_URL; without either, the Redis of the fleet
+`fleet up` runs from the run folder, whose password is in its private state file) and `--json`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from fleet.control.redis_conn import (
     REDIS_DOWN_ERRORS,
     REDIS_URL_ENV,
     async_client,
+    mask_redis_url,
     resolve_prefix,
     resolve_redis_url,
 )
+from fleet.launch.state import FleetState
+from fleet.spec import run_dir
 
 T = TypeVar("T")
 
@@ -37,8 +41,17 @@ JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 console = Console()
 
 
+def fleet_redis_url(redis_url: str | None) -> str | None:
+    """The given URL, else that of the fleet running from the run folder, else None (default)."""
+    if redis_url:
+        return redis_url
+    state = FleetState.load(run_dir())
+    return state.redis_url if state is not None and state.manager_alive() else None
+
+
 def run_redis(redis_url: str | None, action: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     """Run one async Redis action; unreachable Redis and API errors become a clean exit 1."""
+    redis_url = fleet_redis_url(redis_url)
 
     async def go() -> T:
         client = async_client(redis_url, socket_timeout=3.0, connect_timeout=3.0)
@@ -53,7 +66,8 @@ def run_redis(redis_url: str | None, action: Callable[[aioredis.Redis], Awaitabl
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from None
     except REDIS_DOWN_ERRORS as exc:
-        typer.echo(f"error: cannot reach Redis at {resolve_redis_url(redis_url)}: {exc}", err=True)
+        where = mask_redis_url(resolve_redis_url(redis_url))
+        typer.echo(f"error: cannot reach Redis at {where}: {exc}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -56,7 +56,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import orjson
 import redis.asyncio as aioredis
@@ -376,14 +376,19 @@ MAX_IN_DOUBT = 10_000
 
 
 def _url_of(client: aioredis.Redis) -> str:
-    """A URL for the hot-path client from a redis-py client's connection settings."""
-    kw = client.connection_pool.connection_kwargs
+    """A URL for the hot-path client from a redis-py client's connection settings (TLS kept)."""
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
     if kw.get("path"):
         return f"unix://{kw['path']}"
     auth = ""
     if kw.get("password"):
-        auth = f"{quote(kw.get('username') or '')}:{quote(kw['password'])}@"
-    return f"redis://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+        auth = f"{quote(kw.get('username') or '')}:{quote(kw['password'], safe='')}@"
+    tls = issubclass(pool.connection_class, aioredis.SSLConnection)
+    query = {k: kw[k] for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if kw.get(k)}
+    where = f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    url = f"{'rediss' if tls else 'redis'}://{auth}{where}"
+    return f"{url}?{urlencode(query)}" if query else url
 
 
 class _Layout:

@@ -1,7 +1,10 @@
 """Redis clients for the control plane: short timeouts so a dead or slow Redis never hangs a request.
 
 Every server and command that talks to Redis takes `--redis-url`, falling back to the environment
-variable `FLEET_REDIS_URL`, then to `DEFAULT_REDIS_URL`.
+variable `FLEET_REDIS_URL`, then to `DEFAULT_REDIS_URL`. A password belongs in the URL
+(`redis://:PASSWORD@host:6379/0`); `mask_redis_url` is how it is shown. TLS: `rediss://`, with
+redis-py's query parameters for the CA and a client certificate (`?ssl_ca_certs=/path/ca.pem`,
+`ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`), which both clients read.
 
 Key layout (all under one prefix, default `fleet`, so several fleets or tests can share a server):
   membership  `{prefix}:replicas` (ZSET id -> last write, ms), `{prefix}:replica:{id}` (JSON,
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import inspect
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -64,6 +68,16 @@ _NO_CLIENT_SETINFO: dict[str, None] = (
 def resolve_redis_url(url: str | None = None) -> str:
     """An explicit URL wins, then `FLEET_REDIS_URL`, then the local default."""
     return url or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+
+
+def mask_redis_url(url: str) -> str:
+    """The URL as logs and status show it: any password replaced by `***`."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def resolve_prefix(prefix: str | None = None) -> str:

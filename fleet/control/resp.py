@@ -8,7 +8,9 @@ dropped), so cancellation never corrupts the connection. A command unanswered af
 closes the connection and fails everything in flight, so nothing waits on a stalled Redis.
 
 Errors use redis-py's exception classes, so `REDIS_DOWN_ERRORS` covers both clients. Only what
-the hot path needs is here: RESP2 replies, AUTH, SELECT, EVALSHA with an EVAL fallback.
+the hot path needs is here: RESP2 replies, AUTH, SELECT, EVALSHA with an EVAL fallback, and TLS
+for `rediss://` URLs with redis-py's query parameters (`ssl_ca_certs`, `ssl_certfile`,
+`ssl_keyfile`, `ssl_cert_reqs`, `ssl_check_hostname`), so one URL serves both clients.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import collections
 import hashlib
 import ssl as ssl_module
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -36,6 +38,25 @@ class LuaScript:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+_CERT_REQS = {"none": ssl_module.CERT_NONE, "optional": ssl_module.CERT_OPTIONAL,
+              "required": ssl_module.CERT_REQUIRED}  # fmt: skip
+
+
+def tls_context(query: str) -> ssl_module.SSLContext:
+    """A client TLS context from a `rediss://` URL's query, read the way redis-py reads it."""
+    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    context = ssl_module.create_default_context(cafile=params.get("ssl_ca_certs"))
+    reqs = _CERT_REQS.get(params.get("ssl_cert_reqs", "required").lower())
+    if reqs is None:
+        raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}")
+    check = params.get("ssl_check_hostname", "true").lower() not in ("0", "false", "no", "off")
+    context.check_hostname = check and reqs != ssl_module.CERT_NONE
+    context.verify_mode = reqs
+    if params.get("ssl_certfile"):
+        context.load_cert_chain(params["ssl_certfile"], params.get("ssl_keyfile"))
+    return context
 
 
 def _encode(args: tuple) -> bytes:
@@ -188,6 +209,7 @@ class RespClient:
         self.password = unquote(parsed.password) if parsed.password else None
         db = parsed.path.strip("/") if parsed.scheme != "unix" else ""
         self.db = int(db) if db.isdigit() else 0
+        self.tls = tls_context(parsed.query) if parsed.scheme == "rediss" else None
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
@@ -229,9 +251,8 @@ class RespClient:
             if self.scheme == "unix":
                 coro = loop.create_unix_connection(lambda: _Protocol(self.timeout), self.path)
             else:
-                tls = ssl_module.create_default_context() if self.scheme == "rediss" else None
                 coro = loop.create_connection(
-                    lambda: _Protocol(self.timeout), self.host, self.port, ssl=tls
+                    lambda: _Protocol(self.timeout), self.host, self.port, ssl=self.tls
                 )
             _, protocol = await asyncio.wait_for(coro, self.connect_timeout)
         except asyncio.TimeoutError:

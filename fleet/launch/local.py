@@ -31,7 +31,7 @@ class LocalReplica:
         self.gpu = gpu
         self.port = free_port(host)
         self._url = f"http://{host}:{self.port}"
-        env = {"CUDA_VISIBLE_DEVICES": gpu if gpu is not None else "", **launch.env}
+        env = {"CUDA_VISIBLE_DEVICES": gpu if gpu is not None else "", **launch.environment()}
         spec = ProcessSpec(launch.argv(host, self.port), log_path, env)
         self.supervisor = Supervisor(
             self.name, spec, policy, health_url=f"{self._url}/health", on_event=on_event

@@ -5,6 +5,10 @@ It runs in the foreground under `fleet up`, or as a background process (`fleet u
 fleet.launch.daemon); either way it records the fleet in a state file and answers on a control
 socket in the run folder. Replica servers register themselves in Redis membership once healthy;
 the manager only starts, watches and stops processes (or Ray actors) and reads what they publish.
+
+The embedded Redis requires a password generated here; children get the Redis URL (with it) and
+the fleet's internal secret in their environment, never on a command line, and events, logs and
+status show the URL masked.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import httpx
 from rich.text import Text
 
 from fleet.control import membership
+from fleet.control.internal import INTERNAL_SECRET_ENV
 from fleet.control.keys import KeyAdmin, admin_key_from_env, new_admin_key
-from fleet.control.redis_conn import REDIS_DOWN_ERRORS, async_client
+from fleet.control.redis_conn import REDIS_DOWN_ERRORS, REDIS_URL_ENV, async_client, mask_redis_url
 from fleet.embedded_redis import EmbeddedRedis
 from fleet.launch.control import ControlError, ControlServer, Progress
 from fleet.launch.local import LocalBackend
@@ -55,8 +60,8 @@ class FleetManager:
         self.redis: EmbeddedRedis | None = None
         self.redis_url = spec.redis.url or ""
         self.admin_key = spec.keys.admin_key or admin_key_from_env()
-        # What the router presents to replicas (their static key): never shown, never stored.
-        self.internal_key = "sk-fleet-internal-" + secrets.token_urlsafe(24)
+        # Routers derive each replica's key from it (fleet.control.internal): never shown or stored.
+        self.internal_secret = secrets.token_urlsafe(32)
         self.router: Supervisor | None = None
         self.replicas: dict[str, ReplicaHandle] = {}
         self.model_names: list[str] = []  # served name of each spec model, in spec order
@@ -110,7 +115,7 @@ class FleetManager:
                 self.note(f"left by a previous fleet: {line}")
         _check_port_free(self.spec.router.host, self.spec.router.port)
         self.backend = await self._make_backend()
-        await self._start_redis()
+        await self.start_redis()
         if not self.admin_key:
             self.admin_key = new_admin_key()
         self.state = FleetState(
@@ -142,15 +147,21 @@ class FleetManager:
             return backend
         return LocalBackend(self.log_dir, self.policy, self._on_supervisor)
 
-    async def _start_redis(self) -> None:
+    async def start_redis(self) -> None:
+        """The spec's Redis, or an embedded one that requires a freshly generated password (on
+        the Ray backend it listens on the head's address, where protected mode no longer
+        shields it)."""
         if self.spec.redis.url:
-            self.note(f"using Redis at {self.spec.redis.url}")
+            self.note(f"using Redis at {mask_redis_url(self.spec.redis.url)}")
             return
         host = "127.0.0.1" if self.spec.backend == "local" else self.backend.head_address()
-        self.redis = EmbeddedRedis(host=host, data_dir=self.run_dir / "redis")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.redis = EmbeddedRedis(
+            host=host, data_dir=self.run_dir / "redis", password=secrets.token_urlsafe(32)
+        )
         await asyncio.to_thread(self.redis.start)
         self.redis_url = self.redis.url
-        self.note(f"embedded Redis at {self.redis_url}")
+        self.note(f"embedded Redis at {mask_redis_url(self.redis_url)}")
 
     async def _resolve_models(self) -> None:
         from fleet.model_factory import cached_model
@@ -170,27 +181,20 @@ class FleetManager:
             return self.backend.gpu_count()  # each Ray replica holds one GPU, whatever its device
         return replica_count(model, self.backend.gpu_count())
 
-    async def _start_router(self) -> None:
+    def router_process(self) -> ProcessSpec:
+        """The router's launch: secrets and the Redis URL in its environment, not its argv."""
         router = self.spec.router
-        argv = [
-            sys.executable,
-            "-m",
-            "router",
-            "--host",
-            router.host,
-            "--port",
-            str(router.port),
-            "--redis-url",
-            self.redis_url,
-            "--policy",
-            router.policy,
-        ]
-        env = {"FLEET_ADMIN_KEY": self.admin_key}
+        argv = [sys.executable, "-m", "router", "--host", router.host, "--port", str(router.port),
+                "--policy", router.policy]  # fmt: skip
+        env = {"FLEET_ADMIN_KEY": self.admin_key or "", REDIS_URL_ENV: self.redis_url}
         if self.spec.keys.enabled:
-            env["FLEET_UPSTREAM_API_KEY"] = self.internal_key
+            env[INTERNAL_SECRET_ENV] = self.internal_secret
         else:
             argv.append("--no-fleet-keys")
-        spec = ProcessSpec(argv + router.args, self.log_dir / "router.log", env)
+        return ProcessSpec(argv + router.args, self.log_dir / "router.log", env)
+
+    async def _start_router(self) -> None:
+        spec = self.router_process()
         self.router = Supervisor(
             "router", spec, self.policy, f"{self.router_url}/health", self._on_supervisor
         )
@@ -206,7 +210,7 @@ class FleetManager:
         env = {"TOKENIZERS_PARALLELISM": "false", **model.env}
         flags = model.engine_flags()
         if self.spec.keys.enabled:
-            env["FLEET_REPLICA_API_KEY"] = self.internal_key
+            env[INTERNAL_SECRET_ENV] = self.internal_secret
         else:
             flags.append("--no-fleet-keys")
         if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -253,7 +257,7 @@ class FleetManager:
         if not await self._wait_member(handle, max(1.0, deadline - time.monotonic())):
             raise FleetStartError(
                 f"{handle.name} is healthy at {handle.url} but never joined membership in "
-                f"{self.redis_url}; see `fleet logs {handle.name}`"
+                f"{mask_redis_url(self.redis_url)}; see `fleet logs {handle.name}`"
             )
 
     def _failure(self, name: str, report: object, state: str | None = None) -> str:
@@ -338,7 +342,11 @@ class FleetManager:
             return
         records: list[ProcessRecord] = []
         if self.redis is not None and self.redis.process is not None:
-            records.append(ProcessRecord("redis", "redis", self.redis.process.pid, self.redis_url))
+            records.append(
+                ProcessRecord(
+                    "redis", "redis", self.redis.process.pid, mask_redis_url(self.redis_url)
+                )
+            )
         if self.router is not None:
             records.append(
                 ProcessRecord(
@@ -383,7 +391,7 @@ class FleetManager:
                 "backend": self.spec.backend,
                 "phase": self.state.phase if self.state else "starting",
                 "router_url": self.router_url,
-                "redis_url": self.redis_url,
+                "redis_url": mask_redis_url(self.redis_url),
                 "run_dir": str(self.run_dir),
                 "manager_pid": os.getpid(),
                 "events": list(self.events)[-10:],

@@ -53,7 +53,7 @@ class ReplicaActor:
         self.port = free_port("0.0.0.0")
         self.url = f"http://{self.node_ip}:{self.port}"
         log_path = Path(tempfile.gettempdir()) / "fleetserve" / fleet / f"{self.launch.name}.log"
-        env = {**self.launch.env, "CUDA_VISIBLE_DEVICES": self.cuda_visible_devices}
+        env = {**self.launch.environment(), "CUDA_VISIBLE_DEVICES": self.cuda_visible_devices}
         argv = self.launch.argv("0.0.0.0", self.port, advertise_url=self.url)
         self.supervisor = Supervisor(
             self.launch.name,

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fleet.control.redis_conn import REDIS_URL_ENV
 from fleet.launch.state import ProcessRecord
 
 
@@ -38,8 +39,6 @@ class ReplicaLaunch:
             host,
             "--port",
             str(port),
-            "--redis-url",
-            self.redis_url,
             "--replica-id",
             self.name,
         ]
@@ -48,6 +47,10 @@ class ReplicaLaunch:
         if advertise_url:
             argv += ["--advertise-url", advertise_url]
         return argv + self.flags
+
+    def environment(self) -> dict[str, str]:
+        """`env` plus the Redis URL, which may hold a password: kept out of argv (`ps`, logs)."""
+        return {**self.env, REDIS_URL_ENV: self.redis_url}
 
 
 class ReplicaHandle(Protocol):

@@ -13,7 +13,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.control import membership
-from fleet.control.redis_conn import REDIS_DOWN_ERRORS, async_client
+from fleet.control.redis_conn import REDIS_DOWN_ERRORS, async_client, mask_redis_url
 
 _GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
@@ -48,7 +48,7 @@ async def collect_status(
             rows.append(_row(None, {}, sup, name))
     return {
         "fleet": fleet or {},
-        "redis": {"url": redis_url, "error": redis_error},
+        "redis": {"url": mask_redis_url(redis_url), "error": redis_error},
         "router": {"url": router_url, "process": router, "view": router_view},
         "replicas": rows,
     }

@@ -1,9 +1,11 @@
-"""Who may use this replica: a static `--api-key`, and with `--redis-url` the fleet's API keys.
+"""Who may use this replica: a static `--api-key`, the fleet routers' key for this replica (only
+its own id's, see fleet.control.internal), and with `--redis-url` the fleet's API keys.
 
 Direct access to a replica is as protected as the router: fleet keys are authenticated, checked
 against their allowed models and admitted under their rpm / tpm / concurrency limits by the same
 `KeyStore` the router uses, and their usage is settled when the request ends (released on error or
-disconnect). The static key, when it matches, is unlimited. Probe routes never call this module.
+disconnect). The static and internal keys, when they match, are unlimited. Probe routes never call
+this module.
 """
 
 from __future__ import annotations
@@ -34,20 +36,25 @@ class Admission:
 
 
 class Auth:
-    def __init__(self, api_key: str | None, keystore: KeyStore | None) -> None:
+    def __init__(
+        self, api_key: str | None, keystore: KeyStore | None, *, internal_key: str | None = None
+    ) -> None:
         self.api_key = api_key
         self.keystore = keystore
+        self.internal_key = internal_key
 
     @property
     def enabled(self) -> bool:
-        return self.api_key is not None or self.keystore is not None
+        return self.api_key is not None or self.keystore is not None or bool(self.internal_key)
 
     async def authenticate(self, request: Request) -> KeyRecord | None:
         """The fleet key's record; None for the static key or when auth is off. Raises 401/503."""
         if not self.enabled:
             return None
         secret = bearer_token(request.headers.get("authorization"))
-        if self.api_key is not None and secret is not None and _same(secret, self.api_key):
+        if secret is not None and any(
+            key and _same(secret, key) for key in (self.api_key, self.internal_key)
+        ):
             return None
         if self.keystore is not None:
             return await self.keystore.authenticate(secret)

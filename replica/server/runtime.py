@@ -40,6 +40,7 @@ class ServerSettings:
     port: int = 8001
     device: str = "cpu"
     api_key: str | None = None
+    internal_key: str | None = None  # the routers' key for this replica (fleet.control.internal)
     redis_url: str | None = None
     redis_prefix: str = DEFAULT_PREFIX
     fleet_keys: bool = True
@@ -71,7 +72,7 @@ class ReplicaRuntime:
         self.status: Status = "loading"
         self.started_at = int(time.time())
         self.metrics = ServerMetrics(settings.served_model_name, self.load)
-        self.auth = Auth(settings.api_key, None)
+        self.auth = Auth(settings.api_key, None, internal_key=settings.internal_key)
         self.texts: TokenTexts | None = None
         self.lease: MembershipLease | None = None
         self._inflight = 0
@@ -90,7 +91,9 @@ class ReplicaRuntime:
             if self.settings.fleet_keys:
                 keystore = KeyStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
                 await keystore.start()
-                self.auth = Auth(self.settings.api_key, keystore)
+                self.auth = Auth(
+                    self.settings.api_key, keystore, internal_key=self.settings.internal_key
+                )
             self._register_task = asyncio.create_task(self._register_when_listening())
         self.status = "ready"
         log.info("replica ready: %s at %s", self.settings.served_model_name, self.settings.url)

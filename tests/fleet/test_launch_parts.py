@@ -86,7 +86,8 @@ def test_replica_launch_line_is_what_the_replica_parser_accepts() -> None:
         "tiny-1",
     )
     assert (args.host, args.port, args.device) == ("0.0.0.0", 8123, "cpu")
-    assert args.redis_url == "redis://h:1/0" and args.advertise_url == "http://10.0.0.5:8123"
+    assert args.redis_url is None and args.advertise_url == "http://10.0.0.5:8123"
+    assert launch.environment()["FLEET_REDIS_URL"] == "redis://h:1/0"  # not in argv: `ps` shows it
     assert (args.dtype, args.kv_cache_tokens) == ("float32", 4096)
     auto = ReplicaLaunch("x-0", "x", "/m", "auto", "redis://h:1/0").argv("127.0.0.1", 1)
     assert "--device" not in auto  # the replica picks the device itself
