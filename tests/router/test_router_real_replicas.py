@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import orjson
 import pytest
 from router_harness import ADMIN, RunningRouter, run_router, sse_events, wait_http
 
+from fleet.control.internal import INTERNAL_SECRET_ENV
 from fleet.control.keys import KeyStore
 from fleet.embedded_redis import EmbeddedRedis, free_port
 from router.config import RouterConfig
@@ -31,8 +33,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 SERVED = "tiny-real"
-# Replicas with --redis-url enforce fleet keys themselves; the router presents this static key
-# (unlimited there), so a client's limits are counted once, at the router.
+# Replicas with --redis-url enforce fleet keys themselves; the router presents each one its own
+# key derived from this secret (unlimited there), so a client's limits are counted once, at the
+# router. The static INTERNAL_KEY lets the tests talk to replicas directly.
+INTERNAL_SECRET = "fleet-internal-secret-for-tests"
 INTERNAL_KEY = "sk-internal-router-key"
 INTERNAL = {"Authorization": f"Bearer {INTERNAL_KEY}"}
 
@@ -63,7 +67,8 @@ def start_replica(model: str, redis_url: str, replica_id: str) -> RealReplica:
         "--kv-cache-tokens", "8192", "--max-num-seqs", "16", "--dtype", "float32",
         "--drain-grace", "20", "--log-level", "warning", "--api-key", INTERNAL_KEY,
     ]  # fmt: skip
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, INTERNAL_SECRET_ENV: INTERNAL_SECRET}
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     return RealReplica(replica_id, port, process)
 
 
@@ -96,7 +101,7 @@ async def fleet_router(
     config = RouterConfig(
         redis_url=redis_url,
         admin_key="admin-secret",
-        upstream_api_key=INTERNAL_KEY,
+        internal_secret=INTERNAL_SECRET,
         pool=PoolSettings(probe_interval_s=0.3, load_interval_s=0.3, probe_timeout_s=1.0),
         **overrides,
     )
