@@ -39,7 +39,7 @@ def test_every_file_parses(path: Path) -> None:
 def test_kubernetes_objects_are_well_formed() -> None:
     docs = _k8s()
     kinds = {d["kind"] for d in docs if "apiVersion" in d and "metadata" in d}
-    assert {"Namespace", "Secret", "Service", "Deployment", "StatefulSet"} <= kinds
+    assert {"Namespace", "Secret", "Service", "Deployment", "StatefulSet", "NetworkPolicy"} <= kinds
     kustomization = next(d for d in docs if d["kind"] == "Kustomization")
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == files
@@ -87,7 +87,7 @@ def test_replica_pods_one_gpu_each_with_probes_and_prestop_drain() -> None:
     assert args.advertise_url == "http://$(POD_IP):8001" and args.replica_id == "$(POD_NAME)"
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-    assert env["FLEET_REPLICA_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "internal-key"
+    assert env["FLEET_INTERNAL_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "internal-secret"
     annotations = replica["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(args.port)
 
@@ -109,20 +109,24 @@ def test_router_deployment_probes_prestop_and_keys() -> None:
     assert container["lifecycle"]["preStop"]["exec"]["command"]
     assert container["args"][0] == "router"
     args = build_parser().parse_args(container["args"][1:])
-    assert args.redis_url == "redis://fleet-redis:6379/0" and args.policy == "prefix"
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert args.policy == "prefix"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     assert env["FLEET_ADMIN_KEY"]["key"] == "admin-key"
-    assert env["FLEET_UPSTREAM_API_KEY"]["key"] == "internal-key"  # the replicas' static key
+    assert env["FLEET_INTERNAL_SECRET"]["key"] == "internal-secret"  # keys each replica
     secret = next(d for d in _k8s() if d["kind"] == "Secret")
-    assert {"admin-key", "internal-key"} <= set(secret["stringData"])
-    replica_url = _replica_args(_containers(_workloads()["fleet-replica-llama"])[0]).redis_url
-    assert args.redis_url == replica_url
+    assert {"admin-key", "internal-secret", "redis-password"} <= set(secret["stringData"])
+    (replica,) = _containers(_workloads()["fleet-replica-llama"])
+    assert _env_value(container, "FLEET_REDIS_URL") == _env_value(replica, "FLEET_REDIS_URL")
+
+
+def _env_value(container: dict, name: str) -> str:
+    return next(e["value"] for e in container["env"] if e["name"] == name)
 
 
 def test_redis_is_persistent_and_probed() -> None:
     redis = _workloads()["fleet-redis"]
     (container,) = _containers(redis)
-    assert "--appendonly" in container["args"] and container["readinessProbe"]["exec"]
+    assert "--appendonly yes" in container["command"][-1] and container["readinessProbe"]["exec"]
     assert redis["spec"]["volumeClaimTemplates"]
 
 

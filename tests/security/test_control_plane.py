@@ -25,6 +25,7 @@ import pytest
 import redis
 import trustme
 import uvicorn
+import yaml
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -444,3 +445,81 @@ def test_processes_refuse_the_placeholder_secrets_the_manifests_ship(
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and env_name in lines[0] and "placeholder" in lines[0], lines
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+
+
+def _k8s_docs() -> list[dict]:
+    return [d for p in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def _container(component: str) -> dict:
+    (workload,) = [
+        d for d in _k8s_docs()
+        if d["kind"] in ("Deployment", "StatefulSet")
+        and d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]  # fmt: skip
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _secret_ref(container: dict, name: str) -> str:
+    (entry,) = [e for e in container.get("env", []) if e["name"] == name]
+    return entry["valueFrom"]["secretKeyRef"]["key"]
+
+
+def test_kubernetes_redis_takes_its_password_from_the_secret_and_refuses_the_placeholder() -> None:
+    (secret,) = [d for d in _k8s_docs() if d["kind"] == "Secret"]
+    assert all("REPLACE-ME" in v for v in secret["stringData"].values())
+    redis_container = _container("redis")
+    assert _secret_ref(redis_container, "REDIS_PASSWORD") == "redis-password"
+    script = redis_container["command"][-1]
+    assert '--requirepass "$REDIS_PASSWORD"' in script
+    placeholder = secret["stringData"]["redis-password"]
+    result = subprocess.run(
+        ["/bin/sh", "-c", script], env={"REDIS_PASSWORD": placeholder, "PATH": "/nonexistent"},
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert result.returncode != 0 and "placeholder" in result.stderr
+    for component in ("router", "replica"):
+        container = _container(component)
+        names = [e["name"] for e in container["env"]]
+        assert _secret_ref(container, "REDIS_PASSWORD") == "redis-password"
+        assert _secret_ref(container, "FLEET_INTERNAL_SECRET") == "internal-secret"
+        url = next(e["value"] for e in container["env"] if e["name"] == "FLEET_REDIS_URL")
+        assert url.startswith("redis://:$(REDIS_PASSWORD)@fleet-redis:6379")
+        assert names.index("REDIS_PASSWORD") < names.index("FLEET_REDIS_URL")  # expansion order
+        assert not {"FLEET_UPSTREAM_API_KEY", "FLEET_REPLICA_API_KEY"} & set(names)
+        assert not any("redis://" in arg for arg in container["args"])
+
+
+def _allowed_sources(component: str) -> list[tuple[str | None, int | str | None]]:
+    """(component of the allowed pods, or None for another namespace; port) pairs."""
+    policies = [
+        d for d in _k8s_docs()
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == component
+    ]  # fmt: skip
+    assert len(policies) == 1, f"one NetworkPolicy for the {component} pods"
+    spec = policies[0]["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    allowed = []
+    for rule in spec["ingress"]:
+        ports = [p["port"] for p in rule["ports"]]
+        for peer in rule["from"]:
+            labels = peer.get("podSelector", {}).get("matchLabels", {})
+            source = None if "namespaceSelector" in peer else labels["app.kubernetes.io/component"]
+            allowed += [(source, port) for port in ports]
+    return allowed
+
+
+def test_kubernetes_network_policies_fence_redis_and_replicas() -> None:
+    assert sorted(_allowed_sources("redis")) == [("replica", 6379), ("router", 6379)]
+    replica_sources = _allowed_sources("replica")
+    assert ("router", 8001) in replica_sources
+    assert {source for source, _ in replica_sources} <= {"router", None}  # None: monitoring
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "network-policies.yaml" in kustomization["resources"]
