@@ -20,6 +20,7 @@ from router.policies import POLICIES
 from router.pool import PoolSettings
 
 UPSTREAM_KEY_ENV = "FLEET_UPSTREAM_API_KEY"
+METRICS_KEY_ENV = "FLEET_METRICS_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(UPSTREAM_KEY_ENV),
         help=f"bearer key the router presents to --replica URLs (env {UPSTREAM_KEY_ENV}); "
         f"the fleet's own replicas get one key each, from env {INTERNAL_SECRET_ENV}",
+    )
+    parser.add_argument(
+        "--metrics-key",
+        default=os.environ.get(METRICS_KEY_ENV),
+        help=f"bearer key /metrics requires (env {METRICS_KEY_ENV}; the admin key also works); "
+        "without one /metrics is open",
+    )
+    parser.add_argument(
+        "--max-answer-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest whole (not streamed) answer the router holds for a client (502 beyond)",
     )
     parser.add_argument("--connect-timeout", type=float, default=3.0, help="seconds")
     parser.add_argument(
@@ -123,6 +136,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         upstream_api_key=args.upstream_api_key,
         internal_secret=os.environ.get(INTERNAL_SECRET_ENV) or None,
         fleet_keys=args.fleet_keys,
+        metrics_key=args.metrics_key,
+        max_answer_bytes=args.max_answer_bytes,
         connect_timeout_s=args.connect_timeout,
         ttfb_timeout_s=args.ttfb_timeout,
         idle_timeout_s=args.idle_timeout,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
-from urllib.parse import unquote
 
 import orjson
 from starlette.applications import Starlette
@@ -29,13 +28,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fleet.control.errors import APIError
-from fleet.control.keys import KeyRecord, KeyStore, Ticket
+from fleet.control.keys import KeyRecord, KeyStore, Ticket, bearer_token, is_admin_key
 from fleet.control.membership import MembershipWatcher
 from router import admin
 from router.auth import Gate
 from router.config import RouterConfig
 from router.http_server import Connection, Request, asgi_bridge
 from router.metrics import RouterMetrics
+from router.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_target
 from router.policies import RouteRequest, make_policy
 from router.pool import ReplicaPool
 from router.prompt_key import chat_units, completion_units
@@ -44,6 +44,7 @@ from router.replica import Replica
 from router.retry_budget import RetryBudget
 from router.sse import UsageTap
 from router.tokens import TokenEstimator
+from router.usage import usage_of_answer
 
 log = logging.getLogger("router")
 
@@ -52,7 +53,7 @@ COMPLETIONS_PATH = "/v1/completions"
 GENERATION_ROUTES = {CHAT_PATH: "chat", COMPLETIONS_PATH: "completions"}
 GENERATION_KINDS = frozenset(GENERATION_ROUTES.values())
 PLAIN_ROUTES = frozenset({"/tokenize", "/detokenize"})
-PINNED_PREFIX = "/replicas/"
+PINNED_BODYLESS = frozenset({"models", "health"})  # GET routes: no body goes upstream
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
@@ -93,6 +94,7 @@ class RouterApp:
             idle_timeout_s=config.idle_timeout_s,
             max_attempts=config.max_attempts,
             budget=RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
+            max_answer_bytes=config.max_answer_bytes,
         )
         self.web = Starlette(
             routes=[
@@ -134,33 +136,49 @@ class RouterApp:
             return self._proxied(request, conn, route, path, None, None)
         if path in PLAIN_ROUTES and request.method == "POST":
             return self._proxied(request, conn, path[1:], path, None, None)
+        if needs_canonical(path):
+            try:
+                request.path = canonical(path)
+            except APIError as err:
+                conn.respond_error(err)
+                return None
+            if request.path != path:
+                return self.handle(request, conn)
         if path.startswith(PINNED_PREFIX):
             return self._pinned(request, conn)
         return asgi_bridge(self.web, request, conn)
 
     def _pinned(self, request: Request, conn: Connection) -> Awaitable[None] | None:
-        """`/replicas/{id}/<path>`: the same API, served by exactly that replica (no retries)."""
-        path = request.path
-        slash = path.find("/", len(PINNED_PREFIX))
-        replica_id = unquote(path[len(PINNED_PREFIX) : slash if slash > 0 else None])
-        rest = path[slash:] if slash > 0 else "/"
-        replica = self.pool.replicas.get(replica_id)
+        """`/replicas/{id}/<path>`: the replica's OpenAI routes, served by exactly that replica
+        (no retries), under the same key checks, model allow-list and limits as any request."""
+        try:
+            target = pinned_target(request.path, request.method)
+        except APIError as err:
+            conn.respond_error(err)
+            return None
+        replica = self.pool.replicas.get(target.replica_id)
         refusal = None
         if replica is None:
-            refusal = APIError(404, f"No replica with id '{replica_id}'.", code="replica_not_found")
-        route = GENERATION_ROUTES.get(rest)
-        if route is not None and request.method == "POST":
-            if replica is not None and replica.draining:
-                refusal = APIError(
-                    503,
-                    f"Replica '{replica_id}' is draining: it takes no new requests.",
-                    code="replica_draining",
-                    headers={"Retry-After": "1"},
-                )
-            return self._proxied(request, conn, route, rest, replica, refusal)
-        query = request.query
-        full = rest + ("?" + query.decode("latin-1") if query else "")
-        return self._proxied(request, conn, "pinned", full, replica, refusal)
+            refusal = APIError(
+                404, f"No replica with id '{target.replica_id:.100}'.", code="replica_not_found"
+            )
+        elif replica.model is None:
+            refusal = APIError(
+                503,
+                f"Replica '{replica.id}' has not said which model it serves yet; retry shortly.",
+                code="replica_not_ready",
+                headers={"Retry-After": "1"},
+            )
+        elif target.kind in GENERATION_KINDS and replica.draining:
+            refusal = APIError(
+                503,
+                f"Replica '{replica.id}' is draining: it takes no new requests.",
+                code="replica_draining",
+                headers={"Retry-After": "1"},
+            )
+        return self._proxied(
+            request, conn, target.kind, target.path, replica, refusal, target.method
+        )
 
     # -- the data path
 
@@ -172,6 +190,7 @@ class RouterApp:
         path: str,
         pinned: Replica | None,
         refusal: APIError | None,
+        method: str = "POST",
     ) -> Awaitable[None] | None:
         """Check, plan and start one proxied request. Static keys (or none) are checked here and
         now; a fleet key may need Redis, so that path is a coroutine."""
@@ -180,7 +199,7 @@ class RouterApp:
         try:
             if not self.gate.check_static(authorization):
                 return self._proxied_with_key(
-                    ex, incoming, pinned, refusal, authorization, session_id
+                    ex, incoming, pinned, refusal, authorization, session_id, method
                 )
             if refusal is not None:
                 raise refusal
@@ -188,7 +207,7 @@ class RouterApp:
         except APIError as err:
             ex.refuse(err)
             return None
-        ex.start(request, body, incoming.method, pinned)
+        ex.start(request, body, method, pinned)
         return None
 
     async def _proxied_with_key(
@@ -199,6 +218,7 @@ class RouterApp:
         refusal: APIError | None,
         authorization: str | None,
         session_id: str | None,
+        method: str,
     ) -> None:
         """The fleet-key path: authenticate (cached), take the key's limits (one Redis round
         trip when it has any), proxy, then settle what the replica reports it used."""
@@ -211,7 +231,7 @@ class RouterApp:
         except APIError as err:
             ex.refuse(err)
             return
-        ex.start(request, body, incoming.method, pinned)
+        ex.start(request, body, method, pinned)
         await ex.wait_end()
         if ex.ticket is not None:
             await self._settle(ex, ex.ticket)
@@ -228,20 +248,27 @@ class RouterApp:
         reserve against the key's limits)."""
         body = incoming.body
         if ex.route not in GENERATION_KINDS:
-            model = ""
             if pinned is None:
                 model = self._model_for(parse_object(body))
-                if record is not None:
-                    record.check_model(model)
-            ex.model = model or (pinned.model if pinned else "") or ""
+            else:
+                model = pinned.model or ""
+                if ex.route in PINNED_BODYLESS:
+                    body = b""
+            if record is not None:
+                record.check_model(model)
+            ex.model = model
             return RouteRequest(model, "", 0), body, 0
         request = parse_object(body)
-        model = request.get("model")
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "You must provide a model parameter.", param="model")
-        replicas = self.pool.by_model.get(model)
-        if replicas is None and pinned is None:
-            raise model_not_found(model)
+        if pinned is not None:
+            model = pinned.model or ""  # the key's models are checked against what it serves
+            replicas = [pinned]
+        else:
+            model = request.get("model")
+            if not isinstance(model, str) or not model:
+                raise APIError(400, "You must provide a model parameter.", param="model")
+            replicas = self.pool.by_model.get(model)
+            if replicas is None:
+                raise model_not_found(model)
         ex.model = model
         if record is not None:
             record.check_model(model)
@@ -260,7 +287,7 @@ class RouterApp:
                 body = self._ask_for_usage(ex, request, body)
         reserve = 0
         if record is not None:  # only a fleet key's limits need the reservation
-            max_model_len = replicas[0].max_model_len if replicas else None
+            max_model_len = replicas[0].max_model_len
             reserve = prompt_tokens + completion_budget(
                 request, ex.route, prompt_tokens, max_model_len
             )
@@ -300,19 +327,21 @@ class RouterApp:
             return ex.tap.usage if ex.tap is not None else None
         if ex.status != 200 or not ex.body_out:
             return None
-        try:
-            usage = orjson.loads(ex.body_out).get("usage")
-        except (orjson.JSONDecodeError, AttributeError):
-            return None
-        return usage if isinstance(usage, dict) else None
+        return usage_of_answer(ex.body_out)
 
     def _learn(self, ex: Exchange, usage: dict | None) -> None:
         if usage is not None and isinstance(usage.get("prompt_tokens"), int):
             self.tokens.observe(ex.model, ex.units, usage["prompt_tokens"])
 
     async def _settle(self, ex: Exchange, ticket: Ticket) -> None:
-        """Charge what the replica reports; with no report, the estimate; nothing if nothing ran."""
-        if ex.status != 200:
+        """Charge what the replica reports it used. A stream cut short (by the client, a stalled
+        reader or the replica) has no report: charge the prompt's estimate and the chunks that
+        reached the client. Nothing is charged when no answer reached the client."""
+        if (
+            not ex.delivered
+            or ex.route not in GENERATION_KINDS
+            or (ex.status != 200 and not ex.streamed)
+        ):
             await self.gate.release(ticket)
             return
         usage = self._usage_of(ex)
@@ -344,6 +373,13 @@ class RouterApp:
         return Response(orjson.dumps(body), media_type="application/json")
 
     async def prometheus(self, request: StarletteRequest) -> Response:
+        """Open unless the operator set a metrics key (Prometheus sends it as a bearer token)."""
+        expected = self.config.metrics_key
+        if expected is not None:
+            presented = bearer_token(request.headers.get("authorization"))
+            admin = self.config.admin_key
+            if not (is_admin_key(presented, expected) or is_admin_key(presented, admin)):
+                raise APIError(401, "/metrics needs the metrics key.", code="invalid_api_key")
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     async def models(self, request: StarletteRequest) -> Response:
@@ -367,16 +403,25 @@ class RouterApp:
 def completion_budget(
     request: dict, route: str, prompt_tokens: int, max_model_len: int | None
 ) -> int:
-    """Tokens the answer may take, to reserve against the key's tpm before dispatch."""
+    """Tokens the answers may take, to reserve against the key's tpm before dispatch: every
+    prompt of a completions batch times `n` choices each."""
     n = request.get("n")
-    n = n if isinstance(n, int) and n > 0 else 1
+    sequences = (n if isinstance(n, int) and n > 0 else 1) * prompt_count(request, route)
     limit = request.get("max_completion_tokens") if route == "chat" else None
     limit = limit or request.get("max_tokens")
     if isinstance(limit, int) and limit > 0:
-        return limit * n
+        return limit * sequences
     if route != "chat":
-        return COMPLETIONS_DEFAULT_MAX_TOKENS * n
-    return max((max_model_len or 0) - prompt_tokens, 0) * n
+        return COMPLETIONS_DEFAULT_MAX_TOKENS * sequences
+    return max((max_model_len or 0) - prompt_tokens, 0) * sequences
+
+
+def prompt_count(request: dict, route: str) -> int:
+    """Prompts in one request: a completions `prompt` may be a list of texts or of id lists."""
+    prompt = request.get("prompt") if route == "completions" else None
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
 
 
 def request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:

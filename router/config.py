@@ -29,6 +29,8 @@ class RouterConfig:
     retry_budget_ratio: float = 0.2
     retry_budget_min_per_s: float = 5.0
     max_body_bytes: int = 32 * 1024 * 1024
+    max_answer_bytes: int = 64 * 1024 * 1024
+    metrics_key: str | None = None
     prefix_queue_weight: float = 64.0
     pool: PoolSettings = field(default_factory=PoolSettings)
     max_connections: int = 10_000

@@ -193,11 +193,10 @@ class ReplicaPool:
 
     # -- queries
 
-    def routable(
-        self, model: str, exclude: tuple[Replica, ...] | set[Replica] = ()
-    ) -> list[Replica]:
+    def routable(self, model: str, exclude: tuple[str, ...] = ()) -> list[Replica]:
+        """Replicas that may take a request now, except those with ids in `exclude`."""
         now = time.monotonic()
-        return [r for r in self.by_model.get(model, ()) if r.routable(now) and r not in exclude]
+        return [r for r in self.by_model.get(model, ()) if r.routable(now) and r.id not in exclude]
 
     def models(self) -> dict[str, int | None]:
         """Models with at least one replica that is not draining, with their context length."""

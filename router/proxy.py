@@ -10,11 +10,15 @@ request near that of a bare proxy (see upstream_http for the measurement).
                                        ... upstream_body ... upstream_done ─ _end_stream ─ _end
 
 A request may be retried on a different replica, within the retry budget, only while nothing has
-reached the client: connection failures, 429/502/503/504 answers, a stream that ends before its
-first byte, or no first byte within the TTFB timeout. The first attempt runs on callbacks alone;
+reached the client: connection failures, 429/502/503/504 answers, or a stream that ends before its
+first byte. No first byte within the TTFB timeout is a 504 and no retry: the replica accepted the
+request and is still at it, so the request (not the replica) is the likely cause, and sending it
+on would let one request stall every replica of its model; a replica that is really stuck fails
+its health probes. The first attempt runs on callbacks alone;
 after a failure, a task runs tenacity's retry loop, each attempt awaiting the outcome of the same
 callback machinery. Once the first byte is out, an upstream failure becomes one SSE error event
-and `[DONE]`. The client leaving aborts the upstream request at once and releases every counter.
+and `[DONE]`. The client leaving aborts the upstream request at once and releases every counter;
+so does a client that stops reading for the idle timeout (its connection is cut).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from router.replica import Replica
 from router.retry_budget import RetryBudget
 from router.sessions import sticky_replica
 from router.sse import UsageTap
-from router.upstream_http import Connection, HttpClient
+from router.upstream_http import AnswerTooLarge, Connection, HttpClient
 from router.watchdog import Watchdog
 
 log = logging.getLogger("router.proxy")
@@ -87,12 +91,15 @@ class Proxy:
         idle_timeout_s: float,
         max_attempts: int,
         budget: RetryBudget,
+        max_answer_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.pool = pool
         self.policy = policy
         self.metrics = metrics
         headers = [("Content-Type", "application/json")]  # keys per replica: Replica.request_host
-        self.client = HttpClient(connect_timeout_s, headers, tls=pool.tls)
+        self.client = HttpClient(
+            connect_timeout_s, headers, max_answer_bytes=max_answer_bytes, tls=pool.tls
+        )
         self.ttfb_timeout_s = ttfb_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_attempts = max_attempts
@@ -106,7 +113,7 @@ class Proxy:
         conn.on_disconnect = ex.client_left
         return ex
 
-    def pick(self, request: RouteRequest, exclude: tuple[Replica, ...]) -> Decision | None:
+    def pick(self, request: RouteRequest, exclude: tuple[str, ...]) -> Decision | None:
         candidates = self.pool.routable(request.model, exclude)
         if not candidates:
             return None
@@ -140,7 +147,7 @@ class Exchange:
     body = b""
     method = "POST"
     pinned: Replica | None = None
-    tried: tuple[Replica, ...] = ()
+    tried: tuple[str, ...] = ()  # replica ids: membership may re-create a replica's object
     replica: Replica | None = None  # of the attempt in progress
     replica_id = ""
     prefill = 0
@@ -148,6 +155,9 @@ class Exchange:
     upstream: Connection | None = None
     status = 0
     head_sent = False
+    delivered = False  # the replica's answer (whole or the start of a stream) reached the client
+    streamed = False
+    client_stalled = False  # the client stopped reading; `deadline` is its grace
     body_out = b""
     deadline = 0.0
     idle_phase = False
@@ -240,7 +250,7 @@ class Exchange:
         else:
             decision = Decision(self.pinned, "pinned")
         replica = self.replica = decision.replica
-        self.tried += (replica,)
+        self.tried += (replica.id,)
         self.replica_id = replica.id
         self.prefill = max(self.request.prompt_tokens - decision.cached_tokens, 0)  # type: ignore[union-attr]
         self.judged = False
@@ -306,15 +316,16 @@ class Exchange:
             self._end_stream(None)
 
     def upstream_failed(self, exc: OSError) -> None:
+        if isinstance(exc, AnswerTooLarge):  # the request's shape, not the replica's health
+            self._close_attempt()
+            self.refuse(APIError(502, str(exc), code="answer_too_large"))
+            return
         self._failed_replica()
         if self.head_sent:
-            self._end_stream(
-                APIError(
-                    502, f"The replica's stream broke: {type(exc).__name__}.", code="upstream_error"
-                )
-            )
+            log.warning("replica %s: stream broke: %r", self.replica_id, exc)
+            self._end_stream(APIError(502, "The replica's stream broke.", code="upstream_error"))
         else:
-            self._attempt_failed(Retryable(type(exc).__name__, 502, str(exc)[:200]))
+            self._attempt_failed(Retryable("connection failed", 502, repr(exc)[:200]))
 
     # -- callbacks from the client's connection and the watchdog
 
@@ -332,27 +343,43 @@ class Exchange:
     def timed_out(self) -> None:
         if self.replica is None:
             return
+        if self.client_stalled:
+            self._cut_stalled_client()
+            return
         if self.upstream is not None:
             self.upstream.abort()
-        self._failed_replica()
         if self.idle_phase:
+            self._failed_replica()
             idle = self.proxy.idle_timeout_s
             self._end_stream(
                 APIError(504, f"The replica sent nothing for {idle:g} s.", code="upstream_idle")
             )
         else:
-            self._attempt_failed(Retryable("no first byte in time", 504))
+            self._close_attempt()
+            self._give_up(
+                Retryable("no first byte in time", 504),
+                f"not retried: the replica accepted the request and ran past "
+                f"{self.proxy.ttfb_timeout_s:g} s",
+            )
 
     def client_caught_up(self) -> None:
         """The client's buffer drained: read the replica's stream again."""
         self.conn.on_writable = None
+        self.client_stalled = False
         if self.upstream is not None and not self.ended:
             self.deadline = time.monotonic() + self.proxy.idle_timeout_s
             self.upstream.resume_reading()
 
+    def _cut_stalled_client(self) -> None:
+        """The client read nothing for the idle timeout: it holds a replica's slot and its key's
+        concurrency for nothing. Cut it as if it had left (what it was sent is still charged)."""
+        self.conn.close()
+        self.client_left()
+
     # -- answering the client
 
     def _send_whole(self, upstream: Connection) -> None:
+        self.delivered = True
         self.judged = True
         self.proxy.pool.succeeded(self.replica)  # type: ignore[arg-type]
         payload = upstream.body()
@@ -371,6 +398,7 @@ class Exchange:
 
     def _start_stream(self, first: bytes) -> None:
         self._answered()
+        self.delivered = self.streamed = True
         self.status = 200
         headers = [
             (b"content-type", b"text/event-stream"),
@@ -388,7 +416,10 @@ class Exchange:
         conn = self.conn
         conn.send_chunk(self.tap.feed(data) if self.tap is not None else data)
         if conn.writing_paused and self.upstream is not None:
-            self.deadline = 0.0  # a slow client is not the replica's fault
+            # A slow client is not the replica's fault; a client that reads nothing for the
+            # idle timeout is cut (see timed_out).
+            self.client_stalled = True
+            self.deadline = time.monotonic() + self.proxy.idle_timeout_s
             self.upstream.pause_reading()
             conn.on_writable = self.client_caught_up
         else:
@@ -462,8 +493,17 @@ class Exchange:
             self.waiter = None
 
     def _give_up(self, exc: Retryable, why: str = "") -> None:
-        tried = ", ".join(r.id for r in self.tried) or "none"
-        detail = f" ({exc.detail})" if exc.detail else ""
+        """The client learns what happened and how many replicas were tried; which ones, and
+        their own words, go to the log (replica ids and exception names are not the client's)."""
+        tried = len(self.tried)
+        log.warning(
+            "gave up on %s after %s (%s)%s; tried %s",
+            self.path, exc.reason, exc.detail, f"; {why}" if why else "", ", ".join(self.tried),
+        )  # fmt: skip
         note = f"; {why}" if why else ""
-        message = f"Upstream replica failed: {exc.reason}{detail}; tried {tried}{note}."
+        plural = "s" if tried != 1 else ""
+        message = (
+            f"The upstream replica failed to answer ({exc.reason}); "
+            f"tried {tried} replica{plural}{note}."
+        )
         self.refuse(APIError(exc.status, message, code="upstream_error"))

@@ -33,6 +33,11 @@ class UpstreamConnectionError(ConnectionError):
     """The connection failed or closed before the response was complete."""
 
 
+class AnswerTooLarge(UpstreamConnectionError):
+    """A whole (not streamed) answer outgrew the client's limit: the router holds whole answers
+    in memory, so their size is bounded like a request body's."""
+
+
 class Listener(Protocol):
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_done(self, conn: Connection) -> None: ...
@@ -53,6 +58,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
+        self.size = 0  # of a whole answer collected so far
         self.stream = False  # pass a 200's body on as it arrives
         self.streaming = False
         self.complete = False
@@ -115,7 +121,11 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamConnectionError(f"unreadable response: {exc}"))
             self.abort()
             return
-        if self.streaming and self.chunks:
+        if self.size > self.pool.max_answer_bytes:
+            limit = self.pool.max_answer_bytes
+            self._fail(AnswerTooLarge(f"The replica's answer is larger than {limit} bytes."))
+            self.abort()
+        elif self.streaming and self.chunks:
             self._pass_on()
 
     def eof_received(self) -> bool:
@@ -147,9 +157,16 @@ class Connection(asyncio.Protocol):
         self.streaming = self.stream and status == 200
 
     def on_body(self, body: bytes) -> None:
+        if not self.streaming:
+            self.size += len(body)
+            if self.size > self.pool.max_answer_bytes:
+                self.chunks = []
+                return
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self.size > self.pool.max_answer_bytes:
+            return  # data_received fails it once the parser returns
         if self.streaming and self.chunks:
             self._pass_on()
         self.complete = True
@@ -179,6 +196,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self.chunks = []
+        self.size = 0
         self.streaming = False
         self.complete = False
         self.received_any = False
@@ -204,6 +222,7 @@ class HostPool:
         loop: asyncio.AbstractEventLoop,
         max_idle: int,
         connect_timeout_s: float,
+        max_answer_bytes: int,
     ) -> None:
         self.host = host
         self.port = port
@@ -211,6 +230,7 @@ class HostPool:
         self.loop = loop
         self.max_idle = max_idle
         self.connect_timeout_s = connect_timeout_s
+        self.max_answer_bytes = max_answer_bytes
         self.idle: list[Connection] = []
         self.connecting: set[asyncio.Task] = set()
 
@@ -256,9 +276,11 @@ class HttpClient:
         connect_timeout_s: float,
         headers: Iterable[tuple[str, str]] = (),
         max_idle_per_host: int = 512,
+        max_answer_bytes: int = 64 * 1024 * 1024,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.max_answer_bytes = max_answer_bytes
         self.max_idle_per_host = max_idle_per_host
         self.extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers)
         self.pools: dict[tuple[str, int, bool], HostPool] = {}
@@ -271,7 +293,7 @@ class HttpClient:
                 self._tls = ssl.create_default_context()
             pool = self.pools[(host, port, tls)] = HostPool(
                 host, port, self._tls if tls else None, asyncio.get_running_loop(),
-                self.max_idle_per_host, self.connect_timeout_s,
+                self.max_idle_per_host, self.connect_timeout_s, self.max_answer_bytes,
             )  # fmt: skip
         return pool
 

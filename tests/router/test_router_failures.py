@@ -69,7 +69,9 @@ async def test_no_retry_after_the_first_byte_sse_error_then_done(replicas) -> No
     assert flaky.stats()["requests"] == 2, "a started stream must not be retried"
 
 
-async def test_ttfb_timeout_retries_elsewhere(replicas) -> None:
+async def test_ttfb_timeout_is_a_504_and_not_retried(replicas) -> None:
+    """The replica accepted the request and is still at it: the request, not the replica, is
+    the likely cause, so it is not sent on (see tests/security for why)."""
     stuck, good = replicas[0], replicas[1]
     stuck.configure(hang=True)
     config = router_config([stuck, good], ttfb_timeout_s=0.5)
@@ -77,7 +79,8 @@ async def test_ttfb_timeout_retries_elsewhere(replicas) -> None:
         started = time.monotonic()
         results = [await router.client.post("/v1/completions", json=COMPLETION) for _ in range(2)]
         elapsed = time.monotonic() - started
-    assert [r.status_code for r in results] == [200, 200]
+    assert sorted(r.status_code for r in results) == [200, 504]
+    assert good.stats()["requests"] == 1 and stuck.stats()["requests"] == 1
     assert elapsed < 3.0
     await asyncio.sleep(0.2)
     assert stuck.stats()["active"] == 0, "the timed-out upstream request was closed"
@@ -229,7 +232,8 @@ async def test_all_replicas_failing_gives_a_clear_502(replicas) -> None:
     assert response.status_code == 502
     error = response.json()["error"]
     assert error["code"] == "upstream_error"
-    assert all(r.id in error["message"] for r in replicas)
+    assert "tried 3 replicas" in error["message"]
+    assert not any(r.id in error["message"] for r in replicas), "replica ids are not the client's"
 
 
 async def test_a_lone_failing_replica_reports_its_own_failure(replicas) -> None:
@@ -244,10 +248,11 @@ async def test_a_lone_failing_replica_reports_its_own_failure(replicas) -> None:
 
 async def test_a_slow_client_pauses_the_replica_stream_without_an_idle_timeout(replicas) -> None:
     """Backpressure: while the client does not read, the router stops reading the replica (its
-    buffers stay bounded); the pause is the client's doing, so the idle timeout does not fire."""
+    buffers stay bounded); the pause is the client's doing, so the replica's idle timeout does
+    not fire (a client that reads nothing for a whole idle timeout is cut: tests/security)."""
     source = replicas[0]
     source.configure(chunks=4000)
-    async with run_router(router_config([source], idle_timeout_s=0.3)) as router:
+    async with run_router(router_config([source], idle_timeout_s=2.0)) as router:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
@@ -266,7 +271,7 @@ async def test_a_slow_client_pauses_the_replica_stream_without_an_idle_timeout(r
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         await reader.readuntil(b"\r\n\r\n")
-        await asyncio.sleep(1.0)  # not reading, for over three idle timeouts
+        await asyncio.sleep(1.0)  # not reading, for half the idle timeout
         held_back = [c for c in router.server.connections if c.writing_paused]
         received = b""
         while not received.endswith(b"0\r\n\r\n"):
