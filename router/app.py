@@ -278,7 +278,7 @@ class RouterApp:
             else completion_units(request.get("prompt"))
         )
         ex.units = units
-        prompt_tokens = self.tokens.estimate(model, units)
+        prompt_tokens = self.tokens.estimate(model, units, record.id if record else None)
         sample = self.tokens.wants_sample(model)
         ex.learn = sample and record is None
         if request.get("stream") is True:
@@ -329,9 +329,9 @@ class RouterApp:
             return None
         return usage_of_answer(ex.body_out)
 
-    def _learn(self, ex: Exchange, usage: dict | None) -> None:
+    def _learn(self, ex: Exchange, usage: dict | None, key: str | None = None) -> None:
         if usage is not None and isinstance(usage.get("prompt_tokens"), int):
-            self.tokens.observe(ex.model, ex.units, usage["prompt_tokens"])
+            self.tokens.observe(ex.model, ex.units, usage["prompt_tokens"], key)
 
     async def _settle(self, ex: Exchange, ticket: Ticket) -> None:
         """Charge what the replica reports it used. A stream cut short (by the client, a stalled
@@ -346,11 +346,11 @@ class RouterApp:
             return
         usage = self._usage_of(ex)
         if usage is not None:
-            self._learn(ex, usage)
+            self._learn(ex, usage, ticket.key_id)
             prompt = int(usage.get("prompt_tokens") or 0)
             completion = int(usage.get("completion_tokens") or 0)
         else:
-            prompt = self.tokens.estimate(ex.model, ex.units)
+            prompt = self.tokens.estimate(ex.model, ex.units, ticket.key_id)
             completion = ex.tap.frames if ex.tap is not None else 0
         await self.gate.settle(ticket, prompt, completion)
 

@@ -29,6 +29,7 @@ from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
 from router.paths import canonical, pinned_target
 from router.replica import Replica
+from router.tokens import TokenEstimator
 from router.usage import usage_of_answer
 
 OTHER_MODEL = "other-model"
@@ -350,3 +351,18 @@ async def test_metric_labels_carry_only_known_models_and_metrics_can_need_a_key(
     assert scraped.status_code == 200 and by_admin.status_code == 200
     assert huge not in scraped.text
     assert len(scraped.content) < 100_000
+
+
+def test_one_keys_text_cannot_skew_another_keys_token_estimate() -> None:
+    """Emoji prompts (several tokens a character) from one key moved the shared ratio from 1.58
+    to 0.36 characters a token, and another key's reservations grew fourfold into 429s."""
+    tokens = TokenEstimator()
+    plain = "a plain English question about serving models " * 4
+    tokens.observe(MODEL, plain, len(plain) // 4)
+    before = tokens.estimate(MODEL, plain, "other-key")
+    emoji = "🙂" * 64
+    for _ in range(200):
+        tokens.observe(MODEL, emoji, len(emoji) * 3, "emoji-key")
+    assert tokens.estimate(MODEL, plain, "other-key") == before
+    assert tokens.estimate(MODEL, plain) == before
+    assert tokens.estimate(MODEL, emoji, "emoji-key") >= len(emoji) * 2
