@@ -7,7 +7,9 @@ loadtests/bare_proxy.py (HTTP in and out and nothing else: the floor), at concur
 non-streaming and 64-chunk streams. Reports p50/p99 latency, the latency the router adds, requests
 per second, and the router process's CPU time per request (psutil on its pid: the steadiest figure
 on a shared machine), also net of the CPU it burns idle (probes, timers), sampled before each run.
-`--pin` gives the router CPU 0 and everything else the other CPUs.
+`--pin` gives the router CPU 0 and everything else the other CPUs. `--baseline REV` also runs
+the routers of git revision REV (checked out in a temporary worktree) in the same run, so a
+change's cost shows as a ratio against its parent rather than against numbers from another day.
 
 Part 2, routing quality (three real replicas, `python -m replica` on a small random model, with
 `--kv-cache-tokens` too small for one replica to hold every tenant's prompt): a shared-prefix
@@ -17,6 +19,7 @@ their `/load` counters) and time to the first content token.
 
     .venv/bin/python loadtests/bench_router.py --out bench_router.png
     .venv/bin/python loadtests/bench_router.py --part overhead --rounds 3
+    .venv/bin/python loadtests/bench_router.py --part overhead --pin --baseline 11b5f4d
 
 Prints tables; saves a PNG with both parts. Everything runs on loopback and ends by itself.
 """
@@ -100,15 +103,35 @@ def _cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, set(cpus[1:])
 
 
-def spawn(cmd: list[str], cpus: set[int] | None, log: Path) -> subprocess.Popen:
+def spawn(cmd: list[str], cpus: set[int] | None, log: Path, tree: Path = ROOT) -> subprocess.Popen:
+    """Run `cmd` from the source tree `tree` (another revision's worktree for a baseline)."""
+
     def pin() -> None:
         if cpus:
             os.sched_setaffinity(0, cpus)
 
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     out = open(log, "ab")  # noqa: SIM115 - owned by the child
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
+    process = subprocess.Popen(
+        cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin
+    )
     out.close()
     return process
+
+
+@contextlib.contextmanager
+def revision_tree(rev: str | None, workdir: Path) -> Iterator[Path | None]:
+    """A temporary git worktree of `rev` (None: no baseline)."""
+    if rev is None:
+        yield None
+        return
+    tree = workdir / f"baseline-{rev}"
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(tree), rev], check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -281,7 +304,11 @@ def overhead(args: argparse.Namespace, workdir: Path) -> list[OverheadRow]:
 
     router_cpus, other_cpus = _cpus(args.pin)
     rows: list[OverheadRow] = []
-    with EmbeddedRedis() as redis, processes() as started:
+    with (
+        EmbeddedRedis() as redis,
+        revision_tree(args.baseline, workdir) as baseline,
+        processes() as started,
+    ):
         secret = create_key(redis.url)
         fakes = []
         for i in range(2):
@@ -325,6 +352,24 @@ def overhead(args: argparse.Namespace, workdir: Path) -> list[OverheadRow]:
             ("router (Redis keys)", f"http://127.0.0.1:{keyed_port}", {"Authorization": f"Bearer {secret}"}, keyed.pid),
             ("router (static key)", f"http://127.0.0.1:{static_port}", {"Authorization": "Bearer sk-static-bench"}, static.pid),
         ]  # fmt: skip
+        if baseline is not None:
+            old_keyed_port, old_static_port = free_port(), free_port()
+            old_keyed = spawn(
+                router_cmd(old_keyed_port, fakes, "prefix", "--redis-url", redis.url),
+                router_cpus, workdir / "router-keystore-baseline.log", baseline,
+            )  # fmt: skip
+            old_static = spawn(
+                router_cmd(old_static_port, fakes, "prefix", "--api-key", "sk-static-bench"),
+                router_cpus, workdir / "router-static-baseline.log", baseline,
+            )  # fmt: skip
+            started += [old_keyed, old_static]
+            wait_ready(f"http://127.0.0.1:{old_keyed_port}/health", old_keyed)
+            wait_ready(f"http://127.0.0.1:{old_static_port}/health", old_static)
+            rev = args.baseline[:8]
+            targets += [
+                (f"keys @{rev}", f"http://127.0.0.1:{old_keyed_port}", {"Authorization": f"Bearer {secret}"}, old_keyed.pid),
+                (f"static @{rev}", f"http://127.0.0.1:{old_static_port}", {"Authorization": "Bearer sk-static-bench"}, old_static.pid),
+            ]  # fmt: skip
         rng = random.Random(0)
         scenarios = [
             ("non-stream c=1", False, 1, args.requests_c1),
@@ -671,6 +716,11 @@ def main(argv: list[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="router on CPU 0, replicas and load generator on the others",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="overhead: also run the routers of this git revision, side by side",
     )
     parser.add_argument("--requests-c1", type=int, default=600)
     parser.add_argument("--requests-c64", type=int, default=4000)
