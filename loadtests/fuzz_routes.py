@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="processes drawing cases")
     p.add_argument("--workdir", type=Path, help="model and server logs (default: a temp dir)")
     p.add_argument("--show", type=int, default=10, help="findings printed per route")
+    p.add_argument(
+        "--open-replica",
+        action="store_true",
+        help="run the replica without an API key (a trusted network's setup)",
+    )
     return p.parse_args(argv)
 
 
@@ -108,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     from fleet.model_factory import make_model
 
     model = make_model(workdir / "model", arch="llama", size="tiny", seed=0)
-    console = Console()
+    console = Console(width=200)
     started = time.monotonic()
-    with fleet(servers(model, workdir)) as running:
+    with fleet(servers(model, workdir, replica_key=not args.open_replica)) as running:
+        if running.unroutable:
+            console.print(running.unroutable, markup=False)
         tallies = run(args, routes, running)
         errors = tracebacks(running)
     console.print(table(tallies))
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"server traceback ({errors.count(line)}x): {line}", markup=False)
     if running.dead:
         console.print(f"crashes: {running.dead}", markup=False)
-    return 1 if any(t.failed for t in tallies) else 0
+    return 1 if running.unroutable or any(t.failed for t in tallies) else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -202,15 +203,18 @@ RAW_VALUES = [
 ]
 
 
+@functools.cache
 def huge_strings() -> st.SearchStrategy[str]:
     unit = st.sampled_from(["a", "word ", "\u00e9", "\U0001f999", "<|im_end|>", "\x00", " "])
     return st.builds(lambda u, n: u * n, unit, st.integers(0, HUGE // 10))
 
 
+@functools.cache
 def deep_nesting() -> st.SearchStrategy[Raw]:
     return st.builds(_nest, st.integers(1, 40_000), st.sampled_from(["list", "dict"]))
 
 
+@functools.cache
 def weird_values() -> st.SearchStrategy[Any]:
     """A value of the wrong type, out of range, or that no JSON encoder writes (< HUGE bytes)."""
     small = st.one_of(
@@ -264,10 +268,12 @@ def encode(value: Any, ascii_only: bool = True) -> bytes:
 # -- valid bodies, small and fast
 
 
+@functools.cache
 def _texts(max_size: int = 40) -> st.SearchStrategy[str]:
     return st.text(max_size=max_size)
 
 
+@functools.cache
 def _token_ids(max_size: int = 20) -> st.SearchStrategy[list[int]]:
     return st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=max_size)
 
@@ -296,6 +302,7 @@ SAMPLING = {
 }
 
 
+@functools.cache
 def _messages() -> st.SearchStrategy[list[dict]]:
     content = st.one_of(
         _texts(),
@@ -308,6 +315,7 @@ def _messages() -> st.SearchStrategy[list[dict]]:
     return st.lists(message, min_size=1, max_size=3)
 
 
+@functools.cache
 def _prompt() -> st.SearchStrategy[Any]:
     return st.one_of(
         _texts(),
@@ -317,6 +325,7 @@ def _prompt() -> st.SearchStrategy[Any]:
     )
 
 
+@functools.cache
 def valid_body(kind: str) -> st.SearchStrategy[dict]:
     """A request the server should accept (or refuse only for a documented combination)."""
     model = st.just(MODEL)
@@ -431,6 +440,7 @@ def noise(draw: st.DrawFn, kind: str) -> bytes:
     return b""
 
 
+@functools.cache
 def json_body(kind: str) -> st.SearchStrategy[bytes]:
     ascii_only = st.booleans()
     return st.one_of(
@@ -594,6 +604,7 @@ def request(
                 route.generation or kind in ("completions", "chat"), drip)  # fmt: skip
 
 
+@functools.cache
 def _segment() -> st.SearchStrategy[str]:
     return st.one_of(
         st.text(st.characters(codec="utf-8", exclude_characters="\r\n /?#"), max_size=30),
@@ -686,7 +697,8 @@ class Result:
     def signature(self) -> tuple:
         """What makes two failures the same finding: where, how, and the message's shape."""
         words = re.sub(rb"[0-9]+|'[^']*'|\"[^\"]*\"", b"#", self.excerpt[:120])
-        return (self.case.route, self.outcome, self.status, self.bad_body, words)
+        problem = (self.bad_body or "").split(" (")[0]
+        return (self.case.route, self.outcome, self.status, problem, words)
 
 
 class Malformed(Exception):
@@ -839,14 +851,17 @@ def error_body_problem(answer: Answer) -> str | None:
 
 
 def judge(case: Case, answer: Answer | str) -> Result:
+    """Every non-2xx answer must be OpenAI error JSON (a HEAD answer has no body to check).
+    Redirects count too: OpenAI answers an unknown path with a 404 body, and a redirect's
+    Location is built from the client's Host header."""
     if isinstance(answer, str):
         return Result(case, answer)
     outcome = f"{answer.status // 100}xx" if 200 <= answer.status < 600 else "5xx"
     bad = None
-    if answer.status >= 400 and case.method != b"HEAD":
+    if answer.status >= 300 and case.method != b"HEAD":
         bad = error_body_problem(answer)
-    if 300 <= answer.status < 400 and b"location" not in answer.headers:
-        bad = "redirect without Location"
+        location = answer.headers.get(b"location")
+        bad = f"{bad} (a redirect to {location!r:.80})" if bad and location else bad
     return Result(case, outcome, answer.status, bad, answer.body[:300])
 
 
@@ -959,8 +974,9 @@ class Fleet:
         self.replica.stop()
 
 
-def servers(model_dir: Path, workdir: Path) -> Fleet:
-    """The replica (static key) and the router in front of it, under ids `main` and `decoy`."""
+def servers(model_dir: Path, workdir: Path, replica_key: bool = True) -> Fleet:
+    """The replica and the router in front of it, under ids `main` and `decoy`. Without
+    `replica_key` the replica is open (a trusted network's setup; its auth goes unfuzzed)."""
     from fleet.embedded_redis import free_port
 
     replica_port, router_port = free_port(), free_port()
@@ -968,8 +984,8 @@ def servers(model_dir: Path, workdir: Path) -> Fleet:
     replica = Server("replica", replica_port, [
         "replica", "--model", str(model_dir), "--served-model-name", MODEL, "--device", "cpu",
         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens", "16384",
-        "--max-num-seqs", "32", "--api-key", REPLICA_KEY, "--drain-grace", "2",
-        "--log-level", "warning",
+        "--max-num-seqs", "32", "--drain-grace", "2", "--log-level", "warning",
+        *(["--api-key", REPLICA_KEY] if replica_key else []),
     ], workdir / "replica.log")  # fmt: skip
     router = Server("router", router_port, [
         "router", "--replica", f"{MAIN_ID}={replica_url}", "--replica", f"{DECOY_ID}={replica_url}",
