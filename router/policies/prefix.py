@@ -1,17 +1,34 @@
-"""Prefix-cache affinity priced as work: send a prompt where it costs the least to serve.
+"""Prefix-cache affinity priced as work, and new prefixes placed where the caches have room.
 
-Cost of a replica = prompt tokens it would have to prefill (those not in its cached prefix, as
-estimated from the chunks we recently sent it) + prefill tokens already queued there + a weight
-per request ahead of it. A replica holding the prompt's prefix wins while it is not much busier;
-once a hot prefix has piled work onto it, a second replica becomes cheaper and picks the prefix up
-too. With no match anywhere the cost reduces to least-load.
+A known prefix (some replica holds at least a quarter of the prompt, as estimated from the chunks
+we recently sent it): cost of a replica = prompt tokens it would have to prefill (those not in its
+cached prefix) + prefill tokens already queued there + a weight per request ahead of it. A replica
+holding the prefix wins while it is not much busier; once a hot prefix has piled work onto it, a
+second replica becomes cheaper and picks the prefix up too. Costs are compared in steps of one
+queued request; then the emptier cache; then a rendezvous score.
 
-Costs are compared in steps of one queued request; within a step, a rendezvous score of the
-prompt's first chunk (a hash that is the same in every process) decides, so several routers behind
-a TCP balancer, each with its own index, still send a new prefix to the same replica.
+A new prefix goes where it fits. A replica's fill is the share of its KV cache that live prefixes
+claim: what the replica reports (`kv_usage`, a fact every router sees, so several routers behind a
+TCP balancer place a new prefix alike without talking), or, where higher, what this router has
+placed there itself (prefixes it sent since the last poll; see router/prefix_index.py). A full
+cache's report says nothing about which of its blocks anyone still wants, so there only this
+router's claims count. Replicas are compared by fill with the prompt added, in sixteenths of the
+cache (worst fit: the emptiest first, keeping room everywhere for what each prefix's requests add
+around it); then by cost as above (load); then by the rendezvous score of the prompt's first chunk
+(a hash that is the same in every process). Without that, a hash alone chose, and four or five
+tenants could share one replica's cache and evict each other while another stood empty.
+
+Fleets of more than SCAN_ALL replicas: a decision weighs PROBES replicas that the prompt's first
+chunk picks on a consistent-hash ring of the candidates, plus the replicas holding the prefix, so
+it costs about the same at 1,000 replicas as at 64 ("power of d choices"), and every router weighs
+the same ones. Memory: each replica's index holds at most MAX_INDEX_CHUNKS chunks (about 150 bytes
+each with its share of the claims and holders maps: under 5 MiB per replica, whatever its cache).
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
 
 from router.policies.base import Decision, Policy, RouteRequest, rotated
 from router.prefix_index import PrefixIndex
@@ -21,8 +38,57 @@ from router.replica import Replica
 TEXT_CHUNK_CHARS = 128
 ID_CHUNK_TOKENS = 32
 DEFAULT_QUEUE_WEIGHT = 64.0
+FILL_STEPS = 16
+FIT_STEPS = 12  # the rest of a cache is working room: each request's own tokens around its prefix
+SATURATED = 0.95  # a reported kv_usage this high is a full LRU cache, not a measure of what is live
+KNOWN_SHARE = 0.25  # a prompt this much cached somewhere follows its cache; less, it is placed
+SCAN_ALL = 64
+PROBES = 16
+RING_POINTS = 8
+MAX_VIEWS = 16
+MAX_INDEX_CHUNKS = 32768
 _MIX = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """A 64-bit finalizer (splitmix64's): spreads nearby inputs over the whole ring."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+@dataclass(slots=True)
+class _Ring:
+    """A large candidate list's replicas by id and its consistent-hash ring (RING_POINTS each)."""
+
+    by_id: dict[str, Replica]
+    points: list[int]
+    owners: list[Replica]
+
+    @classmethod
+    def of(cls, candidates: list[Replica]) -> _Ring:
+        ring = sorted(
+            (_mix(r.salt + v * _MIX & _MASK), r.salt, i)
+            for i, r in enumerate(candidates)
+            for v in range(RING_POINTS)
+        )
+        return cls(
+            {r.id: r for r in candidates},
+            [point for point, _, _ in ring],
+            [candidates[i] for _, _, i in ring],
+        )
+
+    def probe(self, anchor: int) -> dict[Replica, None]:
+        """Up to PROBES distinct replicas for this anchor, the same in every router."""
+        picked: dict[Replica, None] = {}
+        points, owners = self.points, self.owners
+        for i in range(2 * PROBES):
+            j = bisect_left(points, _mix(anchor + i * _MIX & _MASK))
+            picked[owners[j if j < len(owners) else 0]] = None
+            if len(picked) == PROBES:
+                break
+        return picked
 
 
 class PrefixPolicy(Policy):
@@ -38,6 +104,8 @@ class PrefixPolicy(Policy):
         self.id_chunk = id_chunk
         self.queue_weight = queue_weight
         self._indexes: dict[str, tuple[int, PrefixIndex]] = {}
+        self._holders: dict[int, set[str]] = {}  # anchor chunk -> replicas whose index claims it
+        self._rings: dict[tuple[Replica, ...], _Ring] = {}
         self._turn = 0
 
     def _chunk_size(self, request: RouteRequest) -> int:
@@ -56,18 +124,43 @@ class PrefixPolicy(Policy):
         entry = self._indexes.get(replica.id)
         if entry is not None and entry[0] == capacity:
             return entry[1]
-        chunks = int(capacity * units_per_token / units_per_chunk)
+        chunks = min(int(capacity * units_per_token / units_per_chunk), MAX_INDEX_CHUNKS)
         if entry is None:
             index = PrefixIndex(chunks)
         else:
             index = entry[1]
-            index.resize(chunks)
+            self._drop_holder(replica.id, index.resize(chunks))
         self._indexes[replica.id] = (capacity, index)
         return index
 
     def _queued(self, replica: Replica) -> float:
         """The work ahead of a new request there: prefill tokens queued, plus a weight per request."""
         return replica.pending_prefill + self.queue_weight * replica.queue_depth()
+
+    def _fill(self, replica: Replica, index: PrefixIndex, prompt_chunks: int) -> int:
+        """Sixteenths of the replica's cache claimed once this prompt is there too: as reported,
+        unless the report is of a full cache or this router has since placed a sixteenth more."""
+        usage = replica.load.kv_usage
+        own = index.claimed / index.capacity
+        share = own if usage >= SATURATED or own >= usage + 1 / FILL_STEPS else usage
+        return int((share + prompt_chunks / index.capacity) * FILL_STEPS)
+
+    def _weighed(self, anchor: int, holders: set[str], candidates: list[Replica]) -> list[Replica]:
+        """Every candidate in a small fleet; in a large one, the anchor's probes and the holders."""
+        if len(candidates) <= SCAN_ALL:
+            return candidates
+        key = tuple(candidates)
+        ring = self._rings.get(key)
+        if ring is None:
+            if len(self._rings) >= MAX_VIEWS:
+                self._rings.clear()
+            ring = self._rings[key] = _Ring.of(candidates)
+        picked = ring.probe(anchor)
+        for replica_id in holders:
+            replica = ring.by_id.get(replica_id)
+            if replica is not None:
+                picked[replica] = None
+        return list(picked)
 
     def choose(self, request: RouteRequest, candidates: list[Replica]) -> Decision:
         hashes = self._hashes(request)
@@ -87,45 +180,71 @@ class PrefixPolicy(Policy):
         tokens_per_chunk = unit / per_token
         prompt_tokens = request.prompt_tokens
         anchor = stable_anchor(request.units, unit)
-        best: Replica | None = None
-        best_key = (0, 0)
-        best_cached = 0
-        best_index: PrefixIndex | None = None
+        holders = self._holders.get(hashes[0], set())
+        rows = []
         most_matched = 0
-        chosen_matched = 0
-        for replica in candidates:  # the anchor's rendezvous score breaks ties, not list order
+        for replica in self._weighed(anchor, holders, candidates):
             index = self.index_for(replica, unit, per_token)
-            matched = index.match(hashes)
+            matched = index.match(hashes) if replica.id in holders else 0
             cached = min(int(matched * tokens_per_chunk), prompt_tokens)
             cost = prompt_tokens - cached + self._queued(replica)
+            fill = self._fill(replica, index, len(hashes))
             score = ((anchor ^ replica.salt) * _MIX) & _MASK
-            key = (int(cost // step), -score)
+            rows.append((cost, fill, -score, matched, cached, replica, index))
             most_matched = max(most_matched, matched)
-            if best is None or key < best_key:
-                best, best_key, best_cached, best_index = replica, key, cached, index
-                chosen_matched = matched
-        assert best is not None and best_index is not None
-        best_index.insert(hashes)
+        most_cached = min(int(most_matched * tokens_per_chunk), prompt_tokens)
+        if most_cached < KNOWN_SHARE * prompt_tokens:
+            best = min(rows, key=lambda row: (row[1], int(row[0] // step), row[2]))
+        else:
+            # Copying a cached prefix to a replica with no room to spare evicts about as many
+            # live tokens there, to be prefilled again later: that too is work the move costs.
+            best = min(
+                rows,
+                key=lambda row: (
+                    int((row[0] + (most_cached - row[4] if row[1] > FIT_STEPS else 0)) // step),
+                    row[1],
+                    row[2],
+                ),
+            )
+        _, _, _, matched, cached, replica, index = best
+        self._record(replica.id, index, hashes, matched)
         if most_matched == 0:
             outcome = "prefix_miss"
-        elif chosen_matched == most_matched:
+        elif matched == most_matched:
             outcome = "prefix_hit"
         else:
             outcome = "load_fallback"
-        return Decision(best, outcome, best_cached)
+        return Decision(replica, outcome, cached)
 
     def place(self, request: RouteRequest, replica: Replica, outcome: str) -> Decision:
         hashes = self._hashes(request)
         unit = self._chunk_size(request)
         per_token = request.units_per_token if isinstance(request.units, str) else 1.0
         index = self.index_for(replica, unit, per_token)
-        cached = min(int(index.match(hashes) * unit / per_token), request.prompt_tokens)
+        matched = index.match(hashes)
+        cached = min(int(matched * unit / per_token), request.prompt_tokens)
         if hashes:
-            index.insert(hashes)
+            self._record(replica.id, index, hashes, matched)
         return Decision(replica, outcome, cached)
 
+    def _record(self, replica_id: str, index: PrefixIndex, hashes: list[int], matched: int) -> None:
+        self._holders.setdefault(hashes[0], set()).add(replica_id)
+        self._drop_holder(replica_id, index.insert(hashes, matched))
+
+    def _drop_holder(self, replica_id: str, anchors: list[int]) -> None:
+        holders = self._holders
+        for anchor in anchors:
+            ids = holders.get(anchor)
+            if ids is not None:
+                ids.discard(replica_id)
+                if not ids:
+                    del holders[anchor]
+
     def forget(self, replica_id: str) -> None:
-        self._indexes.pop(replica_id, None)
+        entry = self._indexes.pop(replica_id, None)
+        if entry is not None:
+            self._drop_holder(replica_id, list(entry[1].anchors()))
+        self._rings.clear()
 
     def indexed_chunks(self, replica_id: str) -> int:
         entry = self._indexes.get(replica_id)
