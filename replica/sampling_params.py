@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from replica.engine.stop_matcher import StopMatcher
+
 GREEDY_EPS = 1e-5
+# Stop strings are matched inside the shared engine step, so their size is bounded. OpenAI allows 4;
+# vLLM sets no limit; these leave room for every real use (templates' end markers, code fences).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
 
 
 class SamplingParamsError(ValueError):
@@ -39,6 +45,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    _stop_matcher: StopMatcher | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +96,25 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             need(value is None or value >= 0, name, f"{name} must be >= 0, got {value}")
+        stops = self.stop or []
+        need(
+            len(stops) <= MAX_STOP_STRINGS,
+            "stop",
+            f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}",
+        )
+        need(
+            all(len(s) <= MAX_STOP_CHARS for s in stops),
+            "stop",
+            f"stop strings must be at most {MAX_STOP_CHARS} characters long",
+        )
+
+    @property
+    def stop_matcher(self) -> StopMatcher:
+        """The stop strings' automaton, built on first use and shared by the request's sequences
+        (the server builds it before submitting, so the engine's step thread never does)."""
+        if self._stop_matcher is None:
+            self._stop_matcher = StopMatcher(self.stop or [])
+        return self._stop_matcher
 
     @property
     def greedy(self) -> bool:

@@ -289,7 +289,7 @@ class EngineCore:
         return IncrementalDetokenizer(
             self._decode,
             prompt_ids,
-            list(params.stop or []),
+            params.stop_matcher,
             params.include_stop_str_in_output,
             params.skip_special_tokens,
         )
