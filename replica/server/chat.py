@@ -15,8 +15,14 @@ from fleet.control.errors import APIError
 from replica.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from replica.sampling_params import SamplingParams
 from replica.server.body import read_body, runtime_of
-from replica.server.generation import RequestScope, answer, run_prompt, sampling_params
-from replica.server.prompts import check_length, encode_chat, render_chat
+from replica.server.generation import (
+    RequestScope,
+    answer,
+    build_stop_matcher,
+    run_prompt,
+    sampling_params,
+)
+from replica.server.prompts import chat_token_ids, check_length
 from replica.server.protocol import ChatCompletionRequest, parse_body, plain_messages
 from replica.server.responses import (
     ResponseHead,
@@ -37,14 +43,19 @@ async def create_chat_completion(request: Request) -> Response:
     engine = runtime.accept()
     body = parse_body(ChatCompletionRequest, await read_body(request))
     model = runtime.check_model(body.model)
-    text = render_chat(
-        engine.tokenizer,
-        plain_messages(body.messages),
-        body.add_generation_prompt,
-        body.continue_final_message,
-        body.chat_template_kwargs,
+    runtime.check_fanout(body.n or 1)
+    prompt_ids = await runtime.prompts.run(
+        lambda: chat_token_ids(
+            engine.tokenizer,
+            runtime.limits,
+            plain_messages(body.messages),
+            body.add_generation_prompt,
+            body.continue_final_message,
+            body.chat_template_kwargs,
+            runtime.chat_template,
+        ),
+        "messages",
     )
-    prompt_ids = encode_chat(engine.tokenizer, text)
     requested = body.requested_max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     # Without a limit the completion may use the rest of the context.
@@ -52,10 +63,12 @@ async def create_chat_completion(request: Request) -> Response:
     check_length(len(prompt_ids), max_tokens, engine.max_model_len, param)
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, top_n)
+    await build_stop_matcher(runtime, params)
     runtime.validate(prompt_ids, params)
+    runtime.check_queue(params.n)
     admission = await runtime.auth.admit(record, model, len(prompt_ids) + max_tokens * params.n)
     job = ChatJob(
-        RequestScope(runtime, admission, arrival),
+        RequestScope(runtime, admission, arrival, len(prompt_ids), params.n),
         ResponseHead.new("chatcmpl", model),
         body,
         prompt_ids,
@@ -91,6 +104,7 @@ class ChatJob:
     async def collect(self) -> dict:
         final = None
         async for out in self._outputs():
+            self.scope.saw(0, out)
             final = out
         if final is None or not final.finished:
             raise APIError(500, "the engine ended a request without finishing it")
@@ -113,6 +127,7 @@ class ChatJob:
         done: set[int] = set()
         final = None
         async for out in self._outputs():
+            self.scope.saw(0, out)
             final = out
             frames = [
                 frame(orjson.dumps(chat_chunk(head, o.index, *self._delta(o), include_usage)))

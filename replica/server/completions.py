@@ -15,7 +15,13 @@ from fleet.control.errors import APIError
 from replica.outputs import CompletionOutput, RequestOutput
 from replica.sampling_params import SamplingParams
 from replica.server.body import read_body, runtime_of
-from replica.server.generation import RequestScope, answer, run_prompts, sampling_params
+from replica.server.generation import (
+    RequestScope,
+    answer,
+    build_stop_matcher,
+    run_prompts,
+    sampling_params,
+)
 from replica.server.prompts import check_length, encode
 from replica.server.protocol import CompletionRequest, parse_body
 from replica.server.responses import (
@@ -46,21 +52,31 @@ async def create_completion(request: Request) -> Response:
     body = parse_body(CompletionRequest, await read_body(request))
     model = runtime.check_model(body.model)
     tokenizer = engine.tokenizer
-    prompt_ids = [encode(tokenizer, p) if isinstance(p, str) else p for p in body.prompts]
+    runtime.check_fanout(len(body.prompts) * (body.n or 1))
+    prompt_ids = await runtime.prompts.run(
+        lambda: [
+            encode(tokenizer, p, runtime.limits) if isinstance(p, str) else p for p in body.prompts
+        ],
+        "prompt",
+    )
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     for ids in prompt_ids:
         check_length(len(ids), max_tokens, engine.max_model_len)
     echo_logprobs = body.logprobs if body.echo else None
     params = sampling_params(body, max(max_tokens, 1), body.logprobs, echo_logprobs)
+    await build_stop_matcher(runtime, params)
     prompts = []
     for p, ids in zip(body.prompts, prompt_ids, strict=True):
         runtime.validate(ids, params)
         echo_text = (p if isinstance(p, str) else tokenizer.decode(ids)) if body.echo else ""
         prompts.append(Prompt(ids, echo_text))
+    seqs = len(prompts) * params.n
+    runtime.check_queue(seqs)
     reserve = sum(len(p.token_ids) + max_tokens * params.n for p in prompts)
     admission = await runtime.auth.admit(record, model, reserve)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
     job = CompletionJob(
-        RequestScope(runtime, admission, arrival),
+        RequestScope(runtime, admission, arrival, prompt_tokens, seqs),
         ResponseHead.new("cmpl", model),
         body,
         prompts,
@@ -113,6 +129,10 @@ class CompletionJob:
         text += o.delta_text if delta else o.text
         return text, _merge(lp_dict, self._generated(o, lp, delta)), o.finish_reason
 
+    def _saw(self, i: int, out: RequestOutput) -> None:
+        if self.output_wanted:  # echo-only requests report (and are charged) no completion
+            self.scope.saw(i, out)
+
     def _usage(self, finals: dict[int, RequestOutput]) -> dict:
         completion = 0
         if self.output_wanted:
@@ -126,6 +146,7 @@ class CompletionJob:
     async def collect(self) -> dict:
         finals: dict[int, RequestOutput] = {}
         async for i, out in self._outputs():
+            self._saw(i, out)
             if out.finished:
                 finals[i] = out
         if len(finals) != len(self.prompts):
@@ -150,6 +171,7 @@ class CompletionJob:
         done: set[int] = set()
         finals: dict[int, RequestOutput] = {}
         async for i, out in self._outputs():
+            self._saw(i, out)
             frames = []
             for o in out.outputs:
                 index = i * n + o.index

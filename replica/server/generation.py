@@ -54,6 +54,13 @@ def sampling_params(
     )
 
 
+async def build_stop_matcher(runtime: ReplicaRuntime, params: SamplingParams) -> None:
+    """Build the stop strings' automaton on a prompt worker (tens of ms for the largest allowed),
+    so the engine's shared step thread never pays for it."""
+    if params.stop:
+        await runtime.prompts.run(lambda: params.stop_matcher, "stop")
+
+
 class LatencyTracker:
     """TTFT, inter-token latency, end-to-end and queue time of one engine request."""
 
@@ -145,24 +152,43 @@ async def run_prompts(
 
 class RequestScope:
     """One generation request's holds: the in-flight count (drain waits on it) and the API key's
-    admission. `close` releases both exactly once, however the request ends."""
+    admission. `close` releases both exactly once, however the request ends.
 
-    def __init__(self, runtime: ReplicaRuntime, admission: Admission, arrival: float) -> None:
+    A request that ends early (the client left, an error) is still charged to its key: its prompt
+    and the tokens generated so far, as last reported by `saw` (tokens the engine made after the
+    last output it delivered cannot be known)."""
+
+    def __init__(
+        self,
+        runtime: ReplicaRuntime,
+        admission: Admission,
+        arrival: float,
+        prompt_tokens: int,
+        seqs: int = 1,
+    ) -> None:
         self.runtime = runtime
         self.admission = admission
         self.arrival = arrival
+        self.prompt_tokens = prompt_tokens
+        self.seqs = seqs
+        self._generated: dict[int, int] = {}  # prompt index -> tokens of its choices so far
         self._closed = False
-        runtime.request_started()
+        runtime.request_started(seqs)
+
+    def saw(self, index: int, out: RequestOutput) -> None:
+        """Record the tokens generated so far for prompt `index` (what an early end is charged)."""
+        self._generated[index] = sum(len(o.token_ids) for o in out.outputs)
 
     async def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
         await self.admission.settle(prompt_tokens, completion_tokens)
 
     async def close(self) -> None:
+        """Charge what was used unless `settle` already did (settling twice is a no-op)."""
         if self._closed:
             return
         self._closed = True
-        self.runtime.request_finished()
-        await self.admission.release()
+        self.runtime.request_finished(self.seqs)
+        await self.admission.settle(self.prompt_tokens, sum(self._generated.values()))
 
 
 class Job(Protocol):

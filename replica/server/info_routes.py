@@ -10,7 +10,7 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 from replica.server.body import json_response, read_body, runtime_of
 from replica.server.metrics import CONTENT_TYPE
-from replica.server.prompts import encode, encode_chat, render_chat
+from replica.server.prompts import chat_token_ids, encode
 from replica.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
@@ -80,12 +80,25 @@ async def tokenize(request: Request) -> Response:
     await runtime.auth.authenticate(request)
     body = parse_body(TokenizeRequest, await read_body(request))
     runtime.check_model(body.model)
-    tokenizer = runtime.engine.tokenizer
-    if body.messages is not None:
-        text = render_chat(tokenizer, plain_messages(body.messages), body.add_generation_prompt)
-        tokens = encode_chat(tokenizer, text)
+    tokenizer, limits = runtime.engine.tokenizer, runtime.limits
+    messages = body.messages
+    if messages is not None:
+        tokens = await runtime.prompts.run(
+            lambda: chat_token_ids(
+                tokenizer,
+                limits,
+                plain_messages(messages),
+                body.add_generation_prompt,
+                template_kwargs=body.chat_template_kwargs,
+                chat_template=runtime.chat_template,
+            ),
+            "messages",
+        )
     else:
-        tokens = encode(tokenizer, body.prompt or "", body.add_special_tokens)
+        text = body.prompt or ""
+        tokens = await runtime.prompts.run(
+            lambda: encode(tokenizer, text, limits, body.add_special_tokens), "prompt"
+        )
     return json_response(
         {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.engine.max_model_len}
     )

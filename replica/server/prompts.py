@@ -1,14 +1,77 @@
-"""From request fields to prompt token ids, and the context-length check with OpenAI's wording (the
-engine's own checks run through `ReplicaRuntime.validate`)."""
+"""From request fields to prompt token ids, and the context-length checks with OpenAI's wording (the
+engine's own checks run through `ReplicaRuntime.validate`).
+
+These functions run on the prompt worker's threads (see prompt_worker.py), never on the event loop:
+a chat template is a program and a prompt may be megabytes, so either can take seconds.
+"""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any
 
 from fleet.control.errors import APIError
 
+_MAX_ERROR_DETAIL = 200  # characters of a template's own error message that reach the client
 
-def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+
+def _renderer_arguments() -> frozenset[str]:
+    """Names `apply_chat_template` and the Jinja renderer consume themselves (a template file, tools,
+    tokenize, return_dict, ...), and the variables they set: a request must not steer any of them.
+    Read from the installed transformers, so arguments added later are refused too."""
+    names = {
+        "chat_template", "tools", "documents", "add_generation_prompt", "continue_final_message",
+        "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+        "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+        "conversation", "conversations", "messages",
+    }  # fmt: skip
+    try:
+        from transformers import PreTrainedTokenizerBase
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return frozenset(names)
+    for function in (PreTrainedTokenizerBase.apply_chat_template, render_jinja_template):
+        for p in inspect.signature(function).parameters.values():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self":
+                names.add(p.name)
+    return frozenset(names)
+
+
+RENDERER_ARGUMENTS = _renderer_arguments()
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What bounds a prompt before it is tokenized: no token holds more than `max_token_chars`
+    characters, so a text longer than `max_token_chars * max_model_len` can never fit."""
+
+    max_model_len: int
+    max_token_chars: int
+
+    @classmethod
+    def of(cls, tokenizer: Any, max_model_len: int) -> PromptLimits:
+        """Byte-level and SentencePiece vocabularies spell every input character of a token, so the
+        longest vocabulary entry bounds how much text one token covers."""
+        longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        return cls(max_model_len, max(1, longest))
+
+    def check_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_token_chars * self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt has {chars} characters, more than {self.max_model_len} tokens can "
+                "hold. Please reduce the length of the prompt.",
+                param,
+                code="context_length_exceeded",
+            )
+
+
+def encode(
+    tokenizer: Any, text: str, limits: PromptLimits, add_special_tokens: bool = True
+) -> list[int]:
+    limits.check_chars(len(text), "prompt")
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
@@ -18,25 +81,56 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> str:
-    """The conversation as the model's chat template writes it; template failures are a 400."""
-    if not getattr(tokenizer, "chat_template", None):
+    """The conversation as the chat template writes it (the operator's `--chat-template`, else the
+    tokenizer's); template failures are a 400. `template_kwargs` must hold plain variables only
+    (protocol.py refuses the renderer's own arguments)."""
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     try:
         return tokenizer.apply_chat_template(
             messages,
+            chat_template=chat_template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             **(template_kwargs or {}),
         )
     except Exception as exc:
-        raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
+        detail = str(exc)
+        if len(detail) > _MAX_ERROR_DETAIL:
+            detail = detail[:_MAX_ERROR_DETAIL] + "..."
+        raise APIError(
+            400, f"the chat template rejected the messages: {detail}", "messages"
+        ) from None
 
 
-def encode_chat(tokenizer: Any, text: str) -> list[int]:
+def encode_chat(tokenizer: Any, text: str, limits: PromptLimits) -> list[int]:
     """Templates write their own BOS and special tokens, so none are added here."""
+    limits.check_chars(len(text), "messages")
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_token_ids(
+    tokenizer: Any,
+    limits: PromptLimits,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> list[int]:
+    """Render, then tokenize unless the text cannot fit (the whole job of a chat prompt)."""
+    text = render_chat(
+        tokenizer,
+        messages,
+        add_generation_prompt,
+        continue_final_message,
+        template_kwargs,
+        chat_template,
+    )
+    return encode_chat(tokenizer, text, limits)
 
 
 def check_length(

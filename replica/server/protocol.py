@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fleet.control.errors import APIError
+from replica.server.prompts import RENDERER_ARGUMENTS
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 NonNegative = Annotated[int, Field(ge=0)]
@@ -140,6 +142,43 @@ class ChatMessage(_Body):
         return "\n".join(texts)
 
 
+MAX_TEMPLATE_KWARGS = 32
+MAX_TEMPLATE_VALUE_BYTES = 4096
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    """`chat_template_kwargs` may set plain template variables (vLLM's use: `enable_thinking`),
+    never the renderer's own arguments: a caller's `chat_template` is a program run on this
+    server, and `tokenize`, `return_dict`, `tools`, ... change what rendering returns."""
+    if not kwargs:
+        return
+    if len(kwargs) > MAX_TEMPLATE_KWARGS:
+        raise _field_error("chat_template_kwargs", f"may hold at most {MAX_TEMPLATE_KWARGS} keys")
+    for key, value in kwargs.items():
+        param = f"chat_template_kwargs.{key:.64}"
+        if key in RENDERER_ARGUMENTS:
+            raise APIError(400, f"chat_template_kwargs key '{key}' is not allowed", param)
+        if not key.isidentifier():
+            raise APIError(
+                400, f"chat_template_kwargs key '{key:.64}' is not a template variable name", param
+            )
+        if _json_size(value) > MAX_TEMPLATE_VALUE_BYTES:
+            raise APIError(
+                400,
+                f"chat_template_kwargs value of '{key}' is larger than "
+                f"{MAX_TEMPLATE_VALUE_BYTES} bytes of JSON",
+                param,
+            )
+
+
+def _json_size(value: Any) -> int:
+    """Bytes of `value` as JSON; integers beyond 64 bits (which orjson refuses) count as too big."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return MAX_TEMPLATE_VALUE_BYTES + 1
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -169,6 +208,7 @@ class ChatCompletionRequest(SamplingFields):
             raise _field_error(
                 "continue_final_message", "cannot be combined with add_generation_prompt=true"
             )
+        check_template_kwargs(self.chat_template_kwargs)
         return self
 
     @property
@@ -182,11 +222,13 @@ class TokenizeRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise _field_error("prompt", "give exactly one of 'prompt' or 'messages'")
+        check_template_kwargs(self.chat_template_kwargs)
         return self
 
 
@@ -218,7 +260,11 @@ _UNION_HINTS = {
     "stop": "must be a string or a list of strings",
     "content": "must be a string or a list of content parts",
 }
+# Unknown field names are logged once each; both the memory and the log are bounded, since the
+# names come from clients (two requests once wrote 26.8 MB of log).
 _logged_unknown: set[str] = set()
+MAX_REMEMBERED_UNKNOWN = 256
+MAX_LOGGED_NAME = 64
 
 
 def parse_body(model: type[BodyT], body: bytes) -> BodyT:
@@ -228,10 +274,18 @@ def parse_body(model: type[BodyT], body: bytes) -> BodyT:
     except ValidationError as exc:
         raise _to_api_error(exc) from None
     for name in parsed.model_extra or ():
-        if name not in _logged_unknown:
-            _logged_unknown.add(name)
-            logger.info("ignoring unknown request field %r (logged once)", name)
+        _log_unknown(name[:MAX_LOGGED_NAME])
     return parsed
+
+
+def _log_unknown(name: str) -> None:
+    if name in _logged_unknown or len(_logged_unknown) >= MAX_REMEMBERED_UNKNOWN:
+        return
+    _logged_unknown.add(name)
+    if len(_logged_unknown) == MAX_REMEMBERED_UNKNOWN:
+        logger.info("ignoring unknown request fields; no more of their names will be logged")
+    else:
+        logger.info("ignoring unknown request field %r (logged once)", name)
 
 
 def _to_api_error(exc: ValidationError) -> APIError:

@@ -23,6 +23,8 @@ from fleet.control.web_security import CORSSettings, TLSSettings
 from replica.sampling_params import SamplingParams
 from replica.server.auth import Auth
 from replica.server.metrics import ServerMetrics
+from replica.server.prompt_worker import PromptWorker
+from replica.server.prompts import PromptLimits
 from replica.server.token_text import TokenTexts
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,14 @@ class ServerSettings:
     fleet_keys: bool = True
     advertise_url: str | None = None
     replica_id: str | None = None
-    max_waiting: int | None = None
+    # Sequences (prompts x n) allowed to queue beyond the engine's running batch; None: no limit.
+    max_waiting: int | None = 1024
+    max_seqs_per_request: int = 256  # prompts x n of one request
     drain_grace_s: float = 30.0
     max_body_bytes: int = 32 * 1024 * 1024
+    chat_template: str | None = None  # a template file replacing the tokenizer's (vLLM's flag)
+    prompt_timeout_s: float = 5.0  # budget to render and tokenize one request's prompts
+    prompt_workers: int = 8  # threads: a few abandoned renders must not stop the others
     tls: TLSSettings | None = None
     cors: CORSSettings | None = None
 
@@ -75,7 +82,13 @@ class ReplicaRuntime:
         self.auth = Auth(settings.api_key, None, internal_key=settings.internal_key)
         self.texts: TokenTexts | None = None
         self.lease: MembershipLease | None = None
+        self.prompts = PromptWorker(
+            settings.prompt_workers, settings.prompt_timeout_s, max_jobs=4 * settings.prompt_workers
+        )
+        self.limits: PromptLimits | None = None
+        self.chat_template: str | None = None
         self._inflight = 0
+        self._inflight_seqs = 0
         self._idle: asyncio.Event | None = None
         self._register_task: asyncio.Task | None = None
 
@@ -87,6 +100,11 @@ class ReplicaRuntime:
         self._idle.set()
         self.engine = await asyncio.to_thread(self._engine_factory)
         self.texts = TokenTexts(self.engine.tokenizer)
+        tokenizer, max_len = self.engine.tokenizer, self.engine.max_model_len
+        self.limits = await asyncio.to_thread(PromptLimits.of, tokenizer, max_len)
+        if self.settings.chat_template:
+            with open(self.settings.chat_template, encoding="utf-8") as f:
+                self.chat_template = f.read()
         if self.settings.redis_url:
             if self.settings.fleet_keys:
                 keystore = KeyStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
@@ -155,6 +173,7 @@ class ReplicaRuntime:
 
     async def stop(self) -> None:
         self.status = "stopped"
+        self.prompts.shutdown()
         await self._leave_fleet()
         if self.auth.keystore is not None:
             await self.auth.keystore.close()
@@ -180,25 +199,45 @@ class ReplicaRuntime:
                 code=f"replica_{state}",
                 headers={"Retry-After": "1"},
             )
+        return self.engine
+
+    def check_fanout(self, seqs: int) -> None:
+        """One request's sequences (prompts x n) are bounded: each costs a slot and KV blocks."""
+        limit = self.settings.max_seqs_per_request
+        if seqs > limit:
+            raise APIError(
+                400,
+                f"this request asks for {seqs} sequences (prompts x n); the limit is {limit}",
+                "n",
+            )
+
+    def check_queue(self, seqs: int) -> None:
+        """503 while the sequences in flight would queue more than `max_waiting` beyond the engine's
+        running batch (counted here, on the event loop, so a burst cannot slip past the engine's
+        own count, which lags a step). A request is always taken when nothing is in flight."""
         limit = self.settings.max_waiting
-        if limit is not None and self.engine.load()["waiting"] >= limit:
+        if limit is None or self._inflight_seqs == 0:
+            return
+        if self._inflight_seqs + seqs > self.engine.args.max_num_seqs + limit:
             raise APIError(
                 503,
-                f"replica is overloaded: {limit} or more requests are waiting; retry shortly",
+                f"replica is overloaded: {limit} or more sequences are waiting; retry shortly",
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
-        return self.engine
 
-    def request_started(self) -> None:
-        """Counts generation requests so a drain knows when the last one is done."""
+    def request_started(self, seqs: int = 1) -> None:
+        """Counts generation requests so a drain knows when the last one is done, and their
+        sequences for the queue limit."""
         assert self._idle is not None
         self._inflight += 1
+        self._inflight_seqs += seqs
         self._idle.clear()
 
-    def request_finished(self) -> None:
+    def request_finished(self, seqs: int = 1) -> None:
         assert self._idle is not None
         self._inflight -= 1
+        self._inflight_seqs -= seqs
         if self._inflight == 0:
             self._idle.set()
 

@@ -4,12 +4,14 @@ process, on a loopback socket it was handed (no port race). The fixtures are in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -57,8 +59,10 @@ def serve(
     api_key: str | None = None,
     redis_url: str | None = None,
     max_waiting: int | None = None,
+    server: dict[str, Any] | None = None,
     **engine_overrides,
 ) -> Iterator[LiveReplica]:
+    """`server` sets further ServerSettings fields; the other keywords are engine arguments."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -68,9 +72,11 @@ def serve(
         port=port,
         api_key=api_key,
         redis_url=redis_url,
-        max_waiting=max_waiting,
         drain_grace_s=5,
     )
+    if max_waiting is not None:
+        settings.max_waiting = max_waiting
+    settings = dataclasses.replace(settings, **(server or {}))
     args = engine_args(model, **engine_overrides)
     app = build_app(settings, lambda: AsyncEngine(args))
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
