@@ -62,7 +62,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fleet.add_argument("--replica-id", help="membership id (default: random)")
     serving = p.add_argument_group("serving")
     serving.add_argument(
-        "--max-waiting", type=int, help="503 new requests while this many are queued"
+        "--max-waiting",
+        type=int,
+        default=1024,
+        help="503 new requests while this many sequences (prompts x n) are queued; 0: no limit",
+    )
+    serving.add_argument(
+        "--max-seqs-per-request", type=int, default=256, help="most prompts x n in one request"
+    )
+    serving.add_argument(
+        "--chat-template", help="Jinja template file that replaces the tokenizer's chat template"
+    )
+    serving.add_argument(
+        "--prompt-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to render and tokenize a request's prompt before refusing it (400)",
     )
     serving.add_argument(
         "--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
@@ -118,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         fleet_keys=args.fleet_keys,
         advertise_url=args.advertise_url,
         replica_id=replica_id,
-        max_waiting=args.max_waiting,
+        max_waiting=args.max_waiting or None,
+        max_seqs_per_request=args.max_seqs_per_request,
+        chat_template=args.chat_template,
+        prompt_timeout_s=args.prompt_timeout,
         drain_grace_s=args.drain_grace,
         max_body_bytes=args.max_body_bytes,
         tls=tls,
