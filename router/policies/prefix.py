@@ -19,14 +19,19 @@ around it); then by cost as above (load); then by the rendezvous score of the pr
 tenants could share one replica's cache and evict each other while another stood empty.
 
 Fleets of more than SCAN_ALL replicas: a decision weighs PROBES replicas that the prompt's first
-chunk picks on a consistent-hash ring of the candidates, plus the replicas holding the prefix, so
-it costs about the same at 1,000 replicas as at 64 ("power of d choices"), and every router weighs
-the same ones. Memory: each replica's index holds at most MAX_INDEX_CHUNKS chunks (about 150 bytes
-each with its share of the claims and holders maps: under 5 MiB per replica, whatever its cache).
+chunk picks on a consistent-hash ring of the candidates, plus the (at most PROBES least loaded)
+replicas holding the prefix, so it costs about the same at 1,000 replicas as at 64 ("power of d
+choices"), and every router weighs the same ones.
+
+Memory is bounded per replica: its index holds at most MAX_INDEX_CHUNKS chunks, each about 130
+bytes with its share of the claims and holders maps (loadtests/sim_routing.py measures it), so
+under 5 MiB per replica whatever its KV cache; a larger cache is tracked by its most recent
+32,768 chunks (1M tokens of text).
 """
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left
 from dataclasses import dataclass
 
@@ -156,10 +161,10 @@ class PrefixPolicy(Policy):
                 self._rings.clear()
             ring = self._rings[key] = _Ring.of(candidates)
         picked = ring.probe(anchor)
-        for replica_id in holders:
-            replica = ring.by_id.get(replica_id)
-            if replica is not None:
-                picked[replica] = None
+        held = [r for r in map(ring.by_id.get, holders) if r is not None]
+        if len(held) > PROBES:  # a hot prefix on many replicas: weigh its least loaded holders
+            held = heapq.nsmallest(PROBES, held, key=self._queued)
+        picked.update(dict.fromkeys(held))
         return list(picked)
 
     def choose(self, request: RouteRequest, candidates: list[Replica]) -> Decision:

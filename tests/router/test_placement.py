@@ -35,7 +35,7 @@ from sim_fleet import (
 )
 
 from router.policies import PrefixPolicy, RouteRequest
-from router.policies.prefix import SATURATED
+from router.policies.prefix import MAX_INDEX_CHUNKS, SATURATED
 
 SEEDS = range(20)
 QUESTION_TOKENS = 32
@@ -126,3 +126,27 @@ def test_a_burst_of_new_tenants_spreads_by_capacity_before_any_report() -> None:
         prompts, _ = tenant_prompts(rng, tenants, 1, QUESTION_TOKENS)
         placed = [fleet.route(units).sim.replica.id for units in prompts]
         assert placed.count(ids[0]) <= 7 and placed.count(ids[1]) <= 3, (seed, placed)
+
+
+def test_index_memory_is_bounded_per_replica() -> None:
+    """A replica reporting a huge KV cache gets an index of at most MAX_INDEX_CHUNKS chunks."""
+    policy = PrefixPolicy()
+    fleet = SimFleet(["big"], 1 << 30, policy)
+    big = fleet.replicas[0].replica
+    assert policy.index_for(big, 128, 4.0).capacity == MAX_INDEX_CHUNKS
+    for n in range(MAX_INDEX_CHUNKS // 64 + 10):
+        fleet.route("".join(f"{n:08d}" for _ in range(1024)))  # 8,192 chars: 64 chunks each
+    assert policy.indexed_chunks("big") == MAX_INDEX_CHUNKS
+
+
+def test_a_large_fleet_weighs_few_replicas_and_keeps_prefixes_home() -> None:
+    """At 200 replicas a decision weighs the anchor's ring probes and the prefix's holders:
+    each tenant's later chats go where its first went, and new tenants spread."""
+    rng = random.Random(7)
+    ids = [f"replica-{rng.getrandbits(32):08x}" for _ in range(200)]
+    tenants = make_tenants(rng, 100, [512])
+    fleet = SimFleet(ids, 8 * 1024, PrefixPolicy())
+    prompts, _ = tenant_prompts(rng, tenants, 4, QUESTION_TOKENS)
+    result = run_sequential(fleet, prompts)
+    assert result.decisions == {"prefix_miss": 100, "prefix_hit": 300}
+    assert sum(1 for sim in fleet.replicas if sim.cache.queries) >= 80
