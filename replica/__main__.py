@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
     )
     serving.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    serving.add_argument(
+        "--protect-info-routes",
+        action="store_true",
+        help="/load, /metrics and /openapi.json need --api-key or the routers' key "
+        "(Prometheus then sends --api-key as its bearer token); /health and /version stay open",
+    )
     serving.add_argument("--log-level", default="info")
     add_tls_arguments(p.add_argument_group("TLS"))
     add_cors_arguments(p.add_argument_group("CORS"))
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_timeout_s=args.prompt_timeout,
         drain_grace_s=args.drain_grace,
         max_body_bytes=args.max_body_bytes,
+        protect_info_routes=args.protect_info_routes,
         tls=tls,
         cors=cors_from_args(args),
     )

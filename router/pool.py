@@ -255,7 +255,7 @@ class ReplicaPool:
     async def _discover(self, replica: Replica) -> None:
         """A static replica's model and context length, from its own `/v1/models`."""
         assert self._client is not None
-        response = await self._client.get(replica.url + "/v1/models")
+        response = await self._client.get(replica.url + "/v1/models", headers=replica.probe_headers)
         response.raise_for_status()
         cards = orjson.loads(response.content).get("data") or []
         if cards:
@@ -272,14 +272,18 @@ class ReplicaPool:
         assert self._client is not None
         try:
             if replica.id not in self._uses_metrics and replica.engine == "fleetserve":
-                response = await self._client.get(replica.url + "/load")
+                response = await self._client.get(
+                    replica.url + "/load", headers=replica.probe_headers
+                )
                 if response.status_code == 200:
                     replica.load = from_load_json(orjson.loads(response.content))
                     return
                 if response.status_code != 404:
                     return
                 self._uses_metrics.add(replica.id)
-            response = await self._client.get(replica.url + "/metrics")
+            response = await self._client.get(
+                replica.url + "/metrics", headers=replica.probe_headers
+            )
             if response.status_code == 200:
                 replica.load = from_prometheus_text(response.text)
         except (httpx.HTTPError, OSError, ValueError):

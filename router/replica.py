@@ -70,6 +70,11 @@ class Replica:
         self.base_path = parts.path
 
     @property
+    def probe_headers(self) -> dict[str, str]:
+        """The same key on probes (a replica may keep /load, /metrics and /v1/models private)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
     def draining(self) -> bool:
         return self.admin_drained or self.state == "draining"
 

@@ -24,6 +24,7 @@ from replica.server.runtime import ReplicaRuntime, ServerSettings
 
 
 async def openapi_json(request: Request) -> Response:
+    info_routes.check_info_access(request)
     return json_response(openapi_document())
 
 

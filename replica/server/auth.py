@@ -66,6 +66,19 @@ class Auth:
             )
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
+    def check_operator(self, request: Request) -> None:
+        """For routes that show the replica's internals (load, metrics, API schema): only the
+        static key or the routers' key, never a user's fleet key. 401 otherwise."""
+        if self.api_key is None and not self.internal_key:
+            return
+        secret = bearer_token(request.headers.get("authorization"))
+        if secret is None or not any(
+            key and _same(secret, key) for key in (self.api_key, self.internal_key)
+        ):
+            raise APIError(
+                401, "This route needs the replica's operator key.", code="invalid_api_key"
+            )
+
     async def admit(self, record: KeyRecord | None, model: str, reserve_tokens: int) -> Admission:
         """Check the key may use `model` (403) and take its limits (429 with Retry-After)."""
         if record is None or self.keystore is None:

@@ -34,8 +34,16 @@ async def version_route(request: Request) -> Response:
     return json_response({"version": VERSION})
 
 
+def check_info_access(request: Request) -> None:
+    """Operators may keep the replica's internals private (`--protect-info-routes`)."""
+    runtime = runtime_of(request)
+    if runtime.settings.protect_info_routes:
+        runtime.auth.check_operator(request)
+
+
 async def load(request: Request) -> Response:
     """Everything a router weighs in one cheap call."""
+    check_info_access(request)
     runtime = runtime_of(request)
     return json_response(
         {
@@ -48,6 +56,7 @@ async def load(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    check_info_access(request)
     return Response(runtime_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 

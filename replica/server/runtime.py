@@ -56,6 +56,8 @@ class ServerSettings:
     chat_template: str | None = None  # a template file replacing the tokenizer's (vLLM's flag)
     prompt_timeout_s: float = 5.0  # budget to render and tokenize one request's prompts
     prompt_workers: int = 8  # threads: a few abandoned renders must not stop the others
+    # /load, /metrics and /openapi.json need the static or the routers' key (probes keep /health)
+    protect_info_routes: bool = False
     tls: TLSSettings | None = None
     cors: CORSSettings | None = None
 
