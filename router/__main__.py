@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "without one /metrics is open",
     )
     parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=32 * 1024 * 1024,
+        help="largest request body (413 beyond, at once from Content-Length); also bounds the "
+        "pipelined requests one connection may hold",
+    )
+    parser.add_argument(
         "--max-answer-bytes",
         type=int,
         default=64 * 1024 * 1024,
@@ -138,6 +145,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         fleet_keys=args.fleet_keys,
         metrics_key=args.metrics_key,
         max_answer_bytes=args.max_answer_bytes,
+        max_body_bytes=args.max_body_bytes,
         connect_timeout_s=args.connect_timeout,
         ttfb_timeout_s=args.ttfb_timeout,
         idle_timeout_s=args.idle_timeout,

@@ -68,3 +68,12 @@ def test_two_router_processes_agree_on_prefix_placement(router_processes, replic
                 homes[t].add(response.headers["x-fleet-replica"])
     assert all(len(h) == 1 for h in homes.values()), homes
     assert len({next(iter(h)) for h in homes.values()}) >= 2
+
+
+def test_limit_flags_reach_the_config() -> None:
+    from router.__main__ import build_parser, config_from_args
+
+    args = ["--replica", "http://r:1", "--max-body-bytes", "1024", "--max-answer-bytes", "2048"]
+    config = config_from_args(build_parser().parse_args([*args, "--metrics-key", "scrape"]))
+    assert (config.max_body_bytes, config.max_answer_bytes) == (1024, 2048)
+    assert config.metrics_key == "scrape"
