@@ -105,6 +105,7 @@ class RouterApp:
             ],
             exception_handlers={APIError: _api_error, HTTPException: _http_error},
         )
+        self.web.router.redirect_slashes = False  # a 404 body, not a redirect built from Host
 
     # -- lifecycle
 
@@ -136,6 +137,14 @@ class RouterApp:
             return self._proxied(request, conn, route, path, None, None)
         if path in PLAIN_ROUTES and request.method == "POST":
             return self._proxied(request, conn, path[1:], path, None, None)
+        if route is not None or path in PLAIN_ROUTES:
+            conn.respond_error(
+                APIError(
+                    405, f"Method {request.method:.16} is not allowed on {path}.",
+                    headers={"Allow": "POST"},
+                )
+            )  # fmt: skip
+            return None
         if needs_canonical(path):
             try:
                 request.path = canonical(path)

@@ -159,6 +159,7 @@ class Connection(asyncio.Protocol):
         self.reading_paused = False
         self.active = False  # a request is being answered (`current`)
         self.keep_alive = True
+        self.last_request = False  # nothing more is read: close once the queue is answered
         self.head_only = False  # answering a HEAD request
         self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for the current answer
         self.closed = False
@@ -188,7 +189,10 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse_and_close(APIError(400, "Protocol upgrades are not supported."))
+            if self.active or self.queue:  # answer the request, ignore its Upgrade, then close
+                self._read_no_more()
+            else:
+                self._refuse_and_close(APIError(400, "Protocol upgrades are not supported."))
             return
         except httptools.HttpParserError as exc:
             refusal = exc.__context__  # raised by a callback below
@@ -389,6 +393,9 @@ class Connection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         if self.closed:
             return
+        if self.last_request and not self.queue:
+            self._linger()
+            return
         if not self.keep_alive:
             self.close()
             return
@@ -470,12 +477,20 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _refuse_and_close(self, err: APIError) -> None:
-        """Refuse what the client sent; if a request is being answered, just close."""
-        if self.active:
-            self.close()
+        """Refuse what the client sent and close; requests that came before it are answered
+        first, in order (a valid request followed by junk still gets its answer)."""
+        if self.active or self.queue:
+            self._read_no_more()
+            self.queue.append((Request("GET", "/", b"", [], b""), False, err))
             return
         self._write(_error_bytes(err))
         self._linger()
+
+    def _read_no_more(self) -> None:
+        """Drop whatever the client sends from now on; close once the queue is answered."""
+        self.last_request = True
+        self.in_head = False
+        self.parser = _Discard(self)
 
     def _linger(self) -> None:
         """Close after a refusal without losing it, as nginx's lingering close does: send our

@@ -18,7 +18,11 @@ def _text_of(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+        return "".join(
+            text
+            for part in content
+            if isinstance(part, dict) and isinstance(text := part.get("text"), str)
+        )
     return ""
 
 
@@ -28,8 +32,8 @@ def chat_units(messages: object) -> str:
     parts = []
     for m in messages:
         if isinstance(m, dict):
-            content = m.get("content")
-            parts.append(m.get("role") or "")
+            content, role = m.get("content"), m.get("role")
+            parts.append(role if isinstance(role, str) else "")
             parts.append("\x1f")
             parts.append(content if isinstance(content, str) else _text_of(content))
             parts.append("\x1e")

@@ -90,6 +90,7 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[], Any]) -> St
             await runtime.stop()
 
     app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.router.redirect_slashes = False  # a 404 body, not a redirect built from the Host header
     app.state.runtime = runtime
     app.add_middleware(RequestCounter, metrics=runtime.metrics)
     return app

@@ -5,7 +5,7 @@ traceback, which never goes on the wire)."""
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
@@ -51,5 +51,6 @@ EXCEPTION_HANDLERS = {
     SamplingParamsError: sampling_error,
     HTTPException: http_error,
     ClientGone: client_gone,
+    ClientDisconnect: client_gone,  # the client left while sending its body
     Exception: unexpected,
 }

@@ -13,10 +13,13 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
+import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from fleet.control.errors import APIError
 from fleet.control.web_security import CORSSettings
 from replica.server.runtime import ReplicaRuntime, ServerSettings
 
@@ -35,6 +38,42 @@ def add_cors(app: Starlette, cors: CORSSettings | None) -> None:
         )
 
 
+class JsonRefusals(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, refusing malformed requests with OpenAI error JSON instead of
+    plain text, and only after the requests before them on the connection are answered (a valid
+    request followed by junk keeps its answer). Whatever follows the malformed bytes is dropped."""
+
+    _refusal: str | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is None:
+            super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        self._refusal = msg
+        if not self._answering():
+            self._refuse()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusal is not None and not self._answering():
+            self._refuse()
+
+    def _answering(self) -> bool:
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+
+    def _refuse(self) -> None:
+        body = orjson.dumps(APIError(400, f"Malformed HTTP request: {self._refusal}").body())
+        head = (
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        )
+        if not self.transport.is_closing():
+            self.transport.write(head + body)
+            self.transport.close()
+
+
 def uvicorn_config(app: Starlette, settings: ServerSettings, log_level: str) -> uvicorn.Config:
     """The server's settings, TLS included (uvicorn's ssl_* arguments, as vLLM passes them)."""
     tls = settings.tls
@@ -44,6 +83,8 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, log_level: str) -> 
         port=settings.port,
         log_level=log_level,
         lifespan="on",
+        http=JsonRefusals,
+        ws="none",  # no WebSocket routes: an Upgrade is ignored, the request answered as HTTP
         # The drain already waited for in-flight work; uvicorn's own wait only closes sockets.
         timeout_graceful_shutdown=2,
         ssl_certfile=tls.certfile if tls else None,

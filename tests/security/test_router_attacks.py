@@ -339,6 +339,10 @@ async def test_metric_labels_carry_only_known_models_and_metrics_can_need_a_key(
     huge = "m" * 100_000
     config = router_config(replicas[:2], metrics_key="scrape-secret")
     async with run_router(config) as router:
+        for _ in range(50):  # a probe that timed out on a busy machine is retried
+            if router.replica(target.id).model:
+                break
+            await asyncio.sleep(0.1)
         pinned = await router.client.post(
             f"/replicas/{target.id}/v1/completions", json={"model": huge, "prompt": "x"}
         )

@@ -21,6 +21,7 @@ from replica.async_engine import AsyncEngine
 from replica.config import EngineArgs
 from replica.server.app import build_app
 from replica.server.runtime import ReplicaRuntime, ServerSettings
+from replica.server.serve import JsonRefusals
 
 MODEL_NAME = "tiny-llama"
 API_KEY = "sk-test-static-key"
@@ -79,7 +80,14 @@ def serve(
     settings = dataclasses.replace(settings, **(server or {}))
     args = engine_args(model, **engine_overrides)
     app = build_app(settings, lambda: AsyncEngine(args))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        http=JsonRefusals,  # as `python -m replica` serves (replica.server.serve.uvicorn_config)
+        ws="none",
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
