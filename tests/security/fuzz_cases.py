@@ -990,7 +990,7 @@ def servers(model_dir: Path, workdir: Path, replica_key: bool = True) -> Fleet:
     router = Server("router", router_port, [
         "router", "--replica", f"{MAIN_ID}={replica_url}", "--replica", f"{DECOY_ID}={replica_url}",
         "--api-key", CLIENT_KEY, "--admin-key", ADMIN_KEY, "--upstream-api-key", REPLICA_KEY,
-        "--probe-interval", "0.5", "--load-interval", "0.5", "--ttfb-timeout", "60",
+        "--probe-interval", "0.5", "--load-interval", "0.5", "--ttfb-timeout", "300",
         "--log-level", "warning",
     ], workdir / "router.log")  # fmt: skip
     return Fleet(replica, router)
@@ -1012,7 +1012,9 @@ def fleet(running: Fleet) -> Iterator[Fleet]:
 
 
 def timeout_for(case: Case) -> float:
-    return 30.0 if case.generation else 10.0
+    """A hang is no answer in this long. A valid generation may decode up to 256 sequences
+    (prompts x n) to the end of the context: tens of seconds on 2 CPU cores."""
+    return 120.0 if case.generation else 10.0
 
 
 async def run_cases(running: Fleet, cases: list[Case], concurrency: int) -> list[Result]:
