@@ -10,9 +10,11 @@ request near that of a bare proxy (see upstream_http for the measurement).
                                        ... upstream_body ... upstream_done ─ _end_stream ─ _end
 
 A request may be retried on a different replica, within the retry budget, only while nothing has
-reached the client: connection failures, 429/502/503/504 answers, or a stream that ends before its
-first byte. No first byte within the TTFB timeout is a 504 and no retry: the replica accepted the
-request and is still at it, so the request (not the replica) is the likely cause, and sending it
+reached the client: connection failures, 429/500/502/503/504 answers, or a stream that ends before
+its first byte. A 500 counts against the replica like a 502 (Envoy's `retry_on: 5xx` and outlier
+detection): answered at once, it would otherwise draw most requests under least-load. No first
+byte within the TTFB timeout is a 504 and no retry: the replica accepted the request and is still
+at it, so the request (not the replica) is the likely cause, and sending it
 on would let one request stall every replica of its model; a replica that is really stuck fails
 its health probes. The first attempt runs on callbacks alone;
 after a failure, a task runs tenacity's retry loop, each attempt awaiting the outcome of the same
@@ -46,7 +48,7 @@ from router.watchdog import Watchdog
 
 log = logging.getLogger("router.proxy")
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 NOT_REPLICA_FAULTS = frozenset({429})
 CLIENT_GONE_STATUS = 499
 _STATUS_TEXT: dict[int, str] = {}
