@@ -934,7 +934,9 @@ class KeyStore:
         except REDIS_DOWN_ERRORS as exc:
             self.health.failed(exc)
             return False
-        by_id: dict[str, KeyRecord] = {}
+        # Keys are revoked, never deleted: a cached key Redis no longer lists means Redis lost
+        # its data (restarted without persistence), and its clients keep being served.
+        by_id = dict(self._by_id)
         for new in records:
             cached = self._by_id.get(new.id)
             by_id[new.id] = cached if cached is not None and cached.version > new.version else new
