@@ -301,7 +301,10 @@ class MembershipWatcher:
 
     Pub/sub notifications make changes visible in milliseconds; the periodic full read catches
     anything missed (expired leases, messages lost during an outage). During a Redis outage the
-    last known view is kept; it reconnects and resyncs by itself.
+    last known view is kept; it reconnects and resyncs by itself. For `lease_ttl` after an outage,
+    leases missing from Redis are kept too: a Redis that lost its data (or whose leases expired
+    while it was down) gets them back from the replicas' next heartbeats, and until then their
+    model would have no replica at all.
     """
 
     def __init__(
@@ -311,9 +314,12 @@ class MembershipWatcher:
         client: aioredis.Redis | None = None,
         prefix: str = DEFAULT_PREFIX,
         resync_interval: float = DEFAULT_RESYNC_S,
+        lease_ttl: float = DEFAULT_TTL_S,
     ) -> None:
         self.replicas: dict[str, ReplicaInfo] = {}
         self.resync_interval = resync_interval
+        self.lease_ttl = lease_ttl
+        self._keep_leases_until = 0.0  # monotonic; see the class docstring
         self._own_client = client is None
         self._client = client or async_client(redis_url)
         self._scripts = _Scripts(self._client, prefix)
@@ -359,7 +365,11 @@ class MembershipWatcher:
         except REDIS_DOWN_ERRORS as exc:
             self._health.failed(exc)
             return False
-        self._health.succeeded()
+        if self._health.succeeded():
+            self._keep_leases_until = time.monotonic() + self.lease_ttl
+        if time.monotonic() < self._keep_leases_until:
+            kept = {rid: r for rid, r in self.replicas.items() if r.managed == "lease"}
+            fresh = {**kept, **fresh}
         self._apply(fresh)
         self._synced.set()
         return True
