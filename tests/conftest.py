@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,19 @@ def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_factory: Callable[..., Path]) -> Path:
+    """The tiny Llama most server and security tests serve."""
+    return model_factory("llama", "tiny", seed=0)
+
+
+@pytest.fixture
+async def key_store(redis_url: str) -> AsyncIterator:
+    """A KeyStore on the session's Redis, under a prefix of its own (no test sees another's keys)."""
+    from fleet.control.keys import KeyStore
+
+    store = KeyStore(redis_url, prefix=f"t-{uuid.uuid4().hex[:10]}")
+    yield store
+    await store.close()

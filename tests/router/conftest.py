@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from router_harness import MODEL, FakeReplica, fake_replicas
+from router_harness import MODEL, FakeReplica, fake_replicas, fresh
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,4 @@ def fakes() -> Iterator[list[FakeReplica]]:
 
 @pytest.fixture
 def replicas(fakes: list[FakeReplica]) -> list[FakeReplica]:
-    for fake in fakes:
-        if fake.process is None or fake.process.poll() is not None:
-            fake.start()
-        fake.reset()
-    return fakes
+    return fresh(fakes)

@@ -111,6 +111,15 @@ def fake_replicas(count: int, *args: str) -> Iterator[list[FakeReplica]]:
             fake.stop()
 
 
+def fresh(fakes: list[FakeReplica]) -> list[FakeReplica]:
+    """The fakes as a test should find them: running (restarted if a test killed one), reset."""
+    for fake in fakes:
+        if fake.process is None or fake.process.poll() is not None:
+            fake.start()
+        fake.reset()
+    return fakes
+
+
 @dataclass
 class RunningRouter:
     app: RouterApp

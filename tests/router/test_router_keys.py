@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import orjson
-import pytest
 from router_harness import ADMIN, MODEL, chat, router_config, run_router, sse_events
 
-from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, MembershipWatcher, ReplicaInfo
-
-
-@pytest.fixture
-async def key_store(redis_url: str) -> AsyncIterator[KeyStore]:
-    store = KeyStore(redis_url, prefix=f"rt-{uuid.uuid4().hex[:10]}")
-    yield store
-    await store.close()
 
 
 def bearer(secret: str) -> dict[str, str]:

@@ -5,7 +5,7 @@ key reads them, and a router still polls its load with the key it holds for that
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,11 +16,6 @@ from router_harness import FAST_POOL, run_router
 from router.config import RouterConfig
 
 INFO_ROUTES = ("/load", "/metrics", "/openapi.json")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(model_factory: Callable[..., Path]) -> Path:
-    return model_factory("llama", "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

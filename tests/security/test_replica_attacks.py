@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -38,11 +38,6 @@ OPERATOR_TEMPLATE = (
 )
 HEALTH_BUDGET_S = 0.5
 HUGE_TEXT = "hello world " * 400_000  # 4.8 MB: seconds to tokenize, and it can never fit
-
-
-@pytest.fixture(scope="module")
-def tiny_model(model_factory: Callable[..., Path]) -> Path:
-    return model_factory("llama", "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

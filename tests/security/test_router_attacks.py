@@ -10,8 +10,7 @@ import asyncio
 import contextlib
 import socket
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import orjson
@@ -21,12 +20,12 @@ from router_harness import (
     FakeReplica,
     chat,
     fake_replicas,
+    fresh,
     router_config,
     run_router,
 )
 
 from fleet.control.errors import APIError
-from fleet.control.keys import KeyStore
 from router.paths import canonical, pinned_target
 from router.replica import Replica
 from router.tokens import TokenEstimator
@@ -47,18 +46,7 @@ def fakes() -> Iterator[list[FakeReplica]]:
 
 @pytest.fixture
 def replicas(fakes: list[FakeReplica]) -> list[FakeReplica]:
-    for fake in fakes:
-        if fake.process is None or fake.process.poll() is not None:
-            fake.start()
-        fake.reset()
-    return fakes
-
-
-@pytest.fixture
-async def key_store(redis_url: str) -> AsyncIterator[KeyStore]:
-    store = KeyStore(redis_url, prefix=f"sec-{uuid.uuid4().hex[:10]}")
-    yield store
-    await store.close()
+    return fresh(fakes)
 
 
 def bearer(secret: str) -> dict[str, str]:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from live_replica import API_KEY, LiveReplica, serve
-
-
-@pytest.fixture(scope="session")
-def tiny_model(model_factory: Callable[..., Path]) -> Path:
-    return model_factory("llama", "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
