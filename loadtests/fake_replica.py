@@ -8,9 +8,15 @@ hashes of 4-character "tokens" in blocks, LRU-bounded by `--kv-cache-tokens`) ma
 prefix-cache hits the way a real replica would, and `--prefill-us-per-token` turns cache misses
 into time to first token.
 
+`--engine vllm` or `--engine sglang` speaks that engine's dialect instead: no `/load`, load only
+in its own Prometheus names on `/metrics`; SGLang's also answers `/server_info` and `/model_info`
+(and their older `/get_` names), what SGLang's model gateway reads from a worker.
+`--served-model-name a b` answers to several names, the first reported in answers (as vLLM).
+
 Tests steer it at run time: `POST /fake/config` with any of `delay`, `chunk_delay`, `chunks`,
 `status` (answer generation requests with this HTTP error), `fail_after_chunks` (drop the
-connection after that many frames), `healthy`, `hang` (accept but never answer); `GET /fake/stats`
+connection after that many frames), `healthy`, `hang` (accept but never answer), `waiting`
+(requests it reports queued) and `kv_usage` (the KV usage it reports); `GET /fake/stats`
 reports counters (requests, active, completed, aborted, per-path counts, last request body);
 `POST /fake/reset` restores the command-line behaviour and zeroes the counters and the cache.
 
@@ -43,6 +49,8 @@ class Behaviour:
     healthy: bool = True
     hang: bool = False
     prefill_us_per_token: float = 0.0
+    waiting: int = 0
+    kv_usage: float | None = None  # None: the simulated prefix cache's usage
 
 
 @dataclass
@@ -120,7 +128,8 @@ class FakeReplica:
     """The ASGI app. One instance per process; state is plain attributes."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.model = args.model
+        self.names = list(dict.fromkeys(args.served_model_name or [args.model]))
+        self.model = self.names[0]
         self.replica_id = args.id or f"fake-{args.port}"
         self.max_model_len = args.max_model_len
         self.engine = args.engine
@@ -144,8 +153,13 @@ class FakeReplica:
             ("POST", "/fake/config"): self.set_config,
             ("POST", "/fake/reset"): self.reset,
         }
-        if self.engine == "vllm":
+        if self.engine != "fleetserve":
             del self.routes[("GET", "/load")]
+        if self.engine == "sglang":
+            for path in ("/server_info", "/get_server_info"):
+                self.routes[("GET", path)] = self.server_info
+            for path in ("/model_info", "/get_model_info"):
+                self.routes[("GET", path)] = self.model_info
 
     def _initial_behaviour(self) -> Behaviour:
         args = self.args
@@ -184,22 +198,55 @@ class FakeReplica:
         await respond(send, status, b'{"status":"ok"}' if status == 200 else b'{"status":"down"}')
 
     async def models(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
-        card = {
-            "id": self.model,
-            "object": "model",
-            "created": 0,
-            "owned_by": "fleetserve",
-            "max_model_len": self.max_model_len,
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": self.engine,
+                "root": self.args.model,
+                "max_model_len": self.max_model_len,
+            }
+            for name in self.names
+        ]
+        await respond(send, 200, orjson.dumps({"object": "list", "data": cards}))
+
+    async def server_info(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        """The fields of SGLang's `/server_info` that its model gateway reads."""
+        info = {
+            "model_path": self.args.model,
+            "served_model_name": self.model,
+            "tp_size": 1,
+            "dp_size": 1,
+            "version": "0.0.0-fake",
+            "max_total_tokens": self.kv_cache_tokens,
+            "max_running_requests": 256,
         }
-        await respond(send, 200, orjson.dumps({"object": "list", "data": [card]}))
+        await respond(send, 200, orjson.dumps(info))
+
+    async def model_info(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        info = {
+            "model_path": self.args.model,
+            "tokenizer_path": self.args.model,
+            "is_generation": True,
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+        }
+        await respond(send, 200, orjson.dumps(info))
+
+    def kv_usage(self) -> float:
+        if self.behaviour.kv_usage is not None:
+            return float(self.behaviour.kv_usage)
+        num_blocks = self.kv_cache_tokens // self.block_size if self.kv_cache_tokens else 0
+        return self.cache.used_blocks / num_blocks if num_blocks else 0.0
 
     async def load(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
         num_blocks = self.kv_cache_tokens // self.block_size if self.kv_cache_tokens else 0
         used = self.cache.used_blocks
         report = {
             "running": self.stats.active,
-            "waiting": 0,
-            "kv_usage": used / num_blocks if num_blocks else 0.0,
+            "waiting": self.behaviour.waiting,
+            "kv_usage": self.kv_usage(),
             "num_blocks": num_blocks,
             "free_blocks": num_blocks - used,
             "block_size": self.block_size,
@@ -209,20 +256,40 @@ class FakeReplica:
         await respond(send, 200, orjson.dumps(report))
 
     async def metrics(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
-        model = self.model
-        lines = [
-            "# TYPE vllm:num_requests_running gauge",
-            f'vllm:num_requests_running{{model_name="{model}"}} {float(self.stats.active)}',
-            "# TYPE vllm:num_requests_waiting gauge",
-            f'vllm:num_requests_waiting{{model_name="{model}"}} 0.0',
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f'vllm:kv_cache_usage_perc{{model_name="{model}"}} 0.0',
-            "# TYPE vllm:prefix_cache_queries_total counter",
-            f'vllm:prefix_cache_queries_total{{model_name="{model}"}} {float(self.cache.queries)}',
-            "# TYPE vllm:prefix_cache_hits_total counter",
-            f'vllm:prefix_cache_hits_total{{model_name="{model}"}} {float(self.cache.hits)}',
-        ]
+        lines = self._sglang_metrics() if self.engine == "sglang" else self._vllm_metrics()
         await respond(send, 200, ("\n".join(lines) + "\n").encode(), b"text/plain; version=0.0.4")
+
+    def _vllm_metrics(self) -> list[str]:
+        label = f'{{model_name="{self.model}"}}'
+        return [
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{label} {float(self.stats.active)}",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{label} {float(self.behaviour.waiting)}",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{label} {self.kv_usage()}",
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f"vllm:prefix_cache_queries_total{label} {float(self.cache.queries)}",
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f"vllm:prefix_cache_hits_total{label} {float(self.cache.hits)}",
+        ]
+
+    def _sglang_metrics(self) -> list[str]:
+        """SGLang's names and labels (`--enable-metrics`), for one data-parallel rank."""
+        label = f'{{model_name="{self.model}",engine_type="unified",tp_rank="0",pp_rank="0"}}'
+        cached = label[:-1] + ',cache_source="device"}'
+        return [
+            "# TYPE sglang:num_running_reqs gauge",
+            f"sglang:num_running_reqs{label} {float(self.stats.active)}",
+            "# TYPE sglang:num_queue_reqs gauge",
+            f"sglang:num_queue_reqs{label} {float(self.behaviour.waiting)}",
+            "# TYPE sglang:token_usage gauge",
+            f"sglang:token_usage{label} {self.kv_usage()}",
+            "# TYPE sglang:prompt_tokens_total counter",
+            f"sglang:prompt_tokens_total{label} {float(self.cache.queries)}",
+            "# TYPE sglang:cached_tokens_total counter",
+            f"sglang:cached_tokens_total{cached} {float(self.cache.hits)}",
+        ]
 
     async def tokenize(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
         request = orjson.loads(body or b"{}")
@@ -264,7 +331,7 @@ class FakeReplica:
             return
         self.stats.last_body = request
         behaviour = self.behaviour
-        if request.get("model") != self.model:
+        if request.get("model") not in self.names:
             message = f"The model `{request.get('model')}` does not exist."
             await respond(send, 404, error_body(message, "not_found_error"))
             return
@@ -445,6 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="fake-model")
+    parser.add_argument(
+        "--served-model-name", nargs="+", help="names it answers to (default: --model)"
+    )
     parser.add_argument("--id", default="", help="replica id reported in response ids")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before the first chunk")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between chunks")
@@ -457,9 +527,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-us-per-token", type=float, default=0.0)
     parser.add_argument(
         "--engine",
-        choices=["fleetserve", "vllm"],
+        choices=["fleetserve", "vllm", "sglang"],
         default="fleetserve",
-        help="vllm: no /load, so routers must read /metrics",
+        help="vllm, sglang: no /load, so routers must read that engine's /metrics",
     )
     return parser.parse_args(argv)
 

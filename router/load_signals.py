@@ -1,4 +1,7 @@
-"""Turn a replica's `/load` JSON or a vLLM/SGLang `/metrics` page into one `LoadReport`."""
+"""Turn a replica's `/load` JSON or a vLLM/SGLang `/metrics` page into one `LoadReport`.
+
+One engine may report several series of a name (vLLM per engine, SGLang per data-parallel rank):
+counts add up over them; KV usage is a fraction of each one's cache, so it is their mean."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import time
 
 from router.replica import LoadReport
 
-_VLLM_NAMES = {
+_METRIC_NAMES = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
     "vllm:kv_cache_usage_perc": "kv_usage",
@@ -16,7 +19,10 @@ _VLLM_NAMES = {
     "sglang:num_running_reqs": "running",
     "sglang:num_queue_reqs": "waiting",
     "sglang:token_usage": "kv_usage",
+    "sglang:prompt_tokens_total": "prefix_cache_queries",
+    "sglang:cached_tokens_total": "prefix_cache_hits",  # per cache_source in newer SGLang
 }
+_FRACTIONS = frozenset({"kv_usage"})
 
 
 def from_load_json(data: dict) -> LoadReport:
@@ -34,15 +40,16 @@ def from_load_json(data: dict) -> LoadReport:
 
 
 def from_prometheus_text(text: str) -> LoadReport:
-    """Sum each known series over its labels (one engine may report per model or per engine id)."""
+    """Each known series over its labels: summed, or averaged for fractions."""
     values: dict[str, float] = {}
+    series: dict[str, int] = {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
         name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
         if name_end < 0:
             continue
-        field = _VLLM_NAMES.get(line[:name_end])
+        field = _METRIC_NAMES.get(line[:name_end])
         if field is None:
             continue
         rest = line[line.rfind("}") + 1 :] if line[name_end] == "{" else line[name_end:]
@@ -51,6 +58,9 @@ def from_prometheus_text(text: str) -> LoadReport:
         except (IndexError, ValueError):
             continue
         values[field] = values.get(field, 0.0) + value
+        series[field] = series.get(field, 0) + 1
+    for field in _FRACTIONS & values.keys():
+        values[field] /= series[field]
     return LoadReport(
         running=int(values.get("running", 0)),
         waiting=int(values.get("waiting", 0)),
