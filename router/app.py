@@ -101,6 +101,7 @@ class RouterApp:
                 Route("/health", self.health),
                 Route("/metrics", self.prometheus),
                 Route("/v1/models", self.models),
+                Route("/v1/models/{model:path}", self.model),
                 *admin.routes(self),
             ],
             exception_handlers={APIError: _api_error, HTTPException: _http_error},
@@ -365,8 +366,8 @@ class RouterApp:
 
     def _model_for(self, request: dict) -> str:
         model = request.get("model")
-        if model is None and len(self.pool.by_model) == 1:
-            return next(iter(self.pool.by_model))
+        if model is None and self.pool.only_model() is not None:
+            return self.pool.only_model()
         if not isinstance(model, str) or not model:
             raise APIError(400, "You must provide a model parameter.", param="model")
         if model not in self.pool.by_model:
@@ -392,21 +393,49 @@ class RouterApp:
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     async def models(self, request: StarletteRequest) -> Response:
+        """Each name the fleet answers to, once, with the replicas behind it (the key's names only)."""
         record = await self.gate.authenticate(request.headers.get("authorization"), None)
         cards = [
-            {
-                "id": model,
-                "object": "model",
-                "created": int(self.started_at),
-                "owned_by": "fleetserve",
-                "max_model_len": max_model_len,
-            }
-            for model, max_model_len in sorted(self.pool.models().items())
-            if record is None or record.allows_model(model)
+            self._model_card(name, max_model_len)
+            for name, max_model_len in sorted(self.pool.models().items())
+            if record is None or record.allows_model(name)
         ]
         return Response(
             orjson.dumps({"object": "list", "data": cards}), media_type="application/json"
         )
+
+    async def model(self, request: StarletteRequest) -> Response:
+        """`GET /v1/models/{id}` (the SDK's `models.retrieve`; ids may hold '/'). A name the key
+        may not use is answered as OpenAI answers a model you cannot see: 404."""
+        record = await self.gate.authenticate(request.headers.get("authorization"), None)
+        name = request.path_params["model"]
+        models = self.pool.models()
+        if name not in models or (record is not None and not record.allows_model(name)):
+            raise model_not_found(name)
+        card = self._model_card(name, models[name])
+        return Response(orjson.dumps(card), media_type="application/json")
+
+    def _model_card(self, name: str, max_model_len: int | None) -> dict:
+        """OpenAI's model object plus vLLM's `max_model_len` and the replicas serving it: their
+        ids and states, which a user may see (pinned routes take the id), never their URLs."""
+        now = time.monotonic()
+        replicas = self.pool.by_model.get(name, [])
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(self.started_at),
+            "owned_by": "fleetserve",
+            "max_model_len": max_model_len,
+            "replicas": [{"id": r.id, "state": replica_state(r, now)} for r in replicas],
+        }
+
+
+def replica_state(replica: Replica, now: float) -> str:
+    """What a user may know of a replica: taking work, draining, or out for now (unhealthy or
+    ejected by the breaker; which one is the operator's business)."""
+    if replica.draining:
+        return "draining"
+    return "ready" if replica.routable(now) else "unavailable"
 
 
 def completion_budget(

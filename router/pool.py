@@ -68,7 +68,9 @@ class ReplicaPool:
         self._internal_secret = internal_secret
         self.tls = client_context(self.settings.ca_certs)  # probes and the data path share it
         self.replicas: dict[str, Replica] = {}
+        # Every name a request may use (each replica's model and its aliases) -> its replicas.
         self.by_model: dict[str, list[Replica]] = {}
+        self.aliases: dict[str, tuple[str, ...]] = {}  # replica id -> names beyond its model
         self._watcher = watcher
         self._on_eject = on_eject
         self._on_leave = on_leave
@@ -139,9 +141,9 @@ class ReplicaPool:
             self._apply_info(replica, info)
             self._add(replica)
         else:
-            model_changed = replica.model != info.model
+            names_before = (replica.model, self.aliases.get(replica.id, ()))
             self._apply_info(replica, info)
-            if model_changed:
+            if names_before != (replica.model, self.aliases.get(replica.id, ())):
                 self._reindex()
 
     def _key_for(self, info: ReplicaInfo) -> str | None:
@@ -151,9 +153,9 @@ class ReplicaPool:
             return replica_key(self._internal_secret, info.id)
         return None
 
-    @staticmethod
-    def _apply_info(replica: Replica, info: ReplicaInfo) -> None:
+    def _apply_info(self, replica: Replica, info: ReplicaInfo) -> None:
         replica.model = info.model
+        self._set_aliases(replica, info.aliases if isinstance(info.aliases, list) else [])
         replica.engine = info.engine
         replica.state = info.state
         replica.admin_drained = info.admin_drained
@@ -181,15 +183,26 @@ class ReplicaPool:
 
     def _remove(self, replica: Replica) -> None:
         del self.replicas[replica.id]
+        self.aliases.pop(replica.id, None)
         self._reindex()
         self._on_leave(replica)
 
     def _reindex(self) -> None:
         by_model: dict[str, list[Replica]] = {}
         for replica in sorted(self.replicas.values(), key=lambda r: r.id):
-            if replica.model is not None:
-                by_model.setdefault(replica.model, []).append(replica)
+            for name in self.names_of(replica):
+                by_model.setdefault(name, []).append(replica)
         self.by_model = by_model
+
+    def _set_aliases(self, replica: Replica, aliases: list) -> None:
+        names = [a for a in aliases if isinstance(a, str) and a and a != replica.model]
+        self.aliases[replica.id] = tuple(dict.fromkeys(names))
+
+    def names_of(self, replica: Replica) -> tuple[str, ...]:
+        """The names requests may use for this replica: its model first, then its aliases."""
+        if replica.model is None:
+            return ()
+        return (replica.model, *self.aliases.get(replica.id, ()))
 
     # -- queries
 
@@ -207,6 +220,11 @@ class ReplicaPool:
                 known = [n for n in lengths if n]
                 out[model] = min(known) if known else None
         return out
+
+    def only_model(self) -> str | None:
+        """The model, when every replica serves the same one (under whatever names)."""
+        models = {r.model for r in self.replicas.values() if r.model is not None}
+        return models.pop() if len(models) == 1 else None
 
     # -- passive health (fed by the proxy)
 
@@ -261,6 +279,8 @@ class ReplicaPool:
         if cards:
             replica.model = cards[0]["id"]
             replica.max_model_len = cards[0].get("max_model_len") or None
+            # Its other base-model cards are its other served names (LoRA adapters have a parent).
+            self._set_aliases(replica, [c.get("id") for c in cards[1:] if not c.get("parent")])
             self._reindex()
 
     async def poll_loads(self) -> None:

@@ -70,10 +70,18 @@ class ReplicaInfo:
     managed: Literal["lease", "external"] = "lease"
     kv_capacity_tokens: int | None = None
     admin_drained: bool = False  # set by readers from `{prefix}:drained`, not by the replica
+    # Further names the replica answers to (`--served-model-name a b`: `model` is "a"). Records
+    # written before this field read as none; older readers ignore it (see from_json).
+    aliases: list[str] = field(default_factory=list)
 
     @property
     def takes_work(self) -> bool:
         return self.state == "ready" and not self.admin_drained
+
+    @property
+    def names(self) -> list[str]:
+        """Every name requests may use for this replica's model, the primary first."""
+        return [self.model, *(a for a in self.aliases if a != self.model)]
 
     def to_json(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))
@@ -341,7 +349,7 @@ class MembershipWatcher:
         return [
             r
             for r in self.replicas.values()
-            if r.takes_work and (model is None or r.model == model)
+            if r.takes_work and (model is None or model in r.names)
         ]
 
     async def start(self, wait: float = 1.0) -> None:
