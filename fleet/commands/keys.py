@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -38,7 +39,9 @@ REDIS_URL = typer.Option(None, "--redis-url", envvar=REDIS_URL_ENV, help="Redis 
 PREFIX = typer.Option(None, "--prefix", envvar=PREFIX_ENV, help="Prefix of the fleet's keys.")
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
-console = Console()
+# Piped output (grep, awk, a log) gets whole names and ids: rich would squeeze the table into 80
+# columns and cut them ("hel…"). The terminal keeps its own width.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 10_000)
 
 
 def fleet_redis_url(redis_url: str | None) -> str | None:
@@ -67,7 +70,8 @@ def run_redis(redis_url: str | None, action: Callable[[aioredis.Redis], Awaitabl
         raise typer.Exit(1) from None
     except REDIS_DOWN_ERRORS as exc:
         where = mask_redis_url(resolve_redis_url(redis_url))
-        typer.echo(f"error: cannot reach Redis at {where}: {exc}", err=True)
+        flag = f"--redis-url, env {REDIS_URL_ENV}"
+        typer.echo(f"error: cannot reach Redis at {where} ({flag}): {exc}", err=True)
         raise typer.Exit(1) from None
 
 

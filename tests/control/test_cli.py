@@ -125,3 +125,32 @@ def test_fleet_keys_as_a_real_process(redis_url: str, prefix: str) -> None:
     ).stdout
     lines = out.strip().splitlines()
     assert lines[0].startswith("Created API key key_") and lines[-1].startswith("sk-")
+
+
+def run_fleet(*args: str, redis_url: str, prefix: str) -> subprocess.CompletedProcess:
+    """`fleet ...` as a real process writing into a pipe (no COLUMNS: rich would assume 80)."""
+    env = {"PATH": "/usr/bin:/bin", "FLEET_REDIS_URL": redis_url, "FLEET_REDIS_PREFIX": prefix}
+    return subprocess.run(
+        [sys.executable, "-m", "fleet", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_keys_list_in_a_pipe_shows_whole_names_and_no_warning(redis_url: str, prefix: str) -> None:
+    name = "hello-world-a-rather-long-name-for-the-team-that-owns-this-key"
+    created = run_fleet("keys", "create", "--name", name, "--models", "llama,qwen,mistral",
+                        "--json", redis_url=redis_url, prefix=prefix)  # fmt: skip
+    assert created.returncode == 0 and created.stderr == "", created.stderr
+    key_id = json.loads(created.stdout)["id"]
+    listed = run_fleet("keys", "list", redis_url=redis_url, prefix=prefix)
+    assert listed.returncode == 0
+    assert listed.stderr == ""  # no redis-py UserWarning about a synchronous Retry
+    assert name in listed.stdout and key_id in listed.stdout and "llama,qwen,mistral" in listed.stdout
+    assert "…" not in listed.stdout
+
+
+def test_unreachable_redis_is_one_line_naming_the_flag(prefix: str) -> None:
+    result = run_fleet("keys", "list", redis_url="redis://127.0.0.1:1/0", prefix=prefix)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in lines[0] and "--redis-url" in lines[0]
