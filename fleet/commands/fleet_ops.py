@@ -21,6 +21,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.errors import MarkupError
 from rich.live import Live
 from rich.text import Text
 
@@ -262,6 +263,22 @@ def _stop_manager(daemon: subprocess.Popen, folder: Path) -> int:
     return 0
 
 
+def plain_events(status: dict) -> dict:
+    """The status with its events as plain text: the manager writes them in rich markup for the
+    terminal view, but a JSON reader (jq, a dashboard) wants "fleet ready", not "[green]...[/]"."""
+    fleet = status.get("fleet")
+    if not isinstance(fleet, dict) or not fleet.get("events"):
+        return status
+    return {**status, "fleet": {**fleet, "events": [_plain(e) for e in fleet["events"]]}}
+
+
+def _plain(markup: str) -> str:
+    try:
+        return Text.from_markup(markup).plain
+    except MarkupError:
+        return markup
+
+
 def _progress_line(state: FleetState) -> str:
     try:
         status = control.call(state.control_socket, "status", timeout=5.0)
@@ -403,7 +420,7 @@ def register(app: typer.Typer) -> None:
             _running_state(folder)
             return
         if as_json:
-            typer.echo(json.dumps(result, indent=2))
+            typer.echo(json.dumps(plain_events(result), indent=2))
         else:
             console.print(fleet_view(result))
 
