@@ -29,7 +29,11 @@ API_KEY_ENV = "FLEET_REPLICA_API_KEY"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fleet replica", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face folder or hub id")
-    p.add_argument("--served-model-name", help="name clients use (default: --model as given)")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        help="names clients use, the first reported in answers (default: --model as given)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     engine = p.add_argument_group("engine")
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = ServerSettings(
         model=args.model,
-        served_model_name=eargs.served_model_name or args.model,
+        served_model_name=eargs.served_names()[0],
+        served_model_aliases=eargs.served_names()[1:],
         host=args.host,
         port=args.port,
         device=str(eargs.resolve_device()),

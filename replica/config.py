@@ -31,7 +31,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"
     seed: int = 0
-    served_model_name: str | None = None
+    # One name or several (vLLM's `--served-model-name a b`): the first is reported in answers.
+    served_model_name: str | list[str] | None = None
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -57,6 +58,11 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1 when given")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+    def served_names(self) -> list[str]:
+        """The names clients may use, the primary first; the model as given when none is set."""
+        names = self.served_model_name or self.model
+        return list(dict.fromkeys([names] if isinstance(names, str) else names))
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -39,6 +39,11 @@ ROUTES = [
     Route("/load", info_routes.load, methods=["GET"]),
     Route("/metrics", info_routes.metrics, methods=["GET"]),
     Route("/version", info_routes.version_route, methods=["GET"]),
+    # What SGLang's model gateway reads from a worker (and the older names it falls back to).
+    Route("/server_info", info_routes.server_info, methods=["GET"]),
+    Route("/get_server_info", info_routes.server_info, methods=["GET"]),
+    Route("/model_info", info_routes.model_info, methods=["GET"]),
+    Route("/get_model_info", info_routes.model_info, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
 ]
 

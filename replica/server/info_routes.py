@@ -60,10 +60,10 @@ async def metrics(request: Request) -> Response:
     return Response(runtime_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _model_card(request: Request) -> dict:
+def _model_card(request: Request, name: str) -> dict:
     runtime = runtime_of(request)
     return {
-        "id": runtime.settings.served_model_name,
+        "id": name,
         "object": "model",
         "created": runtime.started_at,
         "owned_by": "fleetserve",
@@ -73,15 +73,70 @@ def _model_card(request: Request) -> dict:
 
 
 async def list_models(request: Request) -> Response:
-    await runtime_of(request).auth.authenticate(request)
-    return json_response({"object": "list", "data": [_model_card(request)]})
+    """One card per served name, the primary first (as vLLM lists `--served-model-name a b`)."""
+    runtime = runtime_of(request)
+    await runtime.auth.authenticate(request)
+    cards = [_model_card(request, name) for name in runtime.settings.served_names]
+    return json_response({"object": "list", "data": cards})
 
 
 async def get_model(request: Request) -> Response:
     runtime = runtime_of(request)
     await runtime.auth.authenticate(request)
-    runtime.check_model(request.path_params["model"])
-    return json_response(_model_card(request))
+    name = request.path_params["model"]
+    primary = runtime.check_model(name)
+    return json_response(
+        _model_card(request, name if name in runtime.settings.served_names else primary)
+    )
+
+
+# Hugging Face architecture class of each model type we serve (SGLang's /model_info reports it).
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+async def server_info(request: Request) -> Response:
+    """SGLang's `/server_info` (also `/get_server_info`), limited to the fields SGLang's model
+    gateway reads when it registers a worker: its model id is `served_model_name`. Nothing of
+    the replica's configuration beyond that (no keys, no control-plane address)."""
+    runtime = runtime_of(request)
+    await runtime.auth.authenticate(request)
+    engine = runtime.engine
+    load = runtime.load() or {}
+    return json_response(
+        {
+            "model_path": runtime.settings.model,
+            "served_model_name": runtime.settings.served_model_name,
+            "tp_size": 1,
+            "dp_size": 1,
+            "version": VERSION,
+            "context_length": engine.max_model_len,
+            "max_total_tokens": load.get("kv_capacity_tokens"),
+            "max_prefill_tokens": engine.core.scheduler.max_num_batched_tokens,
+            "max_running_requests": engine.args.max_num_seqs,
+        }
+    )
+
+
+async def model_info(request: Request) -> Response:
+    """SGLang's `/model_info` (also `/get_model_info`): what the gateway labels a worker with."""
+    runtime = runtime_of(request)
+    await runtime.auth.authenticate(request)
+    engine = runtime.engine
+    model_type = engine.core.model_config.model_type
+    return json_response(
+        {
+            "model_path": runtime.settings.model,
+            "tokenizer_path": engine.args.tokenizer or runtime.settings.model,
+            "is_generation": True,
+            "model_type": model_type,
+            "architectures": [ARCHITECTURES[model_type]],
+        }
+    )
 
 
 async def tokenize(request: Request) -> Response:

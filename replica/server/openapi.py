@@ -90,6 +90,8 @@ OPERATIONS = (
     Operation("/load", "get", "Queue depth, KV usage and prefix-cache counters", protected=False),
     Operation("/metrics", "get", "Prometheus metrics", protected=False),
     Operation("/version", "get", "Server version", protected=False),
+    Operation("/server_info", "get", "SGLang's worker facts (its model gateway reads them)"),
+    Operation("/model_info", "get", "SGLang's model facts (its model gateway reads them)"),
 )  # fmt: skip
 
 

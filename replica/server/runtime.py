@@ -12,7 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fleet.control.errors import APIError
@@ -37,7 +37,10 @@ class ServerSettings:
     """What the HTTP layer needs to know beyond the engine's own arguments."""
 
     model: str
-    served_model_name: str
+    served_model_name: str  # the primary name, reported in answers
+    # Further names requests may use (`--served-model-name a b`, as vLLM), listed on /v1/models
+    # and published in the fleet's membership so routers route them here too.
+    served_model_aliases: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8001
     device: str = "cpu"
@@ -60,6 +63,11 @@ class ServerSettings:
     protect_info_routes: bool = False
     tls: TLSSettings | None = None
     cors: CORSSettings | None = None
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name this replica answers to, the primary first."""
+        return list(dict.fromkeys([self.served_model_name, *self.served_model_aliases]))
 
     @property
     def url(self) -> str:
@@ -136,6 +144,7 @@ class ReplicaRuntime:
             id=self.settings.replica_id or new_replica_id(),
             url=self.settings.url,
             model=self.settings.served_model_name,
+            aliases=self.settings.served_names[1:],
             device=self.settings.device,
             max_model_len=self.engine.max_model_len,
             block_size=load["block_size"],
@@ -262,10 +271,12 @@ class ReplicaRuntime:
         return load
 
     def check_model(self, model: str | None) -> str:
-        """The served name for a request's `model` field; 404 for any other model."""
-        served = self.settings.served_model_name
-        if model is None or model in (served, self.settings.model):
-            return served
+        """The primary served name for a request's `model` field (any served name, or the model
+        path as given); 404 for any other model."""
+        names = self.settings.served_names
+        if model is None or model in names or model == self.settings.model:
+            return names[0]
+        served = "', '".join(names)
         raise APIError(
             404,
             f"The model '{model}' does not exist; this replica serves '{served}'.",
