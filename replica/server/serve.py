@@ -41,9 +41,21 @@ def add_cors(app: Starlette, cors: CORSSettings | None) -> None:
 class JsonRefusals(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol, refusing malformed requests with OpenAI error JSON instead of
     plain text, and only after the requests before them on the connection are answered (a valid
-    request followed by junk keeps its answer). Whatever follows the malformed bytes is dropped."""
+    request followed by junk keeps its answer). Whatever follows the malformed bytes is dropped.
+
+    A request whose Transfer-Encoding does not end in `chunked` has no knowable length (RFC 9112
+    section 6.3 says to answer 400 and close); llhttp would read its body until the client closes,
+    so the request would wait for ever."""
 
     _refusal: str | None = None
+    _reason: str | None = None
+
+    def on_headers_complete(self) -> None:
+        codings = [v for name, v in self.headers if name == b"transfer-encoding"]
+        if codings and b",".join(codings).rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+            self._reason = "its Transfer-Encoding does not end in chunked"
+            raise ValueError(self._reason)  # the parser fails; send_400_response refuses
+        super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is None:
@@ -64,7 +76,8 @@ class JsonRefusals(HttpToolsProtocol):
         return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
 
     def _refuse(self) -> None:
-        body = orjson.dumps(APIError(400, f"Malformed HTTP request: {self._refusal}").body())
+        why = self._reason or self._refusal
+        body = orjson.dumps(APIError(400, f"Malformed HTTP request: {why}").body())
         head = (
             b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)

@@ -156,3 +156,29 @@ def test_replica_answers_upgrades_as_http_and_slashes_with_a_404(replica: LiveRe
         )
     )
     assert slash[0][0] == 404 and is_openai_error(slash[0][1])
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"identity", b"chunked, gzip"])
+def test_replica_refuses_a_body_of_unknowable_length(replica: LiveReplica, coding: bytes) -> None:
+    """llhttp reads such a body until the client closes: the request used to wait for ever."""
+    request = (
+        b"POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + API_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: "
+        + coding
+        + b'\r\n\r\n{"prompt": "hi"}'
+    )
+    got = answers(exchange(replica_port(replica), request, timeout=5.0))
+    assert len(got) == 1 and got[0][0] == 400 and is_openai_error(got[0][1])
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"identity"])
+async def test_router_refuses_a_body_of_unknowable_length(router_port: int, coding: bytes) -> None:
+    import asyncio
+
+    request = (
+        b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: " + coding + b'\r\n\r\n{"prompt": "hi"}'
+    )
+    got = answers(await asyncio.to_thread(exchange, router_port, request, 5.0))
+    assert len(got) == 1 and got[0][0] == 400 and is_openai_error(got[0][1])
