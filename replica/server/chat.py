@@ -66,7 +66,9 @@ async def create_chat_completion(request: Request) -> Response:
     await build_stop_matcher(runtime, params)
     runtime.validate(prompt_ids, params)
     runtime.check_queue(params.n)
-    admission = await runtime.auth.admit(record, model, len(prompt_ids) + max_tokens * params.n)
+    reserve = len(prompt_ids) + max_tokens * params.n
+    # A key's model list applies to the name the request used (any served name).
+    admission = await runtime.auth.admit(record, body.model or model, reserve)
     job = ChatJob(
         RequestScope(runtime, admission, arrival, len(prompt_ids), params.n),
         ResponseHead.new("chatcmpl", model),

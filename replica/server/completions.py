@@ -73,7 +73,7 @@ async def create_completion(request: Request) -> Response:
     seqs = len(prompts) * params.n
     runtime.check_queue(seqs)
     reserve = sum(len(p.token_ids) + max_tokens * params.n for p in prompts)
-    admission = await runtime.auth.admit(record, model, reserve)
+    admission = await runtime.auth.admit(record, body.model or model, reserve)  # name used
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     job = CompletionJob(
         RequestScope(runtime, admission, arrival, prompt_tokens, seqs),

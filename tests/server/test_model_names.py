@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 from live_replica import API_KEY, LiveReplica, serve, wait_until
 
+from fleet.control.keys import KeyStore
 from fleet.embedded_redis import free_port
 
 PRIMARY = "tiny-a"
@@ -109,3 +111,25 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+async def test_a_keys_model_list_applies_to_the_name_the_request_used(
+    tiny_model: Path, redis_url: str
+) -> None:
+    """Direct fleet-key access, as through the router: a key for ALIAS only may use ALIAS."""
+    prefix = f"names-{uuid.uuid4().hex[:8]}"
+    store = KeyStore(redis_url, prefix=prefix)
+    try:
+        _, alias_only = await store.admin.create("alias-only", models=[ALIAS])
+    finally:
+        await store.close()
+    server = {"served_model_name": PRIMARY, "served_model_aliases": [ALIAS], "redis_prefix": prefix}
+    with serve(tiny_model, redis_url=redis_url, server=server) as live:
+        client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key=alias_only, max_retries=0)
+        allowed = await client.completions.create(model=ALIAS, prompt="Once", max_tokens=2)
+        chat = await client.chat.completions.create(
+            model=ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.completions.create(model=PRIMARY, prompt="Once", max_tokens=2)
+    assert allowed.model == chat.model == PRIMARY
