@@ -12,91 +12,149 @@ import logging
 import os
 import sys
 
+import typer
+
+from fleet.commands import server_flags as flags
+from fleet.commands.preflight import check_model, check_port, check_redis_url, usage_errors
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders, replica_key
 from fleet.control.membership import new_replica_id
-from fleet.control.redis_conn import add_redis_url_argument
-from fleet.control.web_security import (
-    add_cors_arguments,
-    add_tls_arguments,
-    cors_from_args,
-    tls_from_args,
-)
+from fleet.control.web_security import cors_from_args, tls_from_args
 from replica.config import EngineArgs
 
+PROG = "fleet replica"
 API_KEY_ENV = "FLEET_REPLICA_API_KEY"
+SERVED_NAME_FLAG = "--served-model-name"
+
+
+ENGINE, SERVING = "Engine", "Serving"
+
+app = flags.server_app(__doc__.split("\n\n")[0])
+
+
+@app.command()
+def replica(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Model folder, or Hugging Face Hub id."),
+    served_model_name: list[str] = typer.Option(
+        None,
+        metavar="NAME...",
+        help="Names clients use, the first reported in answers (default: --model as given); "
+        "several: --served-model-name a b, as vLLM.",
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8001, min=0, max=65535, help="Port to listen on."),
+    device: str = typer.Option("auto", rich_help_panel=ENGINE, help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(
+        "auto", rich_help_panel=ENGINE, help="auto, float32, float16 or bfloat16."
+    ),
+    max_model_len: int = typer.Option(None, min=1, rich_help_panel=ENGINE, help="Context length."),
+    max_num_seqs: int = typer.Option(
+        256, min=1, rich_help_panel=ENGINE, help="Sequences decoded together."
+    ),
+    max_num_batched_tokens: int = typer.Option(
+        None, min=1, rich_help_panel=ENGINE, help="Token budget of one engine step."
+    ),
+    block_size: int = typer.Option(
+        16, min=1, rich_help_panel=ENGINE, help="KV cache block, tokens."
+    ),
+    kv_cache_tokens: int = typer.Option(
+        None, min=1, rich_help_panel=ENGINE, help="KV cache size in tokens (exact)."
+    ),
+    kv_cache_memory: int = typer.Option(
+        None, min=1, rich_help_panel=ENGINE, help="KV cache budget in bytes (CPU)."
+    ),
+    gpu_memory_utilization: float = typer.Option(
+        0.9, min=0, max=1, rich_help_panel=ENGINE, help="Share of GPU memory the engine may use."
+    ),
+    enable_prefix_caching: bool = typer.Option(
+        True, rich_help_panel=ENGINE, help="Reuse the KV cache of shared prompt prefixes."
+    ),
+    kernel_backend: str = typer.Option(
+        "auto", rich_help_panel=ENGINE, help="auto, torch or triton."
+    ),
+    seed: int = typer.Option(0, rich_help_panel=ENGINE, help="Sampling seed."),
+    api_key: str = typer.Option(
+        None, envvar=API_KEY_ENV, rich_help_panel=flags.FLEET, help="Static client key."
+    ),
+    redis_url: str = flags.REDIS_URL,
+    redis_prefix: str = flags.REDIS_PREFIX,
+    fleet_keys: bool = typer.Option(
+        True,
+        "--fleet-keys/--no-fleet-keys",
+        rich_help_panel=flags.FLEET,
+        help="Check the fleet's API keys in Redis; --no-fleet-keys only on a trusted network.",
+    ),
+    advertise_url: str = typer.Option(
+        None, rich_help_panel=flags.FLEET, help="URL routers use to reach this replica."
+    ),
+    replica_id: str = typer.Option(
+        None, rich_help_panel=flags.FLEET, help="Membership id (default: random)."
+    ),
+    max_waiting: int = typer.Option(
+        1024,
+        min=0,
+        rich_help_panel=SERVING,
+        help="503 new requests while this many sequences (prompts x n) are queued; 0: no limit.",
+    ),
+    max_seqs_per_request: int = typer.Option(
+        256, min=1, rich_help_panel=SERVING, help="Most prompts x n in one request."
+    ),
+    chat_template: str = typer.Option(
+        None,
+        rich_help_panel=SERVING,
+        help="Jinja template file that replaces the tokenizer's chat template.",
+    ),
+    prompt_timeout: float = typer.Option(
+        5.0,
+        min=0,
+        rich_help_panel=SERVING,
+        help="Seconds to render and tokenize a request's prompt before refusing it (400).",
+    ),
+    drain_grace: float = typer.Option(
+        30.0, min=0, rich_help_panel=SERVING, help="Seconds in-flight requests get on SIGTERM."
+    ),
+    max_body_bytes: int = typer.Option(
+        32 * 1024 * 1024, min=1, rich_help_panel=SERVING, help="Largest request body."
+    ),
+    protect_info_routes: bool = typer.Option(
+        False,
+        rich_help_panel=SERVING,
+        help="/load, /metrics and /openapi.json need --api-key or the routers' key (Prometheus "
+        "then sends --api-key as its bearer token); /health and /version stay open.",
+    ),
+    log_level: flags.LogLevel = flags.LOG_LEVEL,
+    ssl_keyfile: str = flags.SSL_KEYFILE,
+    ssl_certfile: str = flags.SSL_CERTFILE,
+    ssl_ca_certs: str = flags.SSL_CA_CERTS,
+    ssl_cert_reqs: int = flags.SSL_CERT_REQS,
+    allowed_origins: object = flags.ALLOWED_ORIGINS,
+    allowed_methods: object = flags.ALLOWED_METHODS,
+    allowed_headers: object = flags.ALLOWED_HEADERS,
+    allow_credentials: bool = flags.ALLOW_CREDENTIALS,
+) -> object:
+    """Serve one model over the OpenAI API."""
+    return flags.hand_over(ctx, locals())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fleet replica", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face folder or hub id")
-    p.add_argument(
-        "--served-model-name",
-        nargs="+",
-        help="names clients use, the first reported in answers (default: --model as given)",
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
-    engine = p.add_argument_group("engine")
-    engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    engine.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    engine.add_argument("--max-model-len", type=int)
-    engine.add_argument("--max-num-seqs", type=int, default=256)
-    engine.add_argument("--max-num-batched-tokens", type=int)
-    engine.add_argument("--block-size", type=int, default=16)
-    engine.add_argument("--kv-cache-tokens", type=int, help="KV cache size in tokens (exact)")
-    engine.add_argument("--kv-cache-memory", type=int, help="KV cache budget in bytes (CPU)")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument(
-        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
-    )
-    engine.add_argument("--kernel-backend", default="auto", help="auto, torch or triton")
-    engine.add_argument("--seed", type=int, default=0)
-    fleet = p.add_argument_group("fleet")
-    fleet.add_argument(
-        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"static key (env {API_KEY_ENV})"
-    )
-    add_redis_url_argument(fleet)
-    fleet.add_argument(
-        "--no-fleet-keys",
-        dest="fleet_keys",
-        action="store_false",
-        help="do not check the fleet's API keys in Redis (a trusted network only)",
-    )
-    fleet.add_argument("--advertise-url", help="URL routers use to reach this replica")
-    fleet.add_argument("--replica-id", help="membership id (default: random)")
-    serving = p.add_argument_group("serving")
-    serving.add_argument(
-        "--max-waiting",
-        type=int,
-        default=1024,
-        help="503 new requests while this many sequences (prompts x n) are queued; 0: no limit",
-    )
-    serving.add_argument(
-        "--max-seqs-per-request", type=int, default=256, help="most prompts x n in one request"
-    )
-    serving.add_argument(
-        "--chat-template", help="Jinja template file that replaces the tokenizer's chat template"
-    )
-    serving.add_argument(
-        "--prompt-timeout",
-        type=float,
-        default=5.0,
-        help="seconds to render and tokenize a request's prompt before refusing it (400)",
-    )
-    serving.add_argument(
-        "--drain-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
-    )
-    serving.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
-    serving.add_argument(
-        "--protect-info-routes",
-        action="store_true",
-        help="/load, /metrics and /openapi.json need --api-key or the routers' key "
-        "(Prometheus then sends --api-key as its bearer token); /health and /version stay open",
-    )
-    serving.add_argument("--log-level", default="info")
-    add_tls_arguments(p.add_argument_group("TLS"))
-    add_cors_arguments(p.add_argument_group("CORS"))
-    return p.parse_args(argv)
+    """The flags as `main` reads them (tests and `fleet up`'s launch line checks use this)."""
+    return flags.parse(app, PROG, _served_names_as_repeats(argv))
+
+
+def _served_names_as_repeats(argv: list[str] | None) -> list[str]:
+    """vLLM's `--served-model-name a b` as `--served-model-name a --served-model-name b`: an
+    option of click takes a fixed number of values."""
+    out: list[str] = []
+    taking = False  # among the values of a --served-model-name
+    for word in sys.argv[1:] if argv is None else argv:
+        if taking and not word.startswith("-"):
+            if out[-1] != SERVED_NAME_FLAG:  # the first value follows the flag itself
+                out.append(SERVED_NAME_FLAG)
+            out.append(word)
+        else:
+            out.append(word)
+            taking = word == SERVED_NAME_FLAG
+    return out
 
 
 def engine_args(args: argparse.Namespace) -> EngineArgs:
@@ -107,23 +165,26 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> None:
+    flags.run(app, PROG, _served_names_as_repeats(argv), serve)
+
+
+def serve(args: argparse.Namespace) -> int:
     secret = os.environ.get(INTERNAL_SECRET_ENV)
     exit_on_placeholders(
-        "fleet replica", FLEET_REPLICA_API_KEY=args.api_key, FLEET_INTERNAL_SECRET=secret,
+        PROG, FLEET_REPLICA_API_KEY=args.api_key, FLEET_INTERNAL_SECRET=secret,
         FLEET_REDIS_URL=args.redis_url,
     )  # fmt: skip
+    with usage_errors(PROG):  # one line and exit 2 before the engine loads, not a traceback after
+        check_model(args.model)
+        check_redis_url(args.redis_url)
+        eargs = engine_args(args)
+        tls = tls_from_args(args)
+        check_port(args.host, args.port)
     replica_id = args.replica_id or new_replica_id()  # routers key the replica by this id
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        eargs = engine_args(args)
-        tls = tls_from_args(args)
-    except ValueError as exc:
-        print(f"fleet replica: {exc}", file=sys.stderr)
-        return 2
     # Server-only imports stay here: `from replica import LLM` must work without them.
     from replica.async_engine import AsyncEngine
     from replica.server.app import build_app
@@ -154,12 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         tls=tls,
         cors=cors_from_args(args),
     )
-    app = build_app(settings, lambda: AsyncEngine(eargs))
-    add_cors(app, settings.cors)
-    server = DrainingServer(uvicorn_config(app, settings, args.log_level), app.state.runtime)
+    web = build_app(settings, lambda: AsyncEngine(eargs))
+    add_cors(web, settings.cors)
+    server = DrainingServer(uvicorn_config(web, settings, args.log_level), web.state.runtime)
     server.run()
     return 0 if server.started else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

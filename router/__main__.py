@@ -5,129 +5,138 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Literal
 
+import typer
+
+from fleet.commands import server_flags as flags
+from fleet.commands.preflight import FlagError, check_port, check_redis_url, usage_errors
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders
-from fleet.control.keys import admin_key_from_env
-from fleet.control.redis_conn import add_redis_url_argument
-from fleet.control.web_security import (
-    add_cors_arguments,
-    add_tls_arguments,
-    cors_from_args,
-    tls_from_args,
-)
+from fleet.control.keys import ADMIN_KEY_ENV
+from fleet.control.web_security import cors_from_args, tls_from_args
 from router.config import RouterConfig
 from router.policies import POLICIES
 from router.pool import PoolSettings
 
+PROG = "fleet router"
 UPSTREAM_KEY_ENV = "FLEET_UPSTREAM_API_KEY"
 METRICS_KEY_ENV = "FLEET_METRICS_KEY"
+Policy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
+LIMITS, UPSTREAM = "Limits and timeouts", "Replicas"
+
+app = flags.server_app("One OpenAI-compatible endpoint in front of the fleet's replicas.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fleet router",
-        description="One OpenAI-compatible endpoint in front of the fleet's replicas.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    add_redis_url_argument(parser)
-    parser.add_argument("--policy", choices=list(POLICIES), default="prefix")
-    parser.add_argument(
-        "--replica",
-        action="append",
-        default=[],
+@app.command()
+def router(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
+    redis_url: str = flags.REDIS_URL,
+    redis_prefix: str = flags.REDIS_PREFIX,
+    policy: Policy = typer.Option("prefix", help="How a request picks its replica."),
+    replica: list[str] = typer.Option(
+        [],
         metavar="[ID=]URL",
-        help="a static replica (repeatable); works with or without --redis-url",
-    )
-    parser.add_argument(
-        "--admin-key",
-        default=admin_key_from_env(),
-        help="key for /admin/... (env FLEET_ADMIN_KEY); the admin API is off without one",
-    )
-    parser.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
+        rich_help_panel=UPSTREAM,
+        help="A static replica (repeatable); works with or without --redis-url.",
+    ),
+    admin_key: str = typer.Option(
+        None, envvar=ADMIN_KEY_ENV, help="Key for /admin/...; the admin API is off without one."
+    ),
+    api_key: list[str] = typer.Option(
+        [],
         metavar="KEY",
-        help="a static client key (repeatable), for routers without Redis; "
-        "with neither this nor --redis-url the router is open",
-    )
-    parser.add_argument(
-        "--no-fleet-keys",
-        dest="fleet_keys",
-        action="store_false",
-        help="do not check the fleet's API keys in Redis (a trusted network only); "
-        "--api-key still applies",
-    )
-    parser.add_argument(
-        "--upstream-api-key",
-        default=os.environ.get(UPSTREAM_KEY_ENV),
-        help=f"bearer key the router presents to --replica URLs (env {UPSTREAM_KEY_ENV}); "
-        f"the fleet's own replicas get one key each, from env {INTERNAL_SECRET_ENV}",
-    )
-    parser.add_argument(
-        "--metrics-key",
-        default=os.environ.get(METRICS_KEY_ENV),
-        help=f"bearer key /metrics requires (env {METRICS_KEY_ENV}; the admin key also works); "
-        "without one /metrics is open",
-    )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=32 * 1024 * 1024,
-        help="largest request body (413 beyond, at once from Content-Length); also bounds the "
-        "pipelined requests one connection may hold",
-    )
-    parser.add_argument(
-        "--max-answer-bytes",
-        type=int,
-        default=64 * 1024 * 1024,
-        help="largest whole (not streamed) answer the router holds for a client (502 beyond)",
-    )
-    parser.add_argument("--connect-timeout", type=float, default=3.0, help="seconds")
-    parser.add_argument(
-        "--ttfb-timeout",
-        type=float,
-        default=300.0,
-        help="seconds to the first byte (the whole answer when not streaming)",
-    )
-    parser.add_argument(
-        "--idle-timeout", type=float, default=60.0, help="seconds between two chunks of a stream"
-    )
-    parser.add_argument(
-        "--max-attempts", type=int, default=3, help="tries per request, each on a different replica"
-    )
-    parser.add_argument(
-        "--retry-budget", type=float, default=0.2, help="retries allowed as a fraction of requests"
-    )
-    parser.add_argument(
-        "--prefix-queue-weight",
-        type=float,
-        default=64.0,
-        help="prefix policy: prompt tokens one queued request is worth",
-    )
-    parser.add_argument(
-        "--probe-interval", type=float, default=1.0, help="seconds between /health probes"
-    )
-    parser.add_argument(
-        "--load-interval", type=float, default=1.0, help="seconds between /load polls"
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=10_000,
-        help="open client connections; more get a 503 and are closed",
-    )
-    parser.add_argument(
-        "--upstream-ca-certs", help="CA bundle trusted for https:// replicas (default: system's)"
-    )
-    add_tls_arguments(parser.add_argument_group("TLS (clients to the router)"))
-    add_cors_arguments(parser.add_argument_group("CORS"))
-    return parser
+        help="A static client key (repeatable), for routers without Redis; with neither this nor "
+        "--redis-url the router is open.",
+    ),
+    fleet_keys: bool = typer.Option(
+        True,
+        "--fleet-keys/--no-fleet-keys",
+        rich_help_panel=flags.FLEET,
+        help="Check the fleet's API keys in Redis; --no-fleet-keys only on a trusted network "
+        "(--api-key still applies).",
+    ),
+    upstream_api_key: str = typer.Option(
+        None,
+        envvar=UPSTREAM_KEY_ENV,
+        rich_help_panel=UPSTREAM,
+        help=f"Bearer key the router presents to --replica URLs (the fleet's own replicas get "
+        f"one key each, from env {INTERNAL_SECRET_ENV}).",
+    ),
+    metrics_key: str = typer.Option(
+        None,
+        envvar=METRICS_KEY_ENV,
+        help="Bearer key /metrics requires (the admin key also works); without one it is open.",
+    ),
+    max_body_bytes: int = typer.Option(
+        32 * 1024 * 1024,
+        min=1,
+        rich_help_panel=LIMITS,
+        help="Largest request body (413 beyond, at once from Content-Length); also bounds the "
+        "pipelined requests one connection may hold.",
+    ),
+    max_answer_bytes: int = typer.Option(
+        64 * 1024 * 1024,
+        min=1,
+        rich_help_panel=LIMITS,
+        help="Largest whole (not streamed) answer the router holds for a client (502 beyond).",
+    ),
+    connect_timeout: float = typer.Option(
+        3.0, min=0, rich_help_panel=LIMITS, help="Seconds to connect to a replica."
+    ),
+    ttfb_timeout: float = typer.Option(
+        300.0,
+        min=0,
+        rich_help_panel=LIMITS,
+        help="Seconds to the first byte (the whole answer when not streaming).",
+    ),
+    idle_timeout: float = typer.Option(
+        60.0, min=0, rich_help_panel=LIMITS, help="Seconds between two chunks of a stream."
+    ),
+    max_attempts: int = typer.Option(
+        3, min=1, rich_help_panel=LIMITS, help="Tries per request, each on a different replica."
+    ),
+    retry_budget: float = typer.Option(
+        0.2, min=0, rich_help_panel=LIMITS, help="Retries allowed, as a fraction of requests."
+    ),
+    prefix_queue_weight: float = typer.Option(
+        64.0, min=0, help="Prefix policy: prompt tokens one queued request is worth."
+    ),
+    probe_interval: float = typer.Option(
+        1.0, min=0, rich_help_panel=UPSTREAM, help="Seconds between /health probes."
+    ),
+    load_interval: float = typer.Option(
+        1.0, min=0, rich_help_panel=UPSTREAM, help="Seconds between /load polls."
+    ),
+    log_level: flags.LogLevel = flags.LOG_LEVEL,
+    max_connections: int = typer.Option(
+        10_000,
+        min=1,
+        rich_help_panel=LIMITS,
+        help="Open client connections; more get a 503 and are closed.",
+    ),
+    upstream_ca_certs: str = typer.Option(
+        None,
+        rich_help_panel=UPSTREAM,
+        help="CA bundle trusted for https:// replicas (default: the system's).",
+    ),
+    ssl_keyfile: str = flags.SSL_KEYFILE,
+    ssl_certfile: str = flags.SSL_CERTFILE,
+    ssl_ca_certs: str = flags.SSL_CA_CERTS,
+    ssl_cert_reqs: int = flags.SSL_CERT_REQS,
+    allowed_origins: object = flags.ALLOWED_ORIGINS,
+    allowed_methods: object = flags.ALLOWED_METHODS,
+    allowed_headers: object = flags.ALLOWED_HEADERS,
+    allow_credentials: bool = flags.ALLOW_CREDENTIALS,
+) -> object:
+    """One OpenAI-compatible endpoint in front of the fleet's replicas."""
+    return flags.hand_over(ctx, locals())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags as `main` reads them (tests and deploy-file checks use this)."""
+    return flags.parse(app, PROG, argv)
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -163,25 +172,35 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def checked_config(args: argparse.Namespace) -> RouterConfig:
+    """The config, or one line naming the flag and exit status 2, before anything starts."""
     exit_on_placeholders(
-        "fleet router", FLEET_ADMIN_KEY=args.admin_key, FLEET_REDIS_URL=args.redis_url,
+        PROG, FLEET_ADMIN_KEY=args.admin_key, FLEET_REDIS_URL=args.redis_url,
         FLEET_UPSTREAM_API_KEY=args.upstream_api_key,
         FLEET_INTERNAL_SECRET=os.environ.get(INTERNAL_SECRET_ENV),
     )  # fmt: skip
-    if not args.replica and not args.redis_url:
-        build_parser().error("give --replica URL (repeatable) and/or --redis-url")
+    with usage_errors(PROG):
+        if not args.replica and not args.redis_url:
+            raise FlagError("give --replica URL (repeatable) and/or --redis-url")
+        check_redis_url(args.redis_url)
+        config = config_from_args(args)
+        check_port(args.host, args.port)
+    return config
+
+
+def serve(args: argparse.Namespace) -> int:
+    config = checked_config(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     from router.server import serve
 
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        build_parser().error(str(exc))
     serve(config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags.run(app, PROG, argv, serve)
 
 
 if __name__ == "__main__":

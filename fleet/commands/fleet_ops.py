@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from rich.errors import MarkupError
 from rich.live import Live
 from rich.text import Text
 
+from fleet.commands.preflight import FlagError, check_model, check_port, check_redis_reachable
+from fleet.control.redis_conn import mask_redis_url
 from fleet.launch import control
 from fleet.launch.state import CONTROL_SOCKET, ERROR_FILE, SPEC_FILE, FleetState
 from fleet.spec import FleetSpec, SpecError, load_spec, parse_assignment, run_dir
@@ -40,46 +43,52 @@ RUN_DIR_HELP = (
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/] {message}")
+    """One line on stderr (never wrapped at 80 columns, the message never read as markup)."""
+    err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
+
+
+# The spec field each `fleet up` flag sets (model flags set it in every model).
+SPEC_PATHS = {
+    "name": "name",
+    "backend": "backend",
+    "ray_address": "ray_address",
+    "redis_url": "redis.url",
+    "host": "router.host",
+    "port": "router.port",
+    "policy": "router.policy",
+    "keys": "keys.enabled",
+    "admin_key": "keys.admin_key",
+    "model": "models.*.path",
+    "served_model_name": "models.*.served_model_name",
+    "replicas": "models.*.replicas",
+    "device": "models.*.device",
+    "dtype": "models.*.dtype",
+    "max_model_len": "models.*.max_model_len",
+    "max_num_seqs": "models.*.max_num_seqs",
+    "kv_cache_tokens": "models.*.kv_cache_tokens",
+    "max_num_batched_tokens": "models.*.max_num_batched_tokens",
+    "block_size": "models.*.block_size",
+    "cpu_replicas": "models.*.cpu_replicas",
+    "replica_arg": "models.*.args",
+    "router_arg": "router.args",
+    "max_restarts": "supervision.max_restarts",
+    "ready_timeout": "supervision.ready_timeout_s",
+    "drain_timeout": "supervision.drain_timeout_s",
+}
+
+
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
+    return {flag: value for flag, value in flags.items() if value is not None and value != []}
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
     """Flag values that were given, as dotted spec paths (model flags apply to every model)."""
-    paths = {
-        "name": "name",
-        "backend": "backend",
-        "ray_address": "ray_address",
-        "redis_url": "redis.url",
-        "host": "router.host",
-        "port": "router.port",
-        "policy": "router.policy",
-        "keys": "keys.enabled",
-        "admin_key": "keys.admin_key",
-        "model": "models.*.path",
-        "served_model_name": "models.*.served_model_name",
-        "replicas": "models.*.replicas",
-        "device": "models.*.device",
-        "dtype": "models.*.dtype",
-        "max_model_len": "models.*.max_model_len",
-        "max_num_seqs": "models.*.max_num_seqs",
-        "kv_cache_tokens": "models.*.kv_cache_tokens",
-        "max_num_batched_tokens": "models.*.max_num_batched_tokens",
-        "block_size": "models.*.block_size",
-        "cpu_replicas": "models.*.cpu_replicas",
-        "replica_arg": "models.*.args",
-        "router_arg": "router.args",
-        "max_restarts": "supervision.max_restarts",
-        "ready_timeout": "supervision.ready_timeout_s",
-        "drain_timeout": "supervision.drain_timeout_s",
-    }
     out: dict[str, Any] = {}
-    for flag, value in flags.items():
-        if value is None or value == []:
-            continue
+    for flag, value in _given(flags).items():
         if flag == "replicas":
             value = value if value == "auto" else _int(value, "--replicas")
-        out[paths[flag]] = value
+        out[SPEC_PATHS[flag]] = value
     return out
 
 
@@ -102,8 +111,62 @@ def build_spec(
             overrides[key] = value
         return load_spec(spec_file, overrides)
     except SpecError as exc:
-        _fail(str(exc), 2)
+        _fail(_one_line(str(exc), spec_file, sets, _given(flags)), 2)
         raise  # unreachable: _fail exits
+
+
+def _one_line(message: str, spec_file: Path | None, sets: list[str], flags: dict[str, Any]) -> str:
+    """fleet.spec's "invalid fleet spec" and its field lines, as one line naming what set each
+    field: `--max-num-seqs 0: models.0.max_num_seqs: ...`, `--set KEY`, or the spec file."""
+    head, *fields = message.splitlines()
+    if not fields:
+        return message
+    where = f"{spec_file}: " if spec_file is not None else ""
+    described = []
+    for line in fields:
+        loc, _, why = line.strip().removeprefix(where).partition(": ")
+        origin = _origin(loc, sets, flags) or where.rstrip(": ")
+        described.append(f"{origin}: {why}" if origin.endswith(loc) else f"{origin}: {loc}: {why}")
+    return f"{head}: " + "; ".join(described)
+
+
+def _origin(loc: str, sets: list[str], flags: dict[str, Any]) -> str | None:
+    """The flag that set a spec field, as the user typed it; None: the spec file (or a default)."""
+    for assignment in reversed(sets):  # the last --set of a field wins, as in build_spec
+        key = assignment.partition("=")[0].strip()
+        if loc == key or loc.startswith(key + "."):
+            return f"--set {key}"
+    for flag, value in flags.items():
+        pattern = re.escape(SPEC_PATHS[flag]).replace(r"\*", r"\d+")
+        if re.fullmatch(pattern + r"(\.\d+)?", loc):
+            return f"--{flag.replace('_', '-')} {_shown(flag, value)}".rstrip()
+    return None
+
+
+def _shown(flag: str, value: Any) -> str:
+    """A flag's value as an error message may show it: no secret, no Redis password."""
+    if flag == "admin_key" or isinstance(value, bool):
+        return ""
+    return mask_redis_url(value) if flag == "redis_url" else str(value)
+
+
+def preflight(spec: FleetSpec, flags: dict[str, Any]) -> None:
+    """Values that cannot work end here, one line naming the flag (or spec field) and exit
+    status 2, before any process starts: not after a replica crashed its way through restarts."""
+
+    def name(flag: str, field: str) -> str:
+        return f"--{flag.replace('_', '-')}" if flag in flags else field
+
+    try:
+        check_port(spec.router.host, spec.router.port, name("port", "router.port"))
+        if spec.redis.url:
+            check_redis_reachable(spec.redis.url, name("redis_url", "redis.url"))
+        if spec.backend == "local":  # on Ray, the model folders are the replica hosts' to check
+            for index, model in enumerate(spec.models):
+                if model.path is not None:
+                    check_model(model.path, name("model", f"models.{index}.path"))
+    except FlagError as exc:
+        _fail(str(exc), 2)
 
 
 def _running_state(folder: Path) -> FleetState:
@@ -346,8 +409,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Start a fleet: Redis, the router and the replicas of a spec, supervised."""
-        spec = build_spec(
-            spec_file, run_dir_opt, set_,
+        flags = dict(
             port=port, host=host, policy=policy, model=model, served_model_name=served_model_name,
             replicas=replicas, device=device, dtype=dtype, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens, redis_url=redis_url,
@@ -356,6 +418,7 @@ def register(app: typer.Typer) -> None:
             keys=keys, admin_key=admin_key, backend=backend, ray_address=ray_address, name=name,
             max_restarts=max_restarts, ready_timeout=ready_timeout, drain_timeout=drain_timeout,
         )  # fmt: skip
+        spec = build_spec(spec_file, run_dir_opt, set_, **flags)
         if print_spec:
             from fleet.spec import dump_spec
 
@@ -367,6 +430,7 @@ def register(app: typer.Typer) -> None:
             _fail(
                 f"a fleet is already running from {folder} (pid {state.manager_pid}); `fleet down` first"
             )
+        preflight(spec, _given(flags))
         raise typer.Exit(_up(spec, folder, detach, spec.supervision.ready_timeout_s + 120))
 
     @app.command()

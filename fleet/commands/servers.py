@@ -1,7 +1,8 @@
 """`fleet replica` and `fleet router`: run one server in the foreground.
 
-They hand their arguments to `python -m replica` / `python -m router`, whose own parsers own the
-options, so fleet/ never imports the servers (they stand on fleet/, not the other way round).
+They hand their arguments to `python -m replica` / `python -m router`, typer commands of their own
+(flags shared with fleet/ in fleet.commands.server_flags), so fleet/ never imports the servers
+(they stand on fleet/, not the other way round).
 """
 
 from __future__ import annotations

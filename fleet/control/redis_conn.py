@@ -20,7 +20,6 @@ The request hot path uses the pipelined client in fleet.control.resp; everything
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import inspect
 import os
@@ -84,20 +83,6 @@ def mask_redis_url(url: str) -> str:
 def resolve_prefix(prefix: str | None = None) -> str:
     """Key prefix: explicit, then `FLEET_REDIS_PREFIX`, then "fleet" (lets fleets share a Redis)."""
     return prefix or os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
-
-
-def add_redis_url_argument(parser: argparse.ArgumentParser) -> None:
-    """`--redis-url` and `--redis-prefix` for the argparse-based servers (router, replica)."""
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get(REDIS_URL_ENV),
-        help=f"Redis of the fleet's control plane (env {REDIS_URL_ENV})",
-    )
-    parser.add_argument(
-        "--redis-prefix",
-        default=resolve_prefix(),
-        help=f"prefix of the fleet's Redis keys (env {PREFIX_ENV}, default {DEFAULT_PREFIX})",
-    )
 
 
 def async_client(

@@ -66,39 +66,6 @@ def string_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def add_tls_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument("--ssl-keyfile", help="private key of --ssl-certfile (PEM)")
-    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate chain (PEM)")
-    parser.add_argument(
-        "--ssl-ca-certs", help="CA bundle client certificates must chain to (mutual TLS)"
-    )
-    parser.add_argument(
-        "--ssl-cert-reqs",
-        type=int,
-        choices=[int(ssl.CERT_NONE), int(ssl.CERT_OPTIONAL), int(ssl.CERT_REQUIRED)],
-        help="client certificates: 0 none, 1 optional, 2 required "
-        "(default: 2 with --ssl-ca-certs, else 0)",
-    )
-
-
-def add_cors_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument(
-        "--allowed-origins",
-        type=string_list,
-        help='CORS: origins browsers may call from (JSON list or comma-separated; "*" any); '
-        "CORS is off without it",
-    )
-    parser.add_argument(
-        "--allowed-methods", type=string_list, default=["*"], help="CORS: allowed methods"
-    )
-    parser.add_argument(
-        "--allowed-headers", type=string_list, default=["*"], help="CORS: allowed request headers"
-    )
-    parser.add_argument(
-        "--allow-credentials", action="store_true", help="CORS: allow cookies and credentials"
-    )
-
-
 def tls_from_args(args: argparse.Namespace) -> TLSSettings | None:
     if not args.ssl_certfile:
         if args.ssl_keyfile or args.ssl_ca_certs:

@@ -100,7 +100,7 @@ def _replica_args(container: dict):
 
 
 def test_router_deployment_probes_prestop_and_keys() -> None:
-    from router.__main__ import build_parser
+    from router.__main__ import parse_args
 
     router = _workloads()["fleet-router"]
     (container,) = _containers(router)
@@ -108,7 +108,7 @@ def test_router_deployment_probes_prestop_and_keys() -> None:
     _health_probe(container, "livenessProbe")
     assert container["lifecycle"]["preStop"]["exec"]["command"]
     assert container["args"][0] == "router"
-    args = build_parser().parse_args(container["args"][1:])
+    args = parse_args(container["args"][1:])
     assert args.policy == "prefix"
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     assert env["FLEET_ADMIN_KEY"]["key"] == "admin-key"

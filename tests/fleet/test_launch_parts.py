@@ -82,7 +82,7 @@ def test_replica_launch_line_is_what_the_replica_parser_accepts() -> None:
     args = parse_args(argv[3:])
     assert (args.model, args.served_model_name, args.replica_id) == (
         "/models/tiny",
-        "tiny",
+        ["tiny"],
         "tiny-1",
     )
     assert (args.host, args.port, args.device) == ("0.0.0.0", 8123, "cpu")

@@ -71,9 +71,9 @@ def test_two_router_processes_agree_on_prefix_placement(router_processes, replic
 
 
 def test_limit_flags_reach_the_config() -> None:
-    from router.__main__ import build_parser, config_from_args
+    from router.__main__ import config_from_args, parse_args
 
     args = ["--replica", "http://r:1", "--max-body-bytes", "1024", "--max-answer-bytes", "2048"]
-    config = config_from_args(build_parser().parse_args([*args, "--metrics-key", "scrape"]))
+    config = config_from_args(parse_args([*args, "--metrics-key", "scrape"]))
     assert (config.max_body_bytes, config.max_answer_bytes) == (1024, 2048)
     assert config.metrics_key == "scrape"

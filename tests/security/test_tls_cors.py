@@ -246,12 +246,12 @@ async def test_replica_cors_preflight_and_answers(tls_replica: str, certs: Certs
 
 def test_router_and_replica_flags_build_tls_and_cors_settings() -> None:
     from replica.__main__ import parse_args as replica_args
-    from router.__main__ import build_parser, config_from_args, main
+    from router.__main__ import config_from_args, main, parse_args
 
     tls_flags = ["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem", "--ssl-ca-certs", "ca.pem"]
     cors_flags = ["--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST"]
     config = config_from_args(
-        build_parser().parse_args(
+        parse_args(
             ["--replica", "https://r:1", "--upstream-ca-certs", "up.pem", "--max-connections",
              "50", *tls_flags, *cors_flags]
         )
@@ -260,7 +260,7 @@ def test_router_and_replica_flags_build_tls_and_cors_settings() -> None:
     assert config.tls.verify_mode == ssl.CERT_REQUIRED  # a client CA means client certs
     assert config.cors == CORSSettings(("https://a.example",), ("GET", "POST"), ("*",), False)
     assert config.pool.ca_certs == "up.pem" and config.max_connections == 50
-    defaults = config_from_args(build_parser().parse_args(["--replica", "http://r:1"]))
+    defaults = config_from_args(parse_args(["--replica", "http://r:1"]))
     assert defaults.tls is None and defaults.cors is None  # both off unless asked for
     with pytest.raises(SystemExit):
         main(["--replica", "http://r:1", "--ssl-keyfile", "k.pem"])  # a key without a cert
