@@ -26,9 +26,10 @@ def usage_of_answer(body: bytes) -> dict | None:
         end = body.find(b"}", end + 1)
         if end < 0:
             return None
-        try:
-            usage = orjson.loads(body[start : end + 1])
-        except orjson.JSONDecodeError:
-            continue
-        return usage if isinstance(usage, dict) else None
+        if body.count(b"{", start, end) == body.count(b"}", start, end + 1):  # balanced
+            try:
+                usage = orjson.loads(body[start : end + 1])
+            except orjson.JSONDecodeError:
+                return None
+            return usage if isinstance(usage, dict) else None
     return None
