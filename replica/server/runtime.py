@@ -92,8 +92,12 @@ class ReplicaRuntime:
         self.auth = Auth(settings.api_key, None, internal_key=settings.internal_key)
         self.texts: TokenTexts | None = None
         self.lease: MembershipLease | None = None
+        # A burst as large as the waiting queue may prepare its prompts at once (each job waits
+        # for a thread within the prompt budget); only beyond that is the replica too busy.
         self.prompts = PromptWorker(
-            settings.prompt_workers, settings.prompt_timeout_s, max_jobs=4 * settings.prompt_workers
+            settings.prompt_workers,
+            settings.prompt_timeout_s,
+            max_jobs=max(4 * settings.prompt_workers, settings.max_waiting or 1024),
         )
         self.limits: PromptLimits | None = None
         self.chat_template: str | None = None
