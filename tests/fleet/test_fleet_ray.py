@@ -81,7 +81,9 @@ def test_one_replica_per_gpu_across_nodes(fleet: RunningFleet) -> None:
     assert fleet.chat()["usage"]["completion_tokens"] >= 1
 
 
-def test_lost_node_leaves_membership_and_router(fleet: RunningFleet, cluster: Cluster) -> None:
+def _lose_a_node(fleet: RunningFleet, cluster: Cluster) -> tuple[set[str], set[str]]:
+    """Remove the node of the first replica; (its replicas' ids, the others') once the router
+    has dropped them."""
     rows = fleet.status()["replicas"]
     lost_node_id = rows[0]["node_id"]
     lost = {r["id"] for r in rows if r["node_id"] == lost_node_id}
@@ -91,6 +93,11 @@ def test_lost_node_leaves_membership_and_router(fleet: RunningFleet, cluster: Cl
     cluster.remove_node(node)
     wait_for(lambda: _router_ids(fleet) == kept, 60, "the router to drop the lost replicas")
     print(f"router dropped the lost node's replicas after {time.monotonic() - began:.1f}s")
+    return lost, kept
+
+
+def test_lost_node_leaves_membership_and_router(fleet: RunningFleet, cluster: Cluster) -> None:
+    lost, kept = _lose_a_node(fleet, cluster)
     assert {m.id for m in list_replicas_sync(fleet.state["redis_url"])} == kept
     for _ in range(6):  # only the surviving replicas get requests, and none fails
         fleet.chat()
@@ -102,6 +109,8 @@ def test_lost_node_leaves_membership_and_router(fleet: RunningFleet, cluster: Cl
 
 @pytest.mark.slow
 def test_new_node_takes_the_lost_replicas(fleet: RunningFleet, cluster: Cluster) -> None:
+    if all(r["state"] == "ready" for r in fleet.status()["replicas"]):
+        _lose_a_node(fleet, cluster)  # run on its own (`-m slow`): no node was lost before it
     before = {r["name"]: r["node_id"] for r in fleet.status()["replicas"]}
     cluster.add_node(num_cpus=2, num_gpus=2)  # a new host: Ray restarts the actors there
     began = time.monotonic()
