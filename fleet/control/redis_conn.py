@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -83,6 +83,22 @@ def mask_redis_url(url: str) -> str:
 def resolve_prefix(prefix: str | None = None) -> str:
     """Key prefix: explicit, then `FLEET_REDIS_PREFIX`, then "fleet" (lets fleets share a Redis)."""
     return prefix or os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
+
+
+def url_of(client: aioredis.Redis) -> str:
+    """A URL for the hot-path client from a redis-py client's connection settings (TLS kept)."""
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    if kw.get("path"):
+        return f"unix://{kw['path']}"
+    auth = ""
+    if kw.get("password"):
+        auth = f"{quote(kw.get('username') or '')}:{quote(kw['password'], safe='')}@"
+    tls = issubclass(pool.connection_class, aioredis.SSLConnection)
+    query = {k: kw[k] for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if kw.get(k)}
+    where = f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    url = f"{'rediss' if tls else 'redis'}://{auth}{where}"
+    return f"{url}?{urlencode(query)}" if query else url
 
 
 def async_client(
