@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,7 +27,8 @@ from rich.live import Live
 from rich.text import Text
 
 from fleet.commands.preflight import FlagError, check_model, check_port, check_redis_reachable
-from fleet.control.redis_conn import mask_redis_url
+from fleet.control.keys import ADMIN_KEY_ENV
+from fleet.control.redis_conn import REDIS_URL_ENV, mask_redis_url
 from fleet.launch import control
 from fleet.launch.state import CONTROL_SOCKET, ERROR_FILE, SPEC_FILE, FleetState
 from fleet.spec import FleetSpec, SpecError, load_spec, parse_assignment, run_dir
@@ -37,12 +38,15 @@ from fleet.spec import FleetSpec, SpecError, load_spec, parse_assignment, run_di
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False)
 
-RUN_DIR_HELP = (
-    "Run folder of the fleet (state, logs); default $FLEET_HOME or ~/.cache/fleetserve/run."
+# Options several commands take, declared once.
+RUN_DIR = typer.Option(
+    None,
+    "--run-dir",
+    help="Run folder of the fleet (state, logs); default $FLEET_HOME or ~/.cache/fleetserve/run.",
 )
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr (never wrapped at 80 columns, the message never read as markup)."""
     err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
@@ -112,7 +116,6 @@ def build_spec(
         return load_spec(spec_file, overrides)
     except SpecError as exc:
         _fail(_one_line(str(exc), spec_file, sets, _given(flags)), 2)
-        raise  # unreachable: _fail exits
 
 
 def _one_line(message: str, spec_file: Path | None, sets: list[str], flags: dict[str, Any]) -> str:
@@ -173,7 +176,6 @@ def _running_state(folder: Path) -> FleetState:
     state = FleetState.load(folder)
     if state is None:
         _fail(f"no fleet is running from {folder} (start one with `fleet up`)")
-    assert state is not None
     if not state.manager_alive():
         _fail(
             f"the fleet manager (pid {state.manager_pid}) of {folder} is gone; "
@@ -286,7 +288,6 @@ def _wait_until_ready(daemon: subprocess.Popen, folder: Path, timeout: float) ->
             time.sleep(0.5)
     _stop_manager(daemon, folder)
     _fail(f"the fleet was not ready within {timeout:.0f}s; see {folder}/logs")
-    raise AssertionError("unreachable")
 
 
 def _watch(state: FleetState, daemon: subprocess.Popen) -> None:
@@ -342,203 +343,176 @@ def _plain(markup: str) -> str:
         return markup
 
 
-def _progress_line(state: FleetState) -> str:
-    try:
-        status = control.call(state.control_socket, "status", timeout=5.0)
-    except (OSError, control.ControlError, ValueError):
-        return "starting the fleet…"
-    rows = status.get("replicas", [])
-    ready = sum(1 for r in rows if r.get("state") == "ready")
-    return f"starting the fleet… replicas ready {ready}/{len(rows)}"
-
-
 def _log_tail(folder: Path, lines: int = 30) -> str:
     from fleet.launch.process import tail
 
     return tail(folder / "logs" / "manager.log", lines)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def up(
-        spec_file: Path = typer.Argument(None, help="Fleet spec (YAML); none: the default fleet."),
-        port: int = typer.Option(None, "--port", "-p", help="Router port (router.port, 8000)."),
-        host: str = typer.Option(None, help="Router bind address (router.host, 127.0.0.1)."),
-        policy: str = typer.Option(None, help="prefix, least-load or round-robin (router.policy)."),
-        model: str = typer.Option(
-            None, "--model", "-m", help="Model folder or HF id (models.*.path)."
-        ),
-        served_model_name: str = typer.Option(None, help="Name clients use for the model."),
-        replicas: str = typer.Option(None, "--replicas", "-n", help="Replicas per model, or auto."),
-        device: str = typer.Option(None, help="auto, cpu or cuda (models.*.device)."),
-        dtype: str = typer.Option(None, help="auto, float32, float16 or bfloat16."),
-        max_model_len: int = typer.Option(None, help="Context length per replica."),
-        max_num_seqs: int = typer.Option(None, help="Concurrent sequences per replica."),
-        kv_cache_tokens: int = typer.Option(None, help="KV cache size per replica, in tokens."),
-        max_num_batched_tokens: int = typer.Option(None, help="Token budget of one engine step."),
-        block_size: int = typer.Option(None, help="KV cache block size, in tokens."),
-        cpu_replicas: int = typer.Option(None, help="What replicas=auto means without GPUs (2)."),
-        replica_arg: list[str] = typer.Option(
-            [],
-            "--replica-arg",
-            help="Extra `fleet replica` flag (repeatable): --replica-arg=--seed=1",
-        ),
-        router_arg: list[str] = typer.Option(
-            [], "--router-arg", help="Extra `fleet router` flag (repeatable)."
-        ),
-        redis_url: str = typer.Option(
-            None, envvar="FLEET_REDIS_URL", help="Use this Redis instead of an embedded one."
-        ),
-        keys: bool = typer.Option(None, "--keys/--no-keys", help="Require API keys (default on)."),
-        admin_key: str = typer.Option(None, envvar="FLEET_ADMIN_KEY", help="Admin key to use."),
-        backend: str = typer.Option(None, help="local or ray."),
-        ray_address: str = typer.Option(None, help="Ray cluster address (backend ray)."),
-        name: str = typer.Option(None, help="Fleet name (Ray actor names)."),
-        max_restarts: int = typer.Option(None, help="Quick crashes in a row before giving up."),
-        ready_timeout: float = typer.Option(None, help="Seconds a replica may take to load."),
-        drain_timeout: float = typer.Option(None, help="Seconds a stop waits for drains."),
-        set_: list[str] = typer.Option(
-            [], "--set", help="Any spec field: --set models.0.replicas=3"
-        ),
-        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
-        detach: bool = typer.Option(
-            False, "--detach", "-d", help="Return once ready; run in the background."
-        ),
-        print_spec: bool = typer.Option(
-            False, "--print-spec", help="Print the resolved spec and exit."
-        ),
-    ) -> None:
-        """Start a fleet: Redis, the router and the replicas of a spec, supervised."""
-        flags = dict(
-            port=port, host=host, policy=policy, model=model, served_model_name=served_model_name,
-            replicas=replicas, device=device, dtype=dtype, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens, redis_url=redis_url,
-            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            cpu_replicas=cpu_replicas, replica_arg=replica_arg, router_arg=router_arg,
-            keys=keys, admin_key=admin_key, backend=backend, ray_address=ray_address, name=name,
-            max_restarts=max_restarts, ready_timeout=ready_timeout, drain_timeout=drain_timeout,
-        )  # fmt: skip
-        spec = build_spec(spec_file, run_dir_opt, set_, **flags)
-        if print_spec:
-            from fleet.spec import dump_spec
+def up(
+    spec_file: Path = typer.Argument(None, help="Fleet spec (YAML); none: the default fleet."),
+    port: int = typer.Option(None, "--port", "-p", help="Router port (router.port, 8000)."),
+    host: str = typer.Option(None, help="Router bind address (router.host, 127.0.0.1)."),
+    policy: str = typer.Option(None, help="prefix, least-load or round-robin (router.policy)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model folder or HF id (models.*.path)."),
+    served_model_name: str = typer.Option(None, help="Name clients use for the model."),
+    replicas: str = typer.Option(None, "--replicas", "-n", help="Replicas per model, or auto."),
+    device: str = typer.Option(None, help="auto, cpu or cuda (models.*.device)."),
+    dtype: str = typer.Option(None, help="auto, float32, float16 or bfloat16."),
+    max_model_len: int = typer.Option(None, help="Context length per replica."),
+    max_num_seqs: int = typer.Option(None, help="Concurrent sequences per replica."),
+    kv_cache_tokens: int = typer.Option(None, help="KV cache size per replica, in tokens."),
+    max_num_batched_tokens: int = typer.Option(None, help="Token budget of one engine step."),
+    block_size: int = typer.Option(None, help="KV cache block size, in tokens."),
+    cpu_replicas: int = typer.Option(None, help="What replicas=auto means without GPUs (2)."),
+    replica_arg: list[str] = typer.Option(
+        [],
+        "--replica-arg",
+        help="Extra `fleet replica` flag (repeatable): --replica-arg=--seed=1",
+    ),
+    router_arg: list[str] = typer.Option(
+        [], "--router-arg", help="Extra `fleet router` flag (repeatable)."
+    ),
+    redis_url: str = typer.Option(
+        None, envvar=REDIS_URL_ENV, help="Use this Redis instead of an embedded one."
+    ),
+    keys: bool = typer.Option(None, "--keys/--no-keys", help="Require API keys (default on)."),
+    admin_key: str = typer.Option(None, envvar=ADMIN_KEY_ENV, help="Admin key to use."),
+    backend: str = typer.Option(None, help="local or ray."),
+    ray_address: str = typer.Option(None, help="Ray cluster address (backend ray)."),
+    name: str = typer.Option(None, help="Fleet name (Ray actor names)."),
+    max_restarts: int = typer.Option(None, help="Quick crashes in a row before giving up."),
+    ready_timeout: float = typer.Option(None, help="Seconds a replica may take to load."),
+    drain_timeout: float = typer.Option(None, help="Seconds a stop waits for drains."),
+    set_: list[str] = typer.Option([], "--set", help="Any spec field: --set models.0.replicas=3"),
+    run_dir_opt: Path = RUN_DIR,
+    detach: bool = typer.Option(
+        False, "--detach", "-d", help="Return once ready; run in the background."
+    ),
+    print_spec: bool = typer.Option(
+        False, "--print-spec", help="Print the resolved spec and exit."
+    ),
+) -> None:
+    """Start a fleet: Redis, the router and the replicas of a spec, supervised."""
+    # Every parameter named in SPEC_PATHS overrides its spec field (read before any local is set).
+    flags = {flag: value for flag, value in locals().items() if flag in SPEC_PATHS}
+    spec = build_spec(spec_file, run_dir_opt, set_, **flags)
+    if print_spec:
+        from fleet.spec import dump_spec
 
-            console.print(dump_spec(spec), end="")
-            return
-        folder = spec.resolved_run_dir()
-        state = FleetState.load(folder)
-        if state is not None and state.manager_alive():
-            _fail(
-                f"a fleet is already running from {folder} (pid {state.manager_pid}); `fleet down` first"
+        console.print(dump_spec(spec), end="")
+        return
+    folder = spec.resolved_run_dir()
+    state = FleetState.load(folder)
+    if state is not None and state.manager_alive():
+        _fail(
+            f"a fleet is already running from {folder} (pid {state.manager_pid}); `fleet down` first"
+        )
+    preflight(spec, _given(flags))
+    raise typer.Exit(_up(spec, folder, detach, spec.supervision.ready_timeout_s + 120))
+
+
+def down(
+    run_dir_opt: Path = RUN_DIR,
+    timeout: float = typer.Option(120.0, help="Seconds to wait for the drain before killing."),
+) -> None:
+    """Stop a fleet: drain replicas, stop router and Redis; no process or membership is left."""
+    from fleet.launch.teardown import teardown
+
+    folder = run_dir(run_dir_opt)
+    state = FleetState.load(folder)
+    if state is None:
+        console.print(f"no fleet is running from {folder}")
+        return
+    for line in teardown(state, timeout):
+        console.print(line)
+    console.print("[green]fleet stopped[/]")
+
+
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    redis_url: str = typer.Option(
+        None, envvar=REDIS_URL_ENV, help="Read a fleet that `fleet up` did not start."
+    ),
+    router_url: str = typer.Option(None, help="With --redis-url: the router to ask."),
+    admin_key: str = typer.Option(None, envvar=ADMIN_KEY_ENV, help="For the router's view."),
+    run_dir_opt: Path = RUN_DIR,
+) -> None:
+    """Per-replica table (state, load, KV, prefix hits, direct URL) plus the router's view."""
+    from fleet.launch.view import fleet_view
+
+    folder = run_dir(run_dir_opt)
+    state = FleetState.load(folder)
+    if state is not None and state.manager_alive():
+        result = _call(state, "status", quiet=True)
+    elif redis_url:
+        from fleet.launch.status import collect_status
+
+        result = asyncio.run(
+            collect_status(
+                redis_url=redis_url,
+                router_url=router_url,
+                admin_key=admin_key,
+                fleet={"name": "external", "phase": "-"},
             )
-        preflight(spec, _given(flags))
-        raise typer.Exit(_up(spec, folder, detach, spec.supervision.ready_timeout_s + 120))
+        )
+    else:
+        _running_state(folder)
+        return
+    if as_json:
+        typer.echo(json.dumps(plain_events(result), indent=2))
+    else:
+        console.print(fleet_view(result))
 
-    @app.command()
-    def down(
-        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
-        timeout: float = typer.Option(120.0, help="Seconds to wait for the drain before killing."),
-    ) -> None:
-        """Stop a fleet: drain replicas, stop router and Redis; no process or membership is left."""
-        from fleet.launch.teardown import teardown
 
-        folder = run_dir(run_dir_opt)
-        state = FleetState.load(folder)
-        if state is None:
-            console.print(f"no fleet is running from {folder}")
-            return
-        for line in teardown(state, timeout):
-            console.print(line)
-        console.print("[green]fleet stopped[/]")
-
-    @app.command()
-    def status(
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-        redis_url: str = typer.Option(
-            None, envvar="FLEET_REDIS_URL", help="Read a fleet that `fleet up` did not start."
-        ),
-        router_url: str = typer.Option(None, help="With --redis-url: the router to ask."),
-        admin_key: str = typer.Option(
-            None, envvar="FLEET_ADMIN_KEY", help="For the router's view."
-        ),
-        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
-    ) -> None:
-        """Per-replica table (state, load, KV, prefix hits, direct URL) plus the router's view."""
-        from fleet.launch.view import fleet_view
-
-        folder = run_dir(run_dir_opt)
-        state = FleetState.load(folder)
-        if state is not None and state.manager_alive():
-            result = _call(state, "status", quiet=True)
-        elif redis_url:
-            from fleet.launch.status import collect_status
-
-            result = asyncio.run(
-                collect_status(
-                    redis_url=redis_url,
-                    router_url=router_url,
-                    admin_key=admin_key,
-                    fleet={"name": "external", "phase": "-"},
-                )
-            )
-        else:
-            _running_state(folder)
-            return
-        if as_json:
-            typer.echo(json.dumps(plain_events(result), indent=2))
-        else:
-            console.print(fleet_view(result))
-
-    @app.command()
-    def logs(
-        replica: str = typer.Argument(
-            None, help="Replica name (e.g. tiny-0) or 'router'; none: all."
-        ),
-        lines: int = typer.Option(100, "--lines", "-n", help="Last lines to show."),
-        follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
-        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
-    ) -> None:
-        """Show a replica's (or the router's) log."""
-        folder = run_dir(run_dir_opt)
-        state = FleetState.load(folder)
-        if state is not None and state.manager_alive():
-            result = _call(state, "logs", {"replica": replica, "lines": lines}, quiet=True)
-            for name, text in result.items():
-                if len(result) > 1:
-                    console.print(f"[bold]==> {name} <==[/]")
-                typer.echo(text, nl=False)
-            if follow:
-                _follow(folder, replica)
-            return
-        log_file = folder / "logs" / f"{replica or 'manager'}.log"
-        if not log_file.exists():
-            _fail(f"no fleet is running from {folder} and there is no {log_file}")
-        from fleet.launch.process import tail
-
-        typer.echo(tail(log_file, lines), nl=False)
+def logs(
+    replica: str = typer.Argument(None, help="Replica name (e.g. tiny-0) or 'router'; none: all."),
+    lines: int = typer.Option(100, "--lines", "-n", help="Last lines to show."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    run_dir_opt: Path = RUN_DIR,
+) -> None:
+    """Show a replica's (or the router's) log."""
+    folder = run_dir(run_dir_opt)
+    state = FleetState.load(folder)
+    if state is not None and state.manager_alive():
+        result = _call(state, "logs", {"replica": replica, "lines": lines}, quiet=True)
+        for name, text in result.items():
+            if len(result) > 1:
+                console.print(f"[bold]==> {name} <==[/]")
+            typer.echo(text, nl=False)
         if follow:
             _follow(folder, replica)
+        return
+    log_file = folder / "logs" / f"{replica or 'manager'}.log"
+    if not log_file.exists():
+        _fail(f"no fleet is running from {folder} and there is no {log_file}")
+    from fleet.launch.process import tail
 
-    @app.command()
-    def restart(
-        replica: str = typer.Argument(None, help="Only this replica; none: every replica."),
-        model: str = typer.Option(None, "--model", "-m", help="Only the replicas of this model."),
-        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
-    ) -> None:
-        """Rolling restart: drain one replica, restart it, wait until it serves, then the next."""
-        state = _running_state(run_dir(run_dir_opt))
-        result = _call(state, "restart", {"replica": replica, "model": model})
-        console.print(f"[green]restarted[/] {', '.join(result['restarted'])}")
+    typer.echo(tail(log_file, lines), nl=False)
+    if follow:
+        _follow(folder, replica)
 
-    @app.command()
-    def scale(
-        model: str = typer.Argument(..., help="Served model name."),
-        replicas: int = typer.Argument(..., min=0, help="Replicas wanted."),
-        run_dir_opt: Path = typer.Option(None, "--run-dir", help=RUN_DIR_HELP),
-    ) -> None:
-        """Add replicas of a model (waits until they serve) or drain and stop some."""
-        state = _running_state(run_dir(run_dir_opt))
-        result = _call(state, "scale", {"model": model, "replicas": replicas})
-        console.print(f"[green]{result['model']}[/]: {result['replicas']} replicas")
+
+def restart(
+    replica: str = typer.Argument(None, help="Only this replica; none: every replica."),
+    model: str = typer.Option(None, "--model", "-m", help="Only the replicas of this model."),
+    run_dir_opt: Path = RUN_DIR,
+) -> None:
+    """Rolling restart: drain one replica, restart it, wait until it serves, then the next."""
+    state = _running_state(run_dir(run_dir_opt))
+    result = _call(state, "restart", {"replica": replica, "model": model})
+    console.print(f"[green]restarted[/] {', '.join(result['restarted'])}")
+
+
+def scale(
+    model: str = typer.Argument(..., help="Served model name."),
+    replicas: int = typer.Argument(..., min=0, help="Replicas wanted."),
+    run_dir_opt: Path = RUN_DIR,
+) -> None:
+    """Add replicas of a model (waits until they serve) or drain and stop some."""
+    state = _running_state(run_dir(run_dir_opt))
+    result = _call(state, "scale", {"model": model, "replicas": replicas})
+    console.print(f"[green]{result['model']}[/]: {result['replicas']} replicas")
 
 
 def _follow(folder: Path, replica: str | None) -> None:
@@ -558,3 +532,8 @@ def _follow(folder: Path, replica: str | None) -> None:
         return
     except OSError as exc:
         _fail(f"cannot follow {path}: {exc}")
+
+
+def register(app: typer.Typer) -> None:
+    for command in (up, down, status, logs, restart, scale):
+        app.command()(command)
