@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fleet.commands import bench, fleet_ops, keys, models, register, servers
+from fleet.commands import bench, external, fleet_ops, keys, models, servers
 
 app = typer.Typer(
     name="fleet",
@@ -18,7 +18,7 @@ servers.register(app)
 fleet_ops.register(app)
 bench.register(app)
 keys.register(app)
-register.register(app)
+external.register(app)
 
 
 def main() -> None:

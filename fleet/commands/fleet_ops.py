@@ -29,8 +29,8 @@ from rich.text import Text
 from fleet.commands.preflight import FlagError, check_model, check_port, check_redis_reachable
 from fleet.control.keys import ADMIN_KEY_ENV
 from fleet.control.redis_conn import REDIS_URL_ENV, mask_redis_url
-from fleet.launch import control
-from fleet.launch.state import CONTROL_SOCKET, ERROR_FILE, SPEC_FILE, FleetState
+from fleet.launch import manager_socket
+from fleet.launch.state import ERROR_FILE, MANAGER_SOCKET, SPEC_FILE, FleetState
 from fleet.spec import FleetSpec, SpecError, load_spec, parse_assignment, run_dir
 
 # Piped output (logs, CI, grep) is not held to rich's default 80 columns, where the status tables
@@ -187,11 +187,11 @@ def _running_state(folder: Path) -> FleetState:
 def _call(state: FleetState, op: str, args: dict | None = None, quiet: bool = False) -> Any:
     printer = None if quiet else (lambda m: console.print(f"[cyan]•[/] {m}"))
     try:
-        return control.call(state.control_socket, op, args, on_progress=printer)
-    except control.ControlError as exc:
+        return manager_socket.call(state.manager_socket, op, args, on_progress=printer)
+    except manager_socket.ManagerError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot reach the fleet manager at {state.control_socket}: {exc}")
+        _fail(f"cannot reach the fleet manager at {state.manager_socket}: {exc}")
 
 
 def print_ready(state: FleetState) -> None:
@@ -304,8 +304,8 @@ def _watch(state: FleetState, daemon: subprocess.Popen) -> None:
 
 def _status_or_none(state: FleetState) -> dict | None:
     try:
-        return control.call(state.control_socket, "status", timeout=10.0)
-    except (OSError, control.ControlError, ValueError):
+        return manager_socket.call(state.manager_socket, "status", timeout=10.0)
+    except (OSError, manager_socket.ManagerError, ValueError):
         return None
 
 
@@ -313,8 +313,8 @@ def _stop_manager(daemon: subprocess.Popen, folder: Path) -> int:
     """Ask for an orderly stop (drain, then stop), then wait for it; Ctrl-C again stops waiting."""
     if daemon.poll() is None:
         try:
-            control.call(folder / CONTROL_SOCKET, "stop", timeout=10.0)
-        except (OSError, control.ControlError, ValueError):
+            manager_socket.call(folder / MANAGER_SOCKET, "stop", timeout=10.0)
+        except (OSError, manager_socket.ManagerError, ValueError):
             daemon.send_signal(signal.SIGTERM)
     with contextlib.suppress(OSError):
         try:

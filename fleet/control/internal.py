@@ -16,7 +16,7 @@ import sys
 from urllib.parse import urlsplit
 
 INTERNAL_SECRET_ENV = "FLEET_INTERNAL_SECRET"
-KEY_PREFIX = "sk-fleet-replica-"
+REPLICA_KEY_PREFIX = "sk-fleet-replica-"
 # What deploy/k8s/secrets.yaml ships with; a process that still sees it refuses to start.
 PLACEHOLDER = "REPLACE-ME"
 
@@ -26,7 +26,7 @@ def replica_key(secret: str, replica_id: str) -> str:
     mac = hmac.new(
         secret.encode(), b"fleetserve-replica-key\0" + replica_id.encode(), hashlib.sha256
     )
-    return KEY_PREFIX + mac.hexdigest()
+    return REPLICA_KEY_PREFIX + mac.hexdigest()
 
 
 def is_replica_key(presented: str | None, secret: str | None, replica_id: str | None) -> bool:

@@ -1,7 +1,7 @@
 """`python -m fleet.launch.daemon RUN_DIR [PARENT_PID]`: the fleet manager process behind `fleet up`.
 
 It reads the spec that `fleet up` wrote to RUN_DIR/spec.json and runs the fleet until `fleet down`
-(control socket or SIGTERM), or, for a foreground `fleet up`, until PARENT_PID exits. It runs in its
+(manager socket or SIGTERM), or, for a foreground `fleet up`, until PARENT_PID exits. It runs in its
 own session so a Ctrl-C in the terminal reaches only `fleet up`, which then asks for an orderly
 stop. Its own output goes to RUN_DIR/logs/manager.log.
 """

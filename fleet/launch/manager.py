@@ -2,7 +2,7 @@
 performs the operations behind `fleet status / restart / scale / down` until told to stop.
 
 It runs in the foreground under `fleet up`, or as a background process (`fleet up --detach`, see
-fleet.launch.daemon); either way it records the fleet in a state file and answers on a control
+fleet.launch.daemon); either way it records the fleet in a state file and answers on its
 socket in the run folder. Replica servers register themselves in Redis membership once healthy;
 the manager only starts, watches and stops processes (or Ray actors) and reads what they publish.
 
@@ -32,8 +32,8 @@ from fleet.control.internal import INTERNAL_SECRET_ENV
 from fleet.control.keys import KeyAdmin, admin_key_from_env, new_admin_key
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS, REDIS_URL_ENV, async_client, mask_redis_url
 from fleet.embedded_redis import EmbeddedRedis
-from fleet.launch.control import ControlError, ControlServer, Progress
 from fleet.launch.local import LocalBackend
+from fleet.launch.manager_socket import ManagerError, ManagerSocket, Progress
 from fleet.launch.process import ProcessSpec
 from fleet.launch.replicas import ReplicaHandle, ReplicaLaunch
 from fleet.launch.scrape import write_scrape_targets
@@ -68,7 +68,7 @@ class FleetManager:
         self.model_paths: dict[str, str] = {}
         self.backend = None
         self.state: FleetState | None = None
-        self.control: ControlServer | None = None
+        self.socket: ManagerSocket | None = None
         self._stop = asyncio.Event()
         self._ops = asyncio.Lock()
         self._next_index: dict[str, int] = {}
@@ -129,8 +129,8 @@ class FleetManager:
             spec=self.spec.model_dump(mode="json"),
         )
         self._save()
-        self.control = ControlServer(self.state.control_socket, self._handlers())
-        await self.control.start()
+        self.socket = ManagerSocket(self.state.manager_socket, self._handlers())
+        await self.socket.start()
         await self._resolve_models()
         await self._start_router()
         for index, model in enumerate(self.spec.models):
@@ -314,8 +314,8 @@ class FleetManager:
         await self._remove_stale_members()
         if self.backend is not None:
             await self.backend.close()
-        if self.control is not None:
-            await self.control.close()
+        if self.socket is not None:
+            await self.socket.close()
         if self.redis is not None:
             await asyncio.to_thread(self.redis.stop)
         FleetState.remove(self.run_dir)
@@ -414,7 +414,7 @@ class FleetManager:
             return targets
         handle = self.replicas.get(name) or self._by_member_id(name)
         if handle is None:
-            raise ControlError(f"no replica {name!r}; known: {', '.join(self.replicas) or 'none'}")
+            raise ManagerError(f"no replica {name!r}; known: {', '.join(self.replicas) or 'none'}")
         return {handle.name: await handle.logs(lines)}
 
     def _by_member_id(self, name: str) -> ReplicaHandle | None:
@@ -434,7 +434,7 @@ class FleetManager:
                 if (model is None or h.model == model) and (replica is None or h.name == replica)
             ]
             if not targets:
-                raise ControlError("nothing to restart: no replica matches")
+                raise ManagerError("nothing to restart: no replica matches")
             timings = {}
             for handle in targets:
                 began = time.monotonic()
@@ -443,9 +443,9 @@ class FleetManager:
                 progress(f"restarting {handle.name}")
                 if not await handle.restart(self.policy.ready_timeout_s):
                     snap = await handle.snapshot()
-                    raise ControlError(self._failure(handle.name, snap.get("crash_report")))
+                    raise ManagerError(self._failure(handle.name, snap.get("crash_report")))
                 if not await self._wait_member(handle, 60.0):
-                    raise ControlError(f"{handle.name} restarted but did not rejoin membership")
+                    raise ManagerError(f"{handle.name} restarted but did not rejoin membership")
                 await self._router_admin("undrain", handle)
                 await self._router_sees(handle)
                 timings[handle.name] = round(time.monotonic() - began, 2)
@@ -492,14 +492,14 @@ class FleetManager:
     async def scale(self, model: str, replicas: int, progress: Progress = print) -> dict:
         """Add replicas (started, waited for) or drain and stop the newest ones."""
         if replicas < 0:
-            raise ControlError("the replica count must be 0 or more")
+            raise ManagerError("the replica count must be 0 or more")
         async with self._ops:
             try:
                 index = self.spec.find_model(model)
             except ValueError:
                 index = self.model_names.index(model) if model in self.model_names else -1
                 if index < 0:
-                    raise ControlError(
+                    raise ManagerError(
                         f"no model named {model!r}; this fleet serves {', '.join(self.model_names)}"
                     ) from None
             name = self.model_names[index]

@@ -1,6 +1,6 @@
 """Run a fleet manager from start to stop: the body of the manager process (fleet.launch.daemon).
 
-Signals, the control socket's `stop`, and (for a foreground `fleet up`) the death of the terminal
+Signals, the manager socket's `stop`, and (for a foreground `fleet up`) the death of the terminal
 process that started it all end in the same orderly shutdown: replicas drain, then the router and
 Redis stop, then the state file goes.
 """

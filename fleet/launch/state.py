@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 STATE_FILE = "state.json"
-CONTROL_SOCKET = "control.sock"
+MANAGER_SOCKET = "control.sock"  # the manager's socket (fleet.launch.manager_socket)
 SPEC_FILE = "spec.json"  # what `fleet up` hands the manager process
 ERROR_FILE = "startup-error.txt"  # why a fleet did not start, for `fleet up` to print
 SCRAPE_TARGETS = "prometheus-targets.json"  # Prometheus file_sd targets (fleet.launch.scrape)
@@ -55,8 +55,8 @@ class FleetState:
     spec: dict = field(default_factory=dict)
 
     @property
-    def control_socket(self) -> Path:
-        return Path(self.run_dir) / CONTROL_SOCKET
+    def manager_socket(self) -> Path:
+        return Path(self.run_dir) / MANAGER_SOCKET
 
     def save(self) -> None:
         folder = Path(self.run_dir)
@@ -82,7 +82,7 @@ class FleetState:
 
     @staticmethod
     def remove(run_dir: Path) -> None:
-        for name in (STATE_FILE, CONTROL_SOCKET, SCRAPE_TARGETS):
+        for name in (STATE_FILE, MANAGER_SOCKET, SCRAPE_TARGETS):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
 

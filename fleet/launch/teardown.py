@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from fleet.control import membership
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS, async_client
-from fleet.launch import control
+from fleet.launch import manager_socket
 from fleet.launch.process import signal_group
 from fleet.launch.state import FleetState, ProcessRecord, pid_alive
 
@@ -29,8 +29,8 @@ def teardown(state: FleetState, timeout: float = 120.0) -> Iterator[str]:
     if state.manager_alive():
         yield f"asking the fleet manager (pid {state.manager_pid}) to drain and stop"
         try:
-            control.call(state.control_socket, "stop", timeout=10.0)
-        except (OSError, control.ControlError):
+            manager_socket.call(state.manager_socket, "stop", timeout=10.0)
+        except (OSError, manager_socket.ManagerError):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.manager_pid, signal.SIGTERM)
         clean = _wait_gone([state.manager_pid], timeout)

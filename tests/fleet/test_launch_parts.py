@@ -16,7 +16,7 @@ from rich.console import Console
 from fleet.control import membership
 from fleet.control.redis_conn import async_client
 from fleet.embedded_redis import free_port
-from fleet.launch import control
+from fleet.launch import manager_socket
 from fleet.launch.process import ChildProcess, ProcessSpec
 from fleet.launch.replicas import ReplicaLaunch
 from fleet.launch.scrape import scrape_targets
@@ -35,26 +35,26 @@ async def test_control_socket_progress_results_and_errors(tmp_path: Path) -> Non
         return {"echo": args["x"]}
 
     async def broken(args: dict, progress) -> None:
-        raise control.ControlError("nothing to restart")
+        raise manager_socket.ManagerError("nothing to restart")
 
-    server = control.ControlServer(tmp_path / "c.sock", {"slow": slow, "broken": broken})
+    server = manager_socket.ManagerSocket(tmp_path / "c.sock", {"slow": slow, "broken": broken})
     await server.start()
     try:
         assert oct((tmp_path / "c.sock").stat().st_mode & 0o777) == "0o600"
         seen: list[str] = []
         result = await asyncio.to_thread(
-            control.call, tmp_path / "c.sock", "slow", {"x": 7}, seen.append
+            manager_socket.call, tmp_path / "c.sock", "slow", {"x": 7}, seen.append
         )
         assert result == {"echo": 7} and seen == ["step 0", "step 1", "step 2"]
-        with pytest.raises(control.ControlError, match="nothing to restart"):
-            await asyncio.to_thread(control.call, tmp_path / "c.sock", "broken")
-        with pytest.raises(control.ControlError, match="unknown operation 'nope'"):
-            await asyncio.to_thread(control.call, tmp_path / "c.sock", "nope")
+        with pytest.raises(manager_socket.ManagerError, match="nothing to restart"):
+            await asyncio.to_thread(manager_socket.call, tmp_path / "c.sock", "broken")
+        with pytest.raises(manager_socket.ManagerError, match="unknown operation 'nope'"):
+            await asyncio.to_thread(manager_socket.call, tmp_path / "c.sock", "nope")
     finally:
         await server.close()
     assert not (tmp_path / "c.sock").exists()
     with pytest.raises(OSError):
-        control.call(tmp_path / "c.sock", "slow")
+        manager_socket.call(tmp_path / "c.sock", "slow")
 
 
 def test_state_file_round_trip_is_private(tmp_path: Path) -> None:

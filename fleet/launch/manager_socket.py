@@ -1,4 +1,5 @@
-"""How `fleet status/restart/scale/down` talk to a running fleet manager: JSON lines on a Unix socket.
+"""The fleet manager's socket: how `fleet status/restart/scale/down` talk to a running manager,
+with JSON lines on a Unix socket.
 
 A request is one line `{"op": ..., "args": {...}}`; the answer is any number of
 `{"progress": "..."}` lines (long operations such as a rolling restart report each step) and then
@@ -17,17 +18,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("fleet.control_socket")
+log = logging.getLogger("fleet.manager_socket")
 
 Progress = Callable[[str], None]
 Handler = Callable[[dict, Progress], Awaitable[Any]]
 
 
-class ControlError(RuntimeError):
+class ManagerError(RuntimeError):
     """The manager refused or failed an operation (its message is for the user)."""
 
 
-class ControlServer:
+class ManagerSocket:
     def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
         self.path = path
         self.handlers = handlers
@@ -59,12 +60,12 @@ class ControlServer:
             else:
                 result = await handler(request.get("args") or {}, lambda m: send({"progress": m}))
                 send({"ok": True, "result": result})
-        except ControlError as exc:
+        except ManagerError as exc:
             send({"ok": False, "error": str(exc)})
         except (ValueError, AttributeError):
             send({"ok": False, "error": "malformed request"})
         except Exception as exc:
-            log.exception("control operation failed")
+            log.exception("manager operation failed")
             send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         with contextlib.suppress(ConnectionError):
             await writer.drain()
@@ -78,7 +79,7 @@ def call(
     on_progress: Progress | None = None,
     timeout: float | None = None,
 ) -> Any:
-    """Run one operation on the manager; raises ControlError with its message, OSError if absent."""
+    """Run one operation on the manager; raises ManagerError with its message, OSError if absent."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5.0)
         sock.connect(str(path))
@@ -93,5 +94,5 @@ def call(
                     continue
                 if message.get("ok"):
                     return message.get("result")
-                raise ControlError(message.get("error") or "operation failed")
-    raise ControlError("the fleet manager closed the connection without an answer")
+                raise ManagerError(message.get("error") or "operation failed")
+    raise ManagerError("the fleet manager closed the connection without an answer")
