@@ -8,13 +8,12 @@ the manager only starts, watches and stops processes (or Ray actors) and reads w
 
 The embedded Redis requires a password generated here; children get the Redis URL (with it) and
 the fleet's internal secret in their environment, never on a command line, and events, logs and
-status show the URL masked.
+status show the URL masked. What the socket's operations do lives in fleet.launch.operations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -24,7 +23,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import httpx
 from rich.text import Text
 
 from fleet.control import membership
@@ -33,12 +31,12 @@ from fleet.control.keys import KeyAdmin, admin_key_from_env, new_admin_key
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS, REDIS_URL_ENV, async_client, mask_redis_url
 from fleet.embedded_redis import EmbeddedRedis
 from fleet.launch.local import LocalBackend
-from fleet.launch.manager_socket import ManagerError, ManagerSocket, Progress
+from fleet.launch.manager_socket import ManagerSocket
+from fleet.launch.operations import FleetOperations
 from fleet.launch.process import ProcessSpec
 from fleet.launch.replicas import ReplicaHandle, ReplicaLaunch
 from fleet.launch.scrape import write_scrape_targets
 from fleet.launch.state import SCRAPE_TARGETS, FleetState, ProcessRecord
-from fleet.launch.status import collect_status
 from fleet.launch.supervisor import RestartPolicy, Supervisor, SupervisorEvent
 from fleet.launch.teardown import teardown
 from fleet.spec import FleetSpec, ModelSpec, replica_count, replica_device
@@ -70,7 +68,7 @@ class FleetManager:
         self.state: FleetState | None = None
         self.socket: ManagerSocket | None = None
         self._stop = asyncio.Event()
-        self._ops = asyncio.Lock()
+        self.operations = FleetOperations(self)
         self._next_index: dict[str, int] = {}
 
     # ------------------------------------------------------------------ events
@@ -88,7 +86,7 @@ class FleetManager:
         elif event.kind in ("started", "ready"):
             self.note(f"{event.name} {event.kind} {event.detail}".rstrip())
         if event.kind in ("started", "gave_up") and self.state is not None:
-            self._save()
+            self.save()
 
     # ------------------------------------------------------------------ start
 
@@ -128,15 +126,15 @@ class FleetManager:
             admin_key=self.admin_key,
             spec=self.spec.model_dump(mode="json"),
         )
-        self._save()
-        self.socket = ManagerSocket(self.state.manager_socket, self._handlers())
+        self.save()
+        self.socket = ManagerSocket(self.state.manager_socket, self.operations.handlers())
         await self.socket.start()
         await self._resolve_models()
         await self._start_router()
         for index, model in enumerate(self.spec.models):
             for _ in range(self._count(model)):
-                await self._add_replica(index)
-        self._save()
+                await self.add_replica(index)
+        self.save()
 
     async def _make_backend(self):
         if self.spec.backend == "ray":
@@ -200,7 +198,7 @@ class FleetManager:
         )
         self.router.start()
 
-    async def _add_replica(self, model_index: int) -> ReplicaHandle:
+    async def add_replica(self, model_index: int) -> ReplicaHandle:
         model = self.spec.models[model_index]
         name = self.model_names[model_index]
         index = self._next_index.get(name, 0)
@@ -237,30 +235,31 @@ class FleetManager:
         deadline = time.monotonic() + timeout
         assert self.router is not None
         if not await self.router.wait_ready(timeout):
-            raise FleetStartError(self._failure("router", self.router.crash_report))
+            raise FleetStartError(self.failure("router", self.router.crash_report))
         for handle in list(self.replicas.values()):
-            await self._wait_replica(handle, deadline)
+            await self.wait_replica(handle, deadline)
         if self.spec.keys.enabled and self.spec.keys.example_key and self.state:
             self.state.example_key = await self._create_example_key()
         assert self.state is not None
         self.state.phase = "ready"
-        self._save()
+        self.save()
         self.note(f"[green]fleet ready[/] at {self.router_url}")
 
-    async def _wait_replica(self, handle: ReplicaHandle, deadline: float) -> None:
+    async def wait_replica(self, handle: ReplicaHandle, deadline: float) -> None:
         remaining = max(1.0, deadline - time.monotonic())
         if not await handle.wait_ready(remaining):
             snap = await handle.snapshot()
             raise FleetStartError(
-                self._failure(handle.name, snap.get("crash_report"), snap.get("state"))
+                self.failure(handle.name, snap.get("crash_report"), snap.get("state"))
             )
-        if not await self._wait_member(handle, max(1.0, deadline - time.monotonic())):
+        if not await self.wait_member(handle, max(1.0, deadline - time.monotonic())):
             raise FleetStartError(
                 f"{handle.name} is healthy at {handle.url} but never joined membership in "
                 f"{mask_redis_url(self.redis_url)}; see `fleet logs {handle.name}`"
             )
 
-    def _failure(self, name: str, report: object, state: str | None = None) -> str:
+    def failure(self, name: str, report: object, state: str | None = None) -> str:
+        """Why a part is not serving, for the user: its crash report, else where to look."""
         if report is None:
             return f"{name} did not become ready ({state or 'timed out'}); see `fleet logs {name}`"
         return str(report.render() if hasattr(report, "render") else report)
@@ -274,7 +273,8 @@ class FleetManager:
         finally:
             await client.aclose()
 
-    async def _wait_member(self, handle: ReplicaHandle, timeout: float) -> bool:
+    async def wait_member(self, handle: ReplicaHandle, timeout: float) -> bool:
+        """Until the replica is `ready` in Redis membership (what the routers go by)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             urls = {m.url.rstrip("/"): m.state for m in await self._members()}
@@ -306,7 +306,7 @@ class FleetManager:
         """Drain and stop replicas, then the router and Redis; leave no process and no membership."""
         if self.state is not None:
             self.state.phase = "stopping"
-            self._save()
+            self.save()
         self.note("stopping: draining replicas")
         await asyncio.gather(*(h.stop() for h in self.replicas.values()), return_exceptions=True)
         if self.router is not None:
@@ -337,7 +337,8 @@ class FleetManager:
         finally:
             await client.aclose()
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Rewrite the state file and the Prometheus targets after any change of processes."""
         if self.state is None:
             return
         records: list[ProcessRecord] = []
@@ -363,168 +364,6 @@ class FleetManager:
         self.state.save()
         write_scrape_targets(self.run_dir / SCRAPE_TARGETS, self.spec.name, records)
 
-    # ------------------------------------------------------------------ operations
-
-    def _handlers(self):
-        return {
-            "status": self._op_status,
-            "logs": self._op_logs,
-            "restart": self._op_restart,
-            "scale": self._op_scale,
-            "stop": self._op_stop,
-        }
-
-    async def _op_stop(self, args: dict, progress: Progress) -> str:
-        self.request_stop()
-        return "stopping"
-
-    async def _op_status(self, args: dict, progress: Progress) -> dict:
-        return await self.status()
-
-    async def status(self) -> dict:
-        handles = list(self.replicas.items())
-        snapshots = await asyncio.gather(*(h.snapshot() for _, h in handles))
-        supervised = {name: snap for (name, _), snap in zip(handles, snapshots, strict=True)}
-        return await collect_status(
-            fleet={
-                "name": self.spec.name,
-                "backend": self.spec.backend,
-                "phase": self.state.phase if self.state else "starting",
-                "router_url": self.router_url,
-                "redis_url": mask_redis_url(self.redis_url),
-                "run_dir": str(self.run_dir),
-                "manager_pid": os.getpid(),
-                "events": list(self.events)[-10:],
-            },
-            redis_url=self.redis_url,
-            router_url=self.router_url,
-            admin_key=self.admin_key,
-            router=self.router.snapshot() if self.router else None,
-            supervised=supervised,
-        )
-
-    async def _op_logs(self, args: dict, progress: Progress) -> dict:
-        lines = int(args.get("lines") or 100)
-        name = args.get("replica")
-        if name in (None, "", "router"):
-            targets = {"router": self.router.log_tail(lines) if self.router else ""}
-            if name is None:
-                for replica, handle in self.replicas.items():
-                    targets[replica] = await handle.logs(lines)
-            return targets
-        handle = self.replicas.get(name) or self._by_member_id(name)
-        if handle is None:
-            raise ManagerError(f"no replica {name!r}; known: {', '.join(self.replicas) or 'none'}")
-        return {handle.name: await handle.logs(lines)}
-
-    def _by_member_id(self, name: str) -> ReplicaHandle | None:
-        return next((h for h in self.replicas.values() if h.url and h.url.endswith(name)), None)
-
-    async def _op_restart(self, args: dict, progress: Progress) -> dict:
-        return await self.rolling_restart(args.get("model"), args.get("replica"), progress)
-
-    async def rolling_restart(
-        self, model: str | None = None, replica: str | None = None, progress: Progress = print
-    ) -> dict:
-        """One replica at a time: drain it, restart it, wait until it serves again, then the next."""
-        async with self._ops:
-            targets = [
-                h
-                for h in self.replicas.values()
-                if (model is None or h.model == model) and (replica is None or h.name == replica)
-            ]
-            if not targets:
-                raise ManagerError("nothing to restart: no replica matches")
-            timings = {}
-            for handle in targets:
-                began = time.monotonic()
-                progress(f"draining {handle.name}")
-                await self._router_admin("drain", handle)
-                progress(f"restarting {handle.name}")
-                if not await handle.restart(self.policy.ready_timeout_s):
-                    snap = await handle.snapshot()
-                    raise ManagerError(self._failure(handle.name, snap.get("crash_report")))
-                if not await self._wait_member(handle, 60.0):
-                    raise ManagerError(f"{handle.name} restarted but did not rejoin membership")
-                await self._router_admin("undrain", handle)
-                await self._router_sees(handle)
-                timings[handle.name] = round(time.monotonic() - began, 2)
-                progress(f"{handle.name} ready again ({timings[handle.name]:.1f}s)")
-                self._save()
-            return {"restarted": timings}
-
-    async def _router_admin(self, action: str, handle: ReplicaHandle) -> None:
-        """Best effort: the replica marks itself draining anyway; this only closes the gap sooner."""
-        if not self.admin_key:
-            return
-        headers = {"Authorization": f"Bearer {self.admin_key}"}
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            with contextlib.suppress(httpx.HTTPError):
-                await client.post(
-                    f"{self.router_url}/admin/replicas/{handle.name}/{action}", headers=headers
-                )
-
-    async def _router_sees(self, handle: ReplicaHandle, timeout: float = 10.0) -> bool:
-        """Until the router lists the replica as routable (when its admin API can tell us)."""
-        if not self.admin_key:
-            await asyncio.sleep(1.0)
-            return True
-        headers = {"Authorization": f"Bearer {self.admin_key}"}
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    response = await client.get(
-                        f"{self.router_url}/admin/replicas", headers=headers
-                    )
-                    if response.status_code != 200:
-                        await asyncio.sleep(1.0)
-                        return False
-                    for entry in _router_entries(response.json()):
-                        if entry.get("id") == handle.name and _routable(entry):
-                            return True
-                await asyncio.sleep(0.1)
-        return False
-
-    async def _op_scale(self, args: dict, progress: Progress) -> dict:
-        return await self.scale(str(args["model"]), int(args["replicas"]), progress)
-
-    async def scale(self, model: str, replicas: int, progress: Progress = print) -> dict:
-        """Add replicas (started, waited for) or drain and stop the newest ones."""
-        if replicas < 0:
-            raise ManagerError("the replica count must be 0 or more")
-        async with self._ops:
-            try:
-                index = self.spec.find_model(model)
-            except ValueError:
-                index = self.model_names.index(model) if model in self.model_names else -1
-                if index < 0:
-                    raise ManagerError(
-                        f"no model named {model!r}; this fleet serves {', '.join(self.model_names)}"
-                    ) from None
-            name = self.model_names[index]
-            current = [h for h in self.replicas.values() if h.model == name]
-            added, removed = [], []
-            for _ in range(replicas - len(current)):
-                handle = await self._add_replica(index)
-                progress(f"starting {handle.name}")
-                added.append(handle)
-            self._save()
-            for handle in added:
-                await self._wait_replica(handle, time.monotonic() + self.policy.ready_timeout_s)
-                progress(f"{handle.name} ready")
-            for handle in reversed(current[replicas:]):
-                progress(f"draining and stopping {handle.name}")
-                await self._router_admin("drain", handle)
-                await handle.stop()
-                self.backend.release(handle.name)
-                del self.replicas[handle.name]
-                removed.append(handle.name)
-            self.spec.models[index].replicas = replicas
-            self._save()
-            return {"model": name, "replicas": replicas, "added": [h.name for h in added],
-                    "removed": removed}  # fmt: skip
-
 
 def _check_port_free(host: str, port: int) -> None:
     """Fail before starting anything when the router could not bind its port."""
@@ -537,15 +376,3 @@ def _check_port_free(host: str, port: int) -> None:
                 f"the router cannot listen on {host} port {port}: {exc.strerror.lower()} "
                 "(port in use? pick another with --port)"
             ) from None
-
-
-def _router_entries(payload: object) -> list[dict]:
-    if isinstance(payload, dict):
-        payload = payload.get("replicas", payload.get("data", []))
-    return [e for e in payload if isinstance(e, dict)] if isinstance(payload, list) else []
-
-
-def _routable(entry: dict) -> bool:
-    if "routable" in entry:
-        return bool(entry["routable"])
-    return entry.get("state", "ready") == "ready" and not entry.get("admin_drained")
