@@ -18,7 +18,7 @@ from fleet.commands import server_flags as flags
 from fleet.commands.preflight import check_model, check_port, check_redis_url, usage_errors
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders, replica_key
 from fleet.control.membership import new_replica_id
-from fleet.control.web_security import cors_from_args, tls_from_args
+from fleet.web_security import cors_from_args, tls_from_args
 from replica.config import EngineArgs
 
 PROG = "fleet replica"

@@ -13,7 +13,7 @@ from fleet.commands import server_flags as flags
 from fleet.commands.preflight import FlagError, check_port, check_redis_url, usage_errors
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders
 from fleet.control.keys import ADMIN_KEY_ENV
-from fleet.control.web_security import cors_from_args, tls_from_args
+from fleet.web_security import cors_from_args, tls_from_args
 from router.config import RouterConfig
 from router.policies import POLICIES
 from router.pool import PoolSettings

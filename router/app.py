@@ -30,6 +30,7 @@ from starlette.routing import Route
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyRecord, KeyStore, Ticket, bearer_token, is_admin_key
 from fleet.control.membership import MembershipWatcher
+from fleet.web_errors import error_response
 from router import admin
 from router.auth import Gate
 from router.config import RouterConfig
@@ -494,10 +495,12 @@ def model_not_found(model: str) -> APIError:
 
 async def _api_error(request: StarletteRequest, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return exc.response()
+    return error_response(exc)
 
 
 async def _http_error(request: StarletteRequest, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = "Not found." if exc.status_code == 404 else str(exc.detail)
-    return APIError(exc.status_code, f"{message} ({request.method} {request.url.path})").response()
+    return error_response(
+        APIError(exc.status_code, f"{message} ({request.method} {request.url.path})")
+    )

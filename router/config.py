@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fleet.control.redis_conn import DEFAULT_PREFIX
-from fleet.control.web_security import CORSSettings, TLSSettings
+from fleet.web_security import CORSSettings, TLSSettings
 from router.pool import PoolSettings
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from fleet.control.errors import APIError
-from fleet.control.web_security import CORSSettings
+from fleet.web_security import CORSSettings
 
 if TYPE_CHECKING:
     from router.http_server import Request

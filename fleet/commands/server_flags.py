@@ -17,7 +17,7 @@ from typing import Any, Literal
 import typer
 
 from fleet.control.redis_conn import DEFAULT_PREFIX, PREFIX_ENV, REDIS_URL_ENV
-from fleet.control.web_security import string_list
+from fleet.web_security import string_list
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 FLEET, TLS, CORS = "Fleet", "TLS", "CORS"

@@ -1,11 +1,13 @@
-"""OpenAI-style error bodies, shared by the router and the replica server so both speak alike."""
+"""OpenAI-style error bodies, shared by the router and the replica server so both speak alike.
+
+No HTTP framework here: fleet.web_errors turns an APIError into a starlette Response.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import orjson
-from starlette.responses import Response
 
 _TYPES = {
     400: "invalid_request_error",
@@ -36,7 +38,7 @@ class APIError(Exception):
     def __post_init__(self) -> None:
         super().__init__(self.message)
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, dict[str, str | None]]:
         return {
             "error": {
                 "message": self.message,
@@ -45,14 +47,6 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
-
-    def response(self) -> Response:
-        return Response(
-            orjson.dumps(self.body()),
-            status_code=self.status,
-            headers=self.headers,
-            media_type="application/json",
-        )
 
     def sse_frames(self) -> bytes:
         """An error after streaming began: one `data:` frame with the body, then `[DONE]`."""

@@ -9,6 +9,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
+from fleet.web_errors import error_response
 from replica.sampling_params import SamplingParamsError
 from replica.server.sse import ClientGone
 
@@ -18,13 +19,13 @@ CLIENT_CLOSED = 499
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return exc.response()
+    return error_response(exc)
 
 
 async def sampling_error(request: Request, exc: Exception) -> Response:
     """The engine refused a request's parameters: a 400 naming the field."""
     assert isinstance(exc, SamplingParamsError)
-    return APIError(400, str(exc), exc.param).response()
+    return error_response(APIError(400, str(exc), exc.param))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -35,7 +36,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
         message = f"method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
-    return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+    return error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
 
 async def client_gone(request: Request, exc: Exception) -> Response:
@@ -43,7 +44,7 @@ async def client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
-    return APIError(500, "internal server error").response()
+    return error_response(APIError(500, "internal server error"))
 
 
 EXCEPTION_HANDLERS = {

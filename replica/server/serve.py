@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fleet.control.errors import APIError
-from fleet.control.web_security import CORSSettings
+from fleet.web_security import CORSSettings
 from replica.server.runtime import ReplicaRuntime, ServerSettings
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)

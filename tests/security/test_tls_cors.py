@@ -19,7 +19,7 @@ import pytest
 import trustme
 import uvicorn
 
-from fleet.control.web_security import CORSSettings, TLSSettings, cors_from_args, tls_from_args
+from fleet.web_security import CORSSettings, TLSSettings, cors_from_args, tls_from_args
 from replica.async_engine import AsyncEngine
 from replica.config import EngineArgs
 from replica.server.app import build_app
