@@ -21,7 +21,7 @@ async def sleep_or_stop(stopping: asyncio.Event, seconds: float) -> bool:
     return stopping.is_set()
 
 
-async def join(task: asyncio.Task | None, timeout: float = 2.0) -> None:
+async def join(task: asyncio.Task[None] | None, timeout: float = 2.0) -> None:
     """Wait for a loop that was asked to stop; cancel it if it does not within `timeout`."""
     if task is None or task.done():
         return

@@ -34,7 +34,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
@@ -172,7 +172,7 @@ return 1
 """
 
 
-def _parse_all(result: list) -> dict[str, ReplicaInfo]:
+def _parse_all(result: list[list[bytes]]) -> dict[str, ReplicaInfo]:
     flat, drained_ids = result
     drained = {d.decode() if isinstance(d, bytes) else d for d in drained_ids}
     replicas: dict[str, ReplicaInfo] = {}
@@ -241,7 +241,7 @@ class MembershipLease:
         self._client = client or async_client(redis_url)
         self._scripts = _Scripts(self._client, prefix)
         self._health = RedisHealth("membership-lease")
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     async def register(self) -> bool:
@@ -257,7 +257,7 @@ class MembershipLease:
         self.info.state = state
         return await self._write(event="drain" if state == "draining" else "update")
 
-    async def update(self, **fields: object) -> bool:
+    async def update(self, **fields: Any) -> bool:  # any ReplicaInfo field, each its own type
         """Change other published fields (e.g. kv_capacity_tokens) and announce it."""
         self.info = dataclasses.replace(self.info, **fields)
         return await self._write(event="update")
@@ -333,7 +333,7 @@ class MembershipWatcher:
         self._scripts = _Scripts(self._client, prefix)
         self._health = RedisHealth("membership-watcher")
         self._listeners: list[Listener] = []
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
         self._stopping = asyncio.Event()
 

@@ -19,7 +19,9 @@ import asyncio
 import collections
 import hashlib
 import ssl as ssl_module
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 from urllib.parse import parse_qs, unquote, urlparse
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,7 +30,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fleet.control.redis_conn import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, resolve_redis_url
 
-Reply = int | bytes | list | None | ResponseError
+# A decoded RESP reply; arrays nest (EVAL of a script returning a table).
+Reply: TypeAlias = "int | bytes | list[Reply] | ResponseError | None"
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def tls_context(query: str) -> ssl_module.SSLContext:
     return context
 
 
-def _encode(args: tuple) -> bytes:
+def _encode(args: tuple[object, ...]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, bytes):
@@ -103,7 +106,7 @@ def _parse(buf: bytes, pos: int) -> tuple[Reply, int]:
         count = int(line)
         if count < 0:
             return None, pos
-        items = []
+        items: list[Reply] = []
         for _ in range(count):
             item, pos = _parse(buf, pos)
             items.append(item)
@@ -116,7 +119,7 @@ class _Protocol(asyncio.Protocol):
         self.timeout = timeout
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.pending: collections.deque[tuple[asyncio.Future, float]] = collections.deque()
+        self.pending: collections.deque[tuple[asyncio.Future[Reply], float]] = collections.deque()
         self.buf = b""
         self.out: list[bytes] = []
         self.closed: BaseException | None = None
@@ -125,10 +128,10 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, data: bytes) -> asyncio.Future:
+    def send(self, data: bytes) -> asyncio.Future[Reply]:
         if self.closed is not None:
             raise self.closed
-        future = self.loop.create_future()
+        future: asyncio.Future[Reply] = self.loop.create_future()
         if not self.out:
             self.loop.call_soon(self._flush)
         self.out.append(data)
@@ -213,7 +216,7 @@ class RespClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Future | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
 
     async def execute(self, *args: object) -> Reply:
         """Send one command; its reply, raising ResponseError for an error reply."""
@@ -225,7 +228,9 @@ class RespClient:
             raise reply
         return reply
 
-    async def evalsha(self, script: LuaScript, keys: list, args: list) -> Reply:
+    async def evalsha(
+        self, script: LuaScript, keys: Sequence[str], args: Sequence[object]
+    ) -> Reply:
         """EVALSHA, falling back to EVAL (which caches the script) after a Redis restart."""
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)

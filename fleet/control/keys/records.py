@@ -45,7 +45,7 @@ class KeyRecord:
             return "revoked"
         return "expired" if self.expired(now) else "active"
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> dict[str, object]:
         """The record without its digest, for listings and the admin API."""
         data = dataclasses.asdict(self)
         del data["secret_hash"]
@@ -58,7 +58,7 @@ class KeyRecord:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> KeyRecord:
-        raw: dict[str, Any] = orjson.loads(data)
+        raw: dict[str, Any] = orjson.loads(data)  # what to_json wrote
         names = {f.name for f in dataclasses.fields(cls)}
         raw = {k: v for k, v in raw.items() if k in names}
         raw["models"] = tuple(raw.get("models") or ())
