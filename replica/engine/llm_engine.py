@@ -11,18 +11,24 @@ from collections.abc import Callable
 
 import torch
 
-from replica.config import EngineArgs, ModelConfig, compute_dtype, pick_dtype, resolve_model_path
 from replica.engine.block_manager import BlockManager
+from replica.engine.config import (
+    EngineArgs,
+    ModelConfig,
+    compute_dtype,
+    pick_dtype,
+    resolve_model_path,
+)
 from replica.engine.cuda_graphs import DecodeGraphs
 from replica.engine.detokenizer import IncrementalDetokenizer
 from replica.engine.memory import plan_kv_blocks
 from replica.engine.model_runner import ModelRunner, StepResult
+from replica.engine.outputs import CompletionOutput, RequestOutput
+from replica.engine.sampling_params import SamplingParams, SamplingParamsError
 from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Request, Sequence
 from replica.kernels import get_ops
 from replica.models import load_model
-from replica.outputs import CompletionOutput, RequestOutput
-from replica.sampling_params import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from replica.config import ModelConfig
+from replica.engine.config import ModelConfig
 from replica.engine.cuda_graphs import DecodeGraphs
+from replica.engine.outputs import TokenLogprob
 from replica.engine.sampler import Sampler, SampleResult, top_logprobs
 from replica.engine.scheduler import ScheduledBatch
 from replica.engine.sequence import Sequence
 from replica.models import AttentionMetadata, LlamaForCausalLM
-from replica.outputs import TokenLogprob
 
 
 @dataclass

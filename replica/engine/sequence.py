@@ -8,8 +8,8 @@ import time
 import torch
 
 from replica.engine.detokenizer import IncrementalDetokenizer
-from replica.outputs import RequestMetrics, TokenLogprob
-from replica.sampling_params import SamplingParams
+from replica.engine.outputs import RequestMetrics, TokenLogprob
+from replica.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

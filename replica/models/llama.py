@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replica.config import ModelConfig
+from replica.engine.config import ModelConfig
 from replica.kernels import Ops
 from replica.models.rope import cos_sin_cache
 
@@ -32,8 +32,8 @@ class AttentionMetadata:
 class Linear(nn.Module):
     """A linear layer whose parameters start uninitialised (the checkpoint fills them).
 
-    Its weight may be wider than the activations (see `replica.config.compute_dtype`); the output
-    comes back in the input's dtype.
+    Its weight may be wider than the activations (see `replica.engine.config.compute_dtype`); the
+    output comes back in the input's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:

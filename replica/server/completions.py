@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
-from replica.outputs import CompletionOutput, RequestOutput
-from replica.sampling_params import SamplingParams
+from replica.engine.outputs import CompletionOutput, RequestOutput
+from replica.engine.sampling_params import SamplingParams
 from replica.server.body import read_body, runtime_of
 from replica.server.generation import (
     RequestScope,

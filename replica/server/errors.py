@@ -9,7 +9,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
-from replica.sampling_params import SamplingParamsError
+from replica.engine.sampling_params import SamplingParamsError
 from replica.server.sse import ClientGone
 
 # nginx's "client closed request": the status recorded (never sent) when the client left first.

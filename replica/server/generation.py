@@ -12,8 +12,8 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
-from replica.outputs import RequestOutput
-from replica.sampling_params import SamplingParams
+from replica.engine.outputs import RequestOutput
+from replica.engine.sampling_params import SamplingParams
 from replica.server.auth import Admission
 from replica.server.body import json_response
 from replica.server.metrics import ServerMetrics

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from replica.outputs import TokenLogprob
+from replica.engine.outputs import TokenLogprob
 from replica.server.token_text import TokenTexts
 
 VERY_UNLIKELY = -9999.0

@@ -20,7 +20,7 @@ from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
 from fleet.control.redis_conn import DEFAULT_PREFIX
 from fleet.control.web_security import CORSSettings, TLSSettings
-from replica.sampling_params import SamplingParams
+from replica.engine.sampling_params import SamplingParams
 from replica.server.auth import Auth
 from replica.server.metrics import ServerMetrics
 from replica.server.prompt_worker import PromptWorker

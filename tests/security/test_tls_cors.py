@@ -20,8 +20,8 @@ import trustme
 import uvicorn
 
 from fleet.control.web_security import CORSSettings, TLSSettings, cors_from_args, tls_from_args
-from replica.async_engine import AsyncEngine
-from replica.config import EngineArgs
+from replica.engine.async_engine import AsyncEngine
+from replica.engine.config import EngineArgs
 from replica.server.app import build_app
 from replica.server.runtime import ServerSettings
 from replica.server.serve import add_cors, uvicorn_config

@@ -17,8 +17,8 @@ import httpx
 import openai
 import uvicorn
 
-from replica.async_engine import AsyncEngine
-from replica.config import EngineArgs
+from replica.engine.async_engine import AsyncEngine
+from replica.engine.config import EngineArgs
 from replica.server.app import build_app
 from replica.server.runtime import ReplicaRuntime, ServerSettings
 from replica.server.serve import JsonRefusals

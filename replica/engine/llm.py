@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 
-from replica.config import EngineArgs
+from replica.engine.config import EngineArgs
 from replica.engine.llm_engine import EngineCore
-from replica.outputs import RequestOutput
-from replica.sampling_params import SamplingParams
+from replica.engine.outputs import RequestOutput
+from replica.engine.sampling_params import SamplingParams
 
 
 class LLM:

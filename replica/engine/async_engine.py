@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from replica.config import EngineArgs
+from replica.engine.config import EngineArgs
 from replica.engine.llm_engine import EngineCore
-from replica.outputs import RequestOutput
-from replica.sampling_params import SamplingParams
+from replica.engine.outputs import RequestOutput
+from replica.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
