@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -64,28 +64,34 @@ class AsyncEngine:
 
     # -- event-loop side --------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self,
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs, one per step it advanced; the last has `finished` set.
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """A request's stream of outputs, one per step it advanced; the last has `finished` set.
 
-        Raises SamplingParamsError (a ValueError with `.param`) for a request the engine cannot
-        serve, before anything is yielded. Leaving the iteration early aborts the request.
+        The request is checked now, on the caller's thread: SamplingParamsError (a ValueError with
+        `.param`) for one the engine cannot serve, so a server refuses it before its response
+        starts. It reaches the engine when the stream is first iterated (a stream never iterated
+        leaves nothing behind); leaving the iteration early aborts it.
         """
+        prompt_ids = self.core.tokenize(prompt)
+        self.core.validate(prompt_ids, params)
+        text = prompt if isinstance(prompt, str) else None
+        return self._stream(("add", request_id, text, prompt_ids, params, cache_salt))
+
+    async def _stream(self, add: tuple) -> AsyncGenerator[RequestOutput, None]:
+        request_id = add[1]
         if self._stopped:
             raise EngineDeadError("the engine is not running") from self.error
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.core.tokenize(prompt)
-        self.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        text = prompt if isinstance(prompt, str) else None
-        self._submit(("add", request_id, text, prompt_ids, params, cache_salt))
+        self._submit(add)
         finished = False
         try:
             while True:
@@ -105,10 +111,6 @@ class AsyncEngine:
                 del self._streams[request_id]
             if not finished:
                 self._submit(("abort", request_id))
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise SamplingParamsError for a request this engine cannot serve (no side effects)."""
-        self.core.validate(prompt_token_ids, params)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks before the next step; safe from any thread."""
@@ -183,10 +185,8 @@ class AsyncEngine:
         _, request_id, text, prompt_ids, params, cache_salt = command
         if request_id not in self._streams:  # abandoned before it started
             return
-        try:
-            self.core.add_request(
-                request_id, text or prompt_ids, params, cache_salt, prompt_token_ids=prompt_ids
-            )
+        try:  # validated by `generate` already
+            self.core.enqueue(request_id, text, prompt_ids, params, cache_salt)
         except ValueError as exc:
             self._send([(request_id, exc)])
 

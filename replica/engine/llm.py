@@ -39,7 +39,8 @@ class LLM:
         order: dict[str, int] = {}
         for index, (prompt, ids, p) in enumerate(zip(prompts, token_ids, params, strict=True)):
             request_id = f"offline-{next(self._ids)}"
-            engine.add_request(request_id, prompt, p, prompt_token_ids=ids)
+            text = prompt if isinstance(prompt, str) else None
+            engine.enqueue(request_id, text, ids, p)
             order[request_id] = index
         results: list[RequestOutput | None] = [None] * len(prompts)
         while self.engine.has_unfinished:

@@ -24,7 +24,7 @@ async def api_error(request: Request, exc: Exception) -> Response:
 async def sampling_error(request: Request, exc: Exception) -> Response:
     """The engine refused a request's parameters: a 400 naming the field."""
     assert isinstance(exc, SamplingParamsError)
-    return APIError(400, str(exc), exc.param).response()
+    return APIError(400, str(exc), exc.param, code=exc.code).response()
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from replica.engine.outputs import RequestOutput
-from replica.engine.sampling_params import SamplingParams
+from replica.engine.sampling_params import SamplingParams, SamplingParamsError
 from replica.server.auth import Admission
 from replica.server.body import json_response
 from replica.server.metrics import ServerMetrics
@@ -89,17 +89,37 @@ class LatencyTracker:
         m.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
 
 
-async def run_prompt(
+def open_streams(
     runtime: ReplicaRuntime,
     request_id: str,
-    prompt_ids: list[int],
+    prompts: Sequence[list[int]],
     params: SamplingParams,
-    arrival: float,
+    max_tokens_param: str = "max_tokens",
+) -> list[AsyncGenerator[RequestOutput, None]]:
+    """The engine's stream for each prompt (`request_id`, or `request_id-i` for several).
+
+    The engine checks each request here, before any response starts, so that a stream never opens
+    for a request it would refuse; a SamplingParamsError becomes a 400 naming the field (errors.py),
+    `max_tokens_param` where the request set the limit under another name. Nothing reaches the
+    engine until a stream is iterated."""
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+    try:
+        return [
+            runtime.engine.generate(rid, prompt, params)
+            for rid, prompt in zip(ids, prompts, strict=True)
+        ]
+    except SamplingParamsError as exc:
+        if exc.param == "max_tokens" and max_tokens_param != exc.param:
+            raise SamplingParamsError(max_tokens_param, str(exc), exc.code) from None
+        raise
+
+
+async def run_prompt(
+    runtime: ReplicaRuntime, outputs: AsyncGenerator[RequestOutput, None], arrival: float
 ) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one prompt. Closing this early (disconnect, error) closes the
-    engine's stream at once, which aborts the request and frees its KV blocks."""
+    """The outputs of one engine stream, with latency metrics. Closing this early (disconnect,
+    error) closes the engine's stream at once, which aborts the request and frees its KV blocks."""
     tracker = LatencyTracker(runtime.metrics, arrival)
-    outputs = runtime.engine.generate(request_id, prompt_ids, params)
     try:
         async for out in outputs:
             tracker.saw(out)
@@ -113,27 +133,25 @@ _END = object()
 
 async def run_prompts(
     runtime: ReplicaRuntime,
-    request_id: str,
-    prompts: Sequence[list[int]],
-    params: SamplingParams,
+    streams: Sequence[AsyncGenerator[RequestOutput, None]],
     arrival: float,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) for several prompts running side by side in the engine."""
-    if len(prompts) == 1:
-        async for out in run_prompt(runtime, request_id, prompts[0], params, arrival):
+    if len(streams) == 1:
+        async for out in run_prompt(runtime, streams[0], arrival):
             yield 0, out
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
-    async def pump(i: int, prompt: list[int]) -> None:
+    async def pump(i: int, stream: AsyncGenerator[RequestOutput, None]) -> None:
         try:
-            async for out in run_prompt(runtime, f"{request_id}-{i}", prompt, params, arrival):
+            async for out in run_prompt(runtime, stream, arrival):
                 queue.put_nowait((i, out))
             queue.put_nowait((i, _END))
         except Exception as exc:
             queue.put_nowait((i, exc))
 
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:

@@ -1,5 +1,5 @@
-"""From request fields to prompt token ids, and the context-length checks with OpenAI's wording (the
-engine's own checks run through `ReplicaRuntime.validate`).
+"""From request fields to prompt token ids, refusing text too long to fit the context before it is
+tokenized (the engine checks the token ids: `EngineCore.validate`, through `open_streams`).
 
 These functions run on the prompt worker's threads (see prompt_worker.py), never on the event loop:
 a chat template is a program and a prompt may be megabytes, so either can take seconds.
@@ -131,21 +131,3 @@ def chat_token_ids(
         chat_template,
     )
     return encode_chat(tokenizer, text, limits)
-
-
-def check_length(
-    prompt_tokens: int, max_tokens: int, max_model_len: int, param: str = "max_tokens"
-) -> None:
-    """prompt + completion must fit the context; the message gives the numbers, as OpenAI's does."""
-    if prompt_tokens == 0:
-        raise APIError(400, "the prompt is empty: it must contain at least one token", "prompt")
-    if prompt_tokens + max_tokens > max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
-            f"{max_tokens} for the completion). Please reduce the length of the prompt or the "
-            "completion.",
-            param,
-            code="context_length_exceeded",
-        )

@@ -20,7 +20,6 @@ from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
 from fleet.control.redis_conn import DEFAULT_PREFIX
 from fleet.control.web_security import CORSSettings, TLSSettings
-from replica.engine.sampling_params import SamplingParams
 from replica.server.auth import Auth
 from replica.server.metrics import ServerMetrics
 from replica.server.prompt_worker import PromptWorker
@@ -259,12 +258,6 @@ class ReplicaRuntime:
     @property
     def inflight(self) -> int:
         return self._inflight
-
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """The engine's own checks (token ids in the vocabulary, logprobs, ...), run before any
-        response starts so that a stream never opens for a request the engine would refuse.
-        Raises SamplingParamsError, a 400 naming the field (see errors.py)."""
-        self.engine.validate(prompt_ids, params)
 
     def load(self) -> dict | None:
         """The engine's load, plus its KV capacity in tokens (what prefix-aware routers size by)."""
