@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from replica.engine.config import EngineArgs
-from replica.engine.llm_engine import EngineCore
+from replica.engine.core import EngineCore
 from replica.engine.outputs import RequestOutput
 from replica.engine.sampling_params import SamplingParams
 

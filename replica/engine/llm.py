@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence as Seq
 
 from replica.engine.config import EngineArgs
-from replica.engine.llm_engine import EngineCore
+from replica.engine.core import EngineCore
 from replica.engine.outputs import RequestOutput
 from replica.engine.sampling_params import SamplingParams
 
