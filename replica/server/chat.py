@@ -34,7 +34,7 @@ from replica.server.responses import (
     usage,
     usage_chunk,
 )
-from replica.server.sse import frame
+from replica.server.sse_response import frame
 
 
 async def create_chat_completion(request: Request) -> Response:

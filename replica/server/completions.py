@@ -34,7 +34,7 @@ from replica.server.responses import (
     usage,
     usage_chunk,
 )
-from replica.server.sse import frame
+from replica.server.sse_response import frame
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
 

@@ -16,10 +16,11 @@ from replica.engine.outputs import RequestOutput
 from replica.engine.sampling_params import SamplingParams, SamplingParamsError
 from replica.server.auth import Admission
 from replica.server.body import json_response
+from replica.server.disconnect import until_disconnect
 from replica.server.metrics import ServerMetrics
 from replica.server.protocol import SamplingFields
 from replica.server.runtime import ReplicaRuntime
-from replica.server.sse import SSEResponse, until_disconnect
+from replica.server.sse_response import SSEResponse
 
 
 def sampling_params(
