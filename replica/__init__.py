@@ -1,7 +1,7 @@
 """fleetserve's replica: an inference engine for one model on one GPU or CPU.
 
 `from replica import LLM, SamplingParams` needs only torch, transformers and safetensors: the
-engine and its vocabulary live in `replica.engine`; the HTTP server lives in `replica.server` and
+engine and its vocabulary live in `replica.engine`; the HTTP server lives in `replica.http_api` and
 is imported only when served (`python -m replica`).
 """
 

@@ -12,8 +12,8 @@ from functools import lru_cache
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from replica.server.info_routes import VERSION
-from replica.server.protocol import (
+from replica.http_api.info_routes import VERSION
+from replica.http_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,

@@ -14,7 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fleet.control.errors import APIError
-from replica.server.prompts import RENDERER_ARGUMENTS
+from replica.http_api.prompts import RENDERER_ARGUMENTS
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 NonNegative = Annotated[int, Field(ge=0)]

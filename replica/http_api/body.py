@@ -11,7 +11,7 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 
 if TYPE_CHECKING:
-    from replica.server.runtime import ReplicaRuntime
+    from replica.http_api.runtime import ReplicaRuntime
 
 
 def runtime_of(request: Request) -> ReplicaRuntime:

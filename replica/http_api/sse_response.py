@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from fleet.control.errors import APIError
-from replica.server.disconnect import wait_for_disconnect
+from replica.http_api.disconnect import wait_for_disconnect
 
 log = logging.getLogger(__name__)
 

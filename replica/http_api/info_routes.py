@@ -8,10 +8,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
-from replica.server.body import json_response, read_body, runtime_of
-from replica.server.metrics import CONTENT_TYPE
-from replica.server.prompts import chat_token_ids, encode
-from replica.server.protocol import (
+from replica.http_api.body import json_response, read_body, runtime_of
+from replica.http_api.metrics import CONTENT_TYPE
+from replica.http_api.prompts import chat_token_ids, encode
+from replica.http_api.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     parse_body,

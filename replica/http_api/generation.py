@@ -14,13 +14,13 @@ from starlette.responses import Response
 
 from replica.engine.outputs import RequestOutput
 from replica.engine.sampling_params import SamplingParams, SamplingParamsError
-from replica.server.auth import Admission
-from replica.server.body import json_response
-from replica.server.disconnect import until_disconnect
-from replica.server.metrics import ServerMetrics
-from replica.server.protocol import SamplingFields
-from replica.server.runtime import ReplicaRuntime
-from replica.server.sse_response import SSEResponse
+from replica.http_api.auth import Admission
+from replica.http_api.body import json_response
+from replica.http_api.disconnect import until_disconnect
+from replica.http_api.metrics import ReplicaMetrics
+from replica.http_api.protocol import SamplingFields
+from replica.http_api.runtime import ReplicaRuntime
+from replica.http_api.sse_response import SSEResponse
 
 
 def sampling_params(
@@ -65,7 +65,7 @@ async def build_stop_matcher(runtime: ReplicaRuntime, params: SamplingParams) ->
 class LatencyTracker:
     """TTFT, inter-token latency, end-to-end and queue time of one engine request."""
 
-    def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
+    def __init__(self, metrics: ReplicaMetrics, arrival: float) -> None:
         self.metrics = metrics
         self.arrival = arrival
         self.last_token_at: float | None = None

@@ -77,7 +77,7 @@ def _counter(name: str, doc: str, value: float, model: str | None = None) -> Met
     return family
 
 
-class ServerMetrics:
+class ReplicaMetrics:
     """The replica's metrics; handlers call the `observe_*` methods, /metrics calls `render`."""
 
     def __init__(self, model_name: str, load: Callable[[], dict | None]) -> None:

@@ -20,11 +20,11 @@ from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
 from fleet.control.redis_conn import DEFAULT_PREFIX
 from fleet.control.web_security import CORSSettings, TLSSettings
-from replica.server.auth import Auth
-from replica.server.metrics import ServerMetrics
-from replica.server.prompt_worker import PromptWorker
-from replica.server.prompts import PromptLimits
-from replica.server.token_text import TokenTexts
+from replica.http_api.auth import Auth
+from replica.http_api.metrics import ReplicaMetrics
+from replica.http_api.prompt_worker import PromptWorker
+from replica.http_api.prompts import PromptLimits
+from replica.http_api.token_text import TokenTexts
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ Status = Literal["loading", "ready", "draining", "stopped"]
 
 
 @dataclass
-class ServerSettings:
-    """What the HTTP layer needs to know beyond the engine's own arguments."""
+class ReplicaSettings:
+    """What a serving replica needs beyond the engine's own arguments: its names, address, keys,
+    fleet membership, limits and drain."""
 
     model: str
     served_model_name: str  # the primary name, reported in answers
@@ -81,13 +82,13 @@ class ServerSettings:
 class ReplicaRuntime:
     """Shared by all handlers through `request.app.state.runtime`."""
 
-    def __init__(self, settings: ServerSettings, engine_factory: Callable[[], Any]) -> None:
+    def __init__(self, settings: ReplicaSettings, engine_factory: Callable[[], Any]) -> None:
         self.settings = settings
         self._engine_factory = engine_factory
         self.engine: Any = None
         self.status: Status = "loading"
         self.started_at = int(time.time())
-        self.metrics = ServerMetrics(settings.served_model_name, self.load)
+        self.metrics = ReplicaMetrics(settings.served_model_name, self.load)
         self.auth = Auth(settings.api_key, None, internal_key=settings.internal_key)
         self.texts: TokenTexts | None = None
         self.lease: MembershipLease | None = None

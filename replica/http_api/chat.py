@@ -14,8 +14,8 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 from replica.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from replica.engine.sampling_params import SamplingParams
-from replica.server.body import read_body, runtime_of
-from replica.server.generation import (
+from replica.http_api.body import read_body, runtime_of
+from replica.http_api.generation import (
     RequestScope,
     answer,
     build_stop_matcher,
@@ -23,9 +23,9 @@ from replica.server.generation import (
     run_prompt,
     sampling_params,
 )
-from replica.server.prompts import chat_token_ids
-from replica.server.protocol import ChatCompletionRequest, parse_body, plain_messages
-from replica.server.responses import (
+from replica.http_api.prompts import chat_token_ids
+from replica.http_api.protocol import ChatCompletionRequest, parse_body, plain_messages
+from replica.http_api.responses import (
     ResponseHead,
     chat_choice,
     chat_chunk,
@@ -34,7 +34,7 @@ from replica.server.responses import (
     usage,
     usage_chunk,
 )
-from replica.server.sse_response import frame
+from replica.http_api.sse_response import frame
 
 
 async def create_chat_completion(request: Request) -> Response:

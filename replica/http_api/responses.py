@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from replica.engine.outputs import TokenLogprob
-from replica.server.token_text import TokenTexts
+from replica.http_api.token_text import TokenTexts
 
 VERY_UNLIKELY = -9999.0
 

@@ -14,8 +14,8 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 from replica.engine.outputs import CompletionOutput, RequestOutput
 from replica.engine.sampling_params import SamplingParams
-from replica.server.body import read_body, runtime_of
-from replica.server.generation import (
+from replica.http_api.body import read_body, runtime_of
+from replica.http_api.generation import (
     RequestScope,
     answer,
     build_stop_matcher,
@@ -23,9 +23,9 @@ from replica.server.generation import (
     run_prompts,
     sampling_params,
 )
-from replica.server.prompts import encode
-from replica.server.protocol import CompletionRequest, parse_body
-from replica.server.responses import (
+from replica.http_api.prompts import encode
+from replica.http_api.protocol import CompletionRequest, parse_body
+from replica.http_api.responses import (
     CompletionLogprobs,
     ResponseHead,
     completion_choice,
@@ -34,7 +34,7 @@ from replica.server.responses import (
     usage,
     usage_chunk,
 )
-from replica.server.sse_response import frame
+from replica.http_api.sse_response import frame
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
 
