@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -23,12 +24,15 @@ from replica.engine.cuda_graphs import DecodeGraphs
 from replica.engine.detokenizer import IncrementalDetokenizer
 from replica.engine.memory import plan_kv_blocks
 from replica.engine.model_runner import ModelRunner, StepResult
-from replica.engine.outputs import CompletionOutput, RequestOutput
+from replica.engine.outputs import CompletionOutput, EngineLoad, RequestOutput
 from replica.engine.sampling_params import SamplingParams, SamplingParamsError
 from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Request, Sequence
 from replica.kernels import get_ops
 from replica.models import load_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,9 @@ class EngineCore:
         self.model_config = cfg = ModelConfig.from_folder(path)
         self.device = args.resolve_device()
         self.dtype = pick_dtype(args.dtype, cfg.dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or path))
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            str(args.tokenizer or path)
+        )
         self.max_model_len = _context_limit(args, cfg)
         self.eos_token_ids = list(cfg.eos_token_ids)
         if (
@@ -308,7 +314,7 @@ class EngineCore:
 
     # -- introspection ----------------------------------------------------------------------
 
-    def load(self) -> dict:
+    def load(self) -> EngineLoad:
         blocks = self.blocks
         return {
             "running": len({s.request.request_id for s in self.scheduler.running}),
@@ -337,9 +343,9 @@ def _context_limit(args: EngineArgs, cfg: ModelConfig) -> int:
     return args.max_model_len or limit
 
 
-def _make_decoder(tokenizer) -> Callable[[list[int], bool], str]:
+def _make_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int], bool], str]:
     """The Rust tokenizer's decode when there is one (several times cheaper per call)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
-    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: cast(str, tokenizer.decode(ids, skip_special_tokens=skip))

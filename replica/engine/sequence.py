@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -27,7 +28,7 @@ class Request:
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        detokenizer_factory,
+        detokenizer_factory: Callable[[list[int], SamplingParams], IncrementalDetokenizer],
         cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import disable_created_metrics
 from starlette.applications import Starlette
@@ -21,6 +21,9 @@ from replica.http_api.errors import EXCEPTION_HANDLERS
 from replica.http_api.metrics import ReplicaMetrics
 from replica.http_api.openapi import openapi_document
 from replica.http_api.runtime import ReplicaRuntime, ReplicaSettings
+
+if TYPE_CHECKING:
+    from replica.engine.async_engine import AsyncEngine
 
 
 async def openapi_json(request: Request) -> Response:
@@ -80,7 +83,7 @@ def _route_of(scope: Scope) -> str:
     return route.path if isinstance(route, Route) else "unmatched"
 
 
-def build_app(settings: ReplicaSettings, engine_factory: Callable[[], Any]) -> Starlette:
+def build_app(settings: ReplicaSettings, engine_factory: Callable[[], AsyncEngine]) -> Starlette:
     """`engine_factory` builds the AsyncEngine (called in a thread at startup: loading is slow)."""
     # `*_created` series double the scrape size and no dashboard reads them (process-wide switch).
     disable_created_metrics()

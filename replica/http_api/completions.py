@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 from starlette.requests import Request
@@ -68,7 +69,10 @@ async def create_completion(request: Request) -> Response:
     head = ResponseHead.new("cmpl", model)
     streams = open_streams(runtime, head.id, prompt_ids, params)
     prompts = [
-        Prompt(ids, (p if isinstance(p, str) else tokenizer.decode(ids)) if body.echo else "")
+        Prompt(
+            ids,
+            (p if isinstance(p, str) else cast(str, tokenizer.decode(ids))) if body.echo else "",
+        )
         for p, ids in zip(body.prompts, prompt_ids, strict=True)
     ]
     seqs = len(prompts) * params.n
@@ -155,7 +159,7 @@ class CompletionJob:
         for i, out in sorted(finals.items()):
             for o in out.outputs:
                 text, lp_dict, finish = self._choice(
-                    i, out, o, self._logprobs(), self.body.echo, delta=False
+                    i, out, o, self._logprobs(), bool(self.body.echo), delta=False
                 )
                 index = i * self.params.n + o.index
                 choices.append(completion_choice(index, text, lp_dict or None, finish))
@@ -177,7 +181,7 @@ class CompletionJob:
                 index = i * n + o.index
                 if index in done:
                     continue
-                echo = self.body.echo and index not in started
+                echo = bool(self.body.echo) and index not in started
                 started.add(index)
                 text, lp_dict, finish = self._choice(i, out, o, logprobs[index], echo, delta=True)
                 if not text and not lp_dict and finish is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -129,9 +129,6 @@ async def run_prompt(
         await outputs.aclose()
 
 
-_END = object()
-
-
 async def run_prompts(
     runtime: ReplicaRuntime,
     streams: Sequence[AsyncGenerator[RequestOutput, None]],
@@ -142,13 +139,14 @@ async def run_prompts(
         async for out in run_prompt(runtime, streams[0], arrival):
             yield 0, out
         return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    # (prompt index, its next output, the exception that ended it, or None once it is done)
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncGenerator[RequestOutput, None]) -> None:
         try:
             async for out in run_prompt(runtime, stream, arrival):
                 queue.put_nowait((i, out))
-            queue.put_nowait((i, _END))
+            queue.put_nowait((i, None))
         except Exception as exc:
             queue.put_nowait((i, exc))
 
@@ -157,7 +155,7 @@ async def run_prompts(
         remaining = len(tasks)
         while remaining:
             i, item = await queue.get()
-            if item is _END:
+            if item is None:
                 remaining -= 1
             elif isinstance(item, Exception):
                 raise item
@@ -215,7 +213,7 @@ class Job(Protocol):
 
     scope: RequestScope
 
-    def stream(self) -> AsyncIterator[bytes]: ...
+    def stream(self) -> AsyncGenerator[bytes, None]: ...
 
     async def collect(self) -> dict: ...
 

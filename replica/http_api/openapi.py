@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -97,7 +98,9 @@ OPERATIONS = (
 
 @lru_cache(maxsize=1)
 def openapi_document() -> dict:
-    models = [(op.request, "validation") for op in OPERATIONS if op.request is not None]
+    models: list[tuple[type[BaseModel], Literal["validation"]]] = [
+        (op.request, "validation") for op in OPERATIONS if op.request is not None
+    ]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas = {**defs.get("$defs", {}), **_RESPONSES}
     paths: dict[str, dict] = {}

@@ -7,6 +7,7 @@ through the kernel op set, so CPU and GPU run this same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +167,8 @@ class LlamaForCausalLM(nn.Module):
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache, v_cache
+            attention = cast(DecoderLayer, layer).self_attn
+            attention.k_cache, attention.v_cache = k_cache, v_cache
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
