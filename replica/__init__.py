@@ -1,13 +1,14 @@
 """fleetserve's replica: an inference engine for one model on one GPU or CPU.
 
-`from replica import LLM, SamplingParams` needs only torch, transformers and safetensors; the HTTP
-server lives in `replica.server` and is imported only when served.
+`from replica import LLM, SamplingParams` needs only torch, transformers and safetensors: the
+engine and its vocabulary live in `replica.engine`; the HTTP server lives in `replica.http_api` and
+is imported only when served (`python -m replica`).
 """
 
-from replica.config import EngineArgs
-from replica.llm import LLM
-from replica.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from replica.sampling_params import SamplingParams, SamplingParamsError
+from replica.engine.config import EngineArgs
+from replica.engine.llm import LLM
+from replica.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from replica.engine.sampling_params import SamplingParams, SamplingParamsError
 
 __all__ = [
     "LLM",

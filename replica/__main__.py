@@ -19,7 +19,7 @@ from fleet.commands.preflight import check_model, check_port, check_redis_url, u
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders, replica_key
 from fleet.control.membership import new_replica_id
 from fleet.web_security import cors_from_args, tls_from_args
-from replica.config import EngineArgs
+from replica.engine.config import EngineArgs
 
 PROG = "fleet replica"
 API_KEY_ENV = "FLEET_REPLICA_API_KEY"
@@ -185,13 +185,13 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # Server-only imports stay here: `from replica import LLM` must work without them.
-    from replica.async_engine import AsyncEngine
-    from replica.server.app import build_app
-    from replica.server.runtime import ServerSettings
-    from replica.server.serve import DrainingServer, add_cors, uvicorn_config
+    # Serving-only imports stay here: `from replica import LLM` must work without them.
+    from replica.engine.async_engine import AsyncEngine
+    from replica.http_api.app import build_app
+    from replica.http_api.runtime import ReplicaSettings
+    from replica.http_api.uvicorn_runner import DrainingServer, add_cors, uvicorn_config
 
-    settings = ServerSettings(
+    settings = ReplicaSettings(
         model=args.model,
         served_model_name=eargs.served_names()[0],
         served_model_aliases=eargs.served_names()[1:],

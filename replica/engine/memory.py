@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from replica.config import EngineArgs, ModelConfig
+from replica.engine.config import EngineArgs, ModelConfig
 from replica.models import AttentionMetadata, LlamaForCausalLM
 
 log = logging.getLogger(__name__)

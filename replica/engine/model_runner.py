@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from replica.config import ModelConfig
+from replica.engine.config import ModelConfig
 from replica.engine.cuda_graphs import DecodeGraphs
+from replica.engine.outputs import TokenLogprob
 from replica.engine.sampler import Sampler, SampleResult, top_logprobs
 from replica.engine.scheduler import ScheduledBatch
 from replica.engine.sequence import Sequence
 from replica.models import AttentionMetadata, LlamaForCausalLM
-from replica.outputs import TokenLogprob
 
 
 @dataclass
@@ -36,7 +36,7 @@ class StepInputs:
 class StepResult:
     seqs: list[Sequence]  # the sequences that sampled, in order
     sampled: SampleResult
-    prompt_logprobs: dict[Sequence, list[TokenLogprob]]
+    prompt_logprobs: dict[Sequence, list[TokenLogprob | None]]
 
 
 class ModelRunner:
@@ -158,9 +158,9 @@ class ModelRunner:
 
     def _prompt_logprobs(
         self, inputs: StepInputs, logits: torch.Tensor
-    ) -> dict[Sequence, list[TokenLogprob]]:
+    ) -> dict[Sequence, list[TokenLogprob | None]]:
         """Logprob of each prompt token given the ones before it (rows predict the next token)."""
-        out: dict[Sequence, list[TokenLogprob]] = {}
+        out: dict[Sequence, list[TokenLogprob | None]] = {}
         offset = 0
         for seq, _, count, first_pos in inputs.prompt_spans:
             targets = seq.token_ids[first_pos + 1 : first_pos + 1 + count]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from replica.engine.outputs import TokenLogprob
 from replica.engine.sequence import Sequence
-from replica.outputs import TokenLogprob
 
 
 @dataclass

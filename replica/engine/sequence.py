@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 import torch
 
 from replica.engine.detokenizer import IncrementalDetokenizer
-from replica.outputs import RequestMetrics, TokenLogprob
-from replica.sampling_params import SamplingParams
+from replica.engine.outputs import RequestMetrics, TokenLogprob
+from replica.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -27,7 +28,7 @@ class Request:
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        detokenizer_factory,
+        detokenizer_factory: Callable[[list[int], SamplingParams], IncrementalDetokenizer],
         cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id

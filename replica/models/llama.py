@@ -7,12 +7,13 @@ through the kernel op set, so CPU and GPU run this same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replica.config import ModelConfig
+from replica.engine.config import ModelConfig
 from replica.kernels import Ops
 from replica.models.rope import cos_sin_cache
 
@@ -32,8 +33,8 @@ class AttentionMetadata:
 class Linear(nn.Module):
     """A linear layer whose parameters start uninitialised (the checkpoint fills them).
 
-    Its weight may be wider than the activations (see `replica.config.compute_dtype`); the output
-    comes back in the input's dtype.
+    Its weight may be wider than the activations (see `replica.engine.config.compute_dtype`); the
+    output comes back in the input's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -166,7 +167,8 @@ class LlamaForCausalLM(nn.Module):
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache, v_cache
+            attention = cast(DecoderLayer, layer).self_attn
+            attention.k_cache, attention.v_cache = k_cache, v_cache
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from replica.config import ModelConfig
+from replica.engine.config import ModelConfig
 from replica.kernels import Ops
 from replica.models.llama import Linear, LlamaForCausalLM
 

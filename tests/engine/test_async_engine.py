@@ -8,7 +8,7 @@ import pytest
 from engine_helpers import random_prompts
 
 from replica import SamplingParams, SamplingParamsError
-from replica.async_engine import AsyncEngine
+from replica.engine.async_engine import AsyncEngine
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from replica.engine.block_manager import BlockManager, block_hash
 from replica.engine.detokenizer import IncrementalDetokenizer
+from replica.engine.sampling_params import SamplingParams
 from replica.engine.sequence import Request
-from replica.sampling_params import SamplingParams
 
 
 def _seq(tokens: list[int], salt: str | None = None):

@@ -11,7 +11,7 @@ from engine_helpers import ARCHS, hf_greedy, hf_logits, random_prompts
 from safetensors.torch import load_file, save_file
 
 from replica import SamplingParams
-from replica.config import ModelConfig
+from replica.engine.config import ModelConfig
 from replica.kernels import get_ops
 from replica.models import AttentionMetadata, load_model
 

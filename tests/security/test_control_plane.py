@@ -48,7 +48,7 @@ from fleet.launch.manager import FleetManager
 from fleet.launch.replicas import ReplicaLaunch
 from fleet.launch.status import collect_status
 from fleet.spec import FleetSpec
-from replica.server.auth import Auth
+from replica.http_api.auth import Auth
 from router.app import RouterApp
 from router.config import RouterConfig
 from router.pool import PoolSettings

@@ -24,8 +24,8 @@ from openai_schema import assert_valid
 from fleet.control.keys import KeyAdmin
 from fleet.control.redis_conn import async_client
 from replica.engine.detokenizer import IncrementalDetokenizer
-from replica.server import protocol
-from replica.server.runtime import ServerSettings
+from replica.http_api import protocol
+from replica.http_api.runtime import ReplicaSettings
 
 # An operator's template file: ChatML-like, plus two hooks that let a test make rendering slow
 # (`spin`: a loop over a plain variable) or fail with a long message (`boom`).
@@ -329,7 +329,7 @@ def test_prompts_times_n_is_capped(replica: LiveReplica) -> None:
 
 
 def test_waiting_queue_has_a_default_limit() -> None:
-    assert ServerSettings(model="m", served_model_name="m").max_waiting is not None
+    assert ReplicaSettings(model="m", served_model_name="m").max_waiting is not None
 
 
 def test_waiting_queue_counts_sequences(tiny_model: Path) -> None:

@@ -20,11 +20,11 @@ import trustme
 import uvicorn
 
 from fleet.web_security import CORSSettings, TLSSettings, cors_from_args, tls_from_args
-from replica.async_engine import AsyncEngine
-from replica.config import EngineArgs
-from replica.server.app import build_app
-from replica.server.runtime import ServerSettings
-from replica.server.serve import add_cors, uvicorn_config
+from replica.engine.async_engine import AsyncEngine
+from replica.engine.config import EngineArgs
+from replica.http_api.app import build_app
+from replica.http_api.runtime import ReplicaSettings
+from replica.http_api.uvicorn_runner import add_cors, uvicorn_config
 from router.app import RouterApp
 from router.config import RouterConfig
 from router.pool import PoolSettings
@@ -67,7 +67,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 
 @contextlib.contextmanager
-def replica_server(settings: ServerSettings, model: Path) -> Iterator[str]:
+def replica_server(settings: ReplicaSettings, model: Path) -> Iterator[str]:
     """A real replica (uvicorn + AsyncEngine) in a thread, configured as `python -m replica`
     configures it (serve.add_cors, serve.uvicorn_config)."""
     sock = socket.socket()
@@ -97,7 +97,7 @@ def replica_server(settings: ServerSettings, model: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def tls_replica(certs: Certs, model_factory: Callable[..., Path]) -> Iterator[str]:
     """A replica serving HTTPS only, with CORS for ORIGIN."""
-    settings = ServerSettings(
+    settings = ReplicaSettings(
         model=MODEL, served_model_name=MODEL,
         tls=TLSSettings(certs.cert_file, certs.key_file),
         cors=CORSSettings((ORIGIN,), credentials=True),
@@ -266,7 +266,7 @@ def test_router_and_replica_flags_build_tls_and_cors_settings() -> None:
         main(["--replica", "http://r:1", "--ssl-keyfile", "k.pem"])  # a key without a cert
 
     args = replica_args(["--model", "m", *tls_flags, "--ssl-cert-reqs", "0", *cors_flags])
-    settings = ServerSettings(
+    settings = ReplicaSettings(
         model="m", served_model_name="m", host="h", port=1, tls=tls_from_args(args)
     )
     assert settings.url == "https://h:1" and settings.tls.verify_mode == ssl.CERT_NONE

@@ -17,11 +17,11 @@ import httpx
 import openai
 import uvicorn
 
-from replica.async_engine import AsyncEngine
-from replica.config import EngineArgs
-from replica.server.app import build_app
-from replica.server.runtime import ReplicaRuntime, ServerSettings
-from replica.server.serve import JsonRefusals
+from replica.engine.async_engine import AsyncEngine
+from replica.engine.config import EngineArgs
+from replica.http_api.app import build_app
+from replica.http_api.runtime import ReplicaRuntime, ReplicaSettings
+from replica.http_api.uvicorn_runner import JsonRefusals
 
 MODEL_NAME = "tiny-llama"
 API_KEY = "sk-test-static-key"
@@ -63,11 +63,11 @@ def serve(
     server: dict[str, Any] | None = None,
     **engine_overrides,
 ) -> Iterator[LiveReplica]:
-    """`server` sets further ServerSettings fields; the other keywords are engine arguments."""
+    """`server` sets further ReplicaSettings fields; the other keywords are engine arguments."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    settings = ServerSettings(
+    settings = ReplicaSettings(
         model=str(model),
         served_model_name=MODEL_NAME,
         port=port,
@@ -85,7 +85,7 @@ def serve(
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=2,
-        http=JsonRefusals,  # as `python -m replica` serves (replica.server.serve.uvicorn_config)
+        http=JsonRefusals,  # as `python -m replica` serves (uvicorn_runner.uvicorn_config)
         ws="none",
     )
     server = uvicorn.Server(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleet.control.errors import APIError
-from replica.server.protocol import (
+from replica.http_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     parse_body,

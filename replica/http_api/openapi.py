@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from replica.server.info_routes import VERSION
-from replica.server.protocol import (
+from replica.http_api.info_routes import VERSION
+from replica.http_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -97,7 +98,9 @@ OPERATIONS = (
 
 @lru_cache(maxsize=1)
 def openapi_document() -> dict:
-    models = [(op.request, "validation") for op in OPERATIONS if op.request is not None]
+    models: list[tuple[type[BaseModel], Literal["validation"]]] = [
+        (op.request, "validation") for op in OPERATIONS if op.request is not None
+    ]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas = {**defs.get("$defs", {}), **_RESPONSES}
     paths: dict[str, dict] = {}

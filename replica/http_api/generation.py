@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from replica.outputs import RequestOutput
-from replica.sampling_params import SamplingParams
-from replica.server.auth import Admission
-from replica.server.body import json_response
-from replica.server.metrics import ServerMetrics
-from replica.server.protocol import SamplingFields
-from replica.server.runtime import ReplicaRuntime
-from replica.server.sse import SSEResponse, until_disconnect
+from replica.engine.outputs import RequestOutput
+from replica.engine.sampling_params import SamplingParams, SamplingParamsError
+from replica.http_api.auth import Admission
+from replica.http_api.body import json_response
+from replica.http_api.disconnect import until_disconnect
+from replica.http_api.metrics import ReplicaMetrics
+from replica.http_api.protocol import SamplingFields
+from replica.http_api.runtime import ReplicaRuntime
+from replica.http_api.sse_response import SSEResponse
 
 
 def sampling_params(
@@ -64,7 +65,7 @@ async def build_stop_matcher(runtime: ReplicaRuntime, params: SamplingParams) ->
 class LatencyTracker:
     """TTFT, inter-token latency, end-to-end and queue time of one engine request."""
 
-    def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
+    def __init__(self, metrics: ReplicaMetrics, arrival: float) -> None:
         self.metrics = metrics
         self.arrival = arrival
         self.last_token_at: float | None = None
@@ -89,17 +90,37 @@ class LatencyTracker:
         m.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
 
 
-async def run_prompt(
+def open_streams(
     runtime: ReplicaRuntime,
     request_id: str,
-    prompt_ids: list[int],
+    prompts: Sequence[list[int]],
     params: SamplingParams,
-    arrival: float,
+    max_tokens_param: str = "max_tokens",
+) -> list[AsyncGenerator[RequestOutput, None]]:
+    """The engine's stream for each prompt (`request_id`, or `request_id-i` for several).
+
+    The engine checks each request here, before any response starts, so that a stream never opens
+    for a request it would refuse; a SamplingParamsError becomes a 400 naming the field (errors.py),
+    `max_tokens_param` where the request set the limit under another name. Nothing reaches the
+    engine until a stream is iterated."""
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+    try:
+        return [
+            runtime.engine.generate(rid, prompt, params)
+            for rid, prompt in zip(ids, prompts, strict=True)
+        ]
+    except SamplingParamsError as exc:
+        if exc.param == "max_tokens" and max_tokens_param != exc.param:
+            raise SamplingParamsError(max_tokens_param, str(exc), exc.code) from None
+        raise
+
+
+async def run_prompt(
+    runtime: ReplicaRuntime, outputs: AsyncGenerator[RequestOutput, None], arrival: float
 ) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one prompt. Closing this early (disconnect, error) closes the
-    engine's stream at once, which aborts the request and frees its KV blocks."""
+    """The outputs of one engine stream, with latency metrics. Closing this early (disconnect,
+    error) closes the engine's stream at once, which aborts the request and frees its KV blocks."""
     tracker = LatencyTracker(runtime.metrics, arrival)
-    outputs = runtime.engine.generate(request_id, prompt_ids, params)
     try:
         async for out in outputs:
             tracker.saw(out)
@@ -108,37 +129,33 @@ async def run_prompt(
         await outputs.aclose()
 
 
-_END = object()
-
-
 async def run_prompts(
     runtime: ReplicaRuntime,
-    request_id: str,
-    prompts: Sequence[list[int]],
-    params: SamplingParams,
+    streams: Sequence[AsyncGenerator[RequestOutput, None]],
     arrival: float,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) for several prompts running side by side in the engine."""
-    if len(prompts) == 1:
-        async for out in run_prompt(runtime, request_id, prompts[0], params, arrival):
+    if len(streams) == 1:
+        async for out in run_prompt(runtime, streams[0], arrival):
             yield 0, out
         return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    # (prompt index, its next output, the exception that ended it, or None once it is done)
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
 
-    async def pump(i: int, prompt: list[int]) -> None:
+    async def pump(i: int, stream: AsyncGenerator[RequestOutput, None]) -> None:
         try:
-            async for out in run_prompt(runtime, f"{request_id}-{i}", prompt, params, arrival):
+            async for out in run_prompt(runtime, stream, arrival):
                 queue.put_nowait((i, out))
-            queue.put_nowait((i, _END))
+            queue.put_nowait((i, None))
         except Exception as exc:
             queue.put_nowait((i, exc))
 
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:
             i, item = await queue.get()
-            if item is _END:
+            if item is None:
                 remaining -= 1
             elif isinstance(item, Exception):
                 raise item
@@ -196,7 +213,7 @@ class Job(Protocol):
 
     scope: RequestScope
 
-    def stream(self) -> AsyncIterator[bytes]: ...
+    def stream(self) -> AsyncGenerator[bytes, None]: ...
 
     async def collect(self) -> dict: ...
 

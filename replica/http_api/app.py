@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import disable_created_metrics
 from starlette.applications import Starlette
@@ -13,14 +13,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from replica.server import info_routes
-from replica.server.body import json_response
-from replica.server.chat import create_chat_completion
-from replica.server.completions import create_completion
-from replica.server.errors import EXCEPTION_HANDLERS
-from replica.server.metrics import ServerMetrics
-from replica.server.openapi import openapi_document
-from replica.server.runtime import ReplicaRuntime, ServerSettings
+from replica.http_api import info_routes
+from replica.http_api.body import json_response
+from replica.http_api.chat import create_chat_completion
+from replica.http_api.completions import create_completion
+from replica.http_api.errors import EXCEPTION_HANDLERS
+from replica.http_api.metrics import ReplicaMetrics
+from replica.http_api.openapi import openapi_document
+from replica.http_api.runtime import ReplicaRuntime, ReplicaSettings
+
+if TYPE_CHECKING:
+    from replica.engine.async_engine import AsyncEngine
 
 
 async def openapi_json(request: Request) -> Response:
@@ -52,7 +55,7 @@ class RequestCounter:
     """Counts every response by route template and status (pure ASGI: leaves `receive` untouched,
     so the handlers' disconnect watching sees the real channel)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ReplicaMetrics) -> None:
         self.app = app
         self.metrics = metrics
 
@@ -80,7 +83,7 @@ def _route_of(scope: Scope) -> str:
     return route.path if isinstance(route, Route) else "unmatched"
 
 
-def build_app(settings: ServerSettings, engine_factory: Callable[[], Any]) -> Starlette:
+def build_app(settings: ReplicaSettings, engine_factory: Callable[[], AsyncEngine]) -> Starlette:
     """`engine_factory` builds the AsyncEngine (called in a thread at startup: loading is slow)."""
     # `*_created` series double the scrape size and no dashboard reads them (process-wide switch).
     disable_created_metrics()

@@ -13,28 +13,36 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
 from fleet.control.redis_conn import DEFAULT_PREFIX
 from fleet.web_security import CORSSettings, TLSSettings
-from replica.sampling_params import SamplingParams
-from replica.server.auth import Auth
-from replica.server.metrics import ServerMetrics
-from replica.server.prompt_worker import PromptWorker
-from replica.server.prompts import PromptLimits
-from replica.server.token_text import TokenTexts
+from replica.engine.outputs import EngineLoad
+from replica.http_api.auth import Auth
+from replica.http_api.metrics import ReplicaMetrics
+from replica.http_api.prompt_worker import PromptWorker
+from replica.http_api.prompts import PromptLimits
+from replica.http_api.token_text import TokenTexts
+
+if TYPE_CHECKING:
+    from replica.engine.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "draining", "stopped"]
 
 
+class ReplicaLoad(EngineLoad):
+    kv_capacity_tokens: int  # num_blocks x block_size
+
+
 @dataclass
-class ServerSettings:
-    """What the HTTP layer needs to know beyond the engine's own arguments."""
+class ReplicaSettings:
+    """What a serving replica needs beyond the engine's own arguments: its names, address, keys,
+    fleet membership, limits and drain."""
 
     model: str
     served_model_name: str  # the primary name, reported in answers
@@ -82,13 +90,15 @@ class ServerSettings:
 class ReplicaRuntime:
     """Shared by all handlers through `request.app.state.runtime`."""
 
-    def __init__(self, settings: ServerSettings, engine_factory: Callable[[], Any]) -> None:
+    def __init__(
+        self, settings: ReplicaSettings, engine_factory: Callable[[], AsyncEngine]
+    ) -> None:
         self.settings = settings
         self._engine_factory = engine_factory
-        self.engine: Any = None
+        self._engine: AsyncEngine | None = None
         self.status: Status = "loading"
         self.started_at = int(time.time())
-        self.metrics = ServerMetrics(settings.served_model_name, self.load)
+        self.metrics = ReplicaMetrics(settings.served_model_name, self.load)
         self.auth = Auth(settings.api_key, None, internal_key=settings.internal_key)
         self.texts: TokenTexts | None = None
         self.lease: MembershipLease | None = None
@@ -99,12 +109,24 @@ class ReplicaRuntime:
             settings.prompt_timeout_s,
             max_jobs=max(4 * settings.prompt_workers, settings.max_waiting or 1024),
         )
-        self.limits: PromptLimits | None = None
+        self._limits: PromptLimits | None = None
         self.chat_template: str | None = None
         self._inflight = 0
         self._inflight_seqs = 0
         self._idle: asyncio.Event | None = None
         self._register_task: asyncio.Task | None = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine, loaded by `start` (the app's lifespan runs it before any request)."""
+        assert self._engine is not None, "the replica has not started"
+        return self._engine
+
+    @property
+    def limits(self) -> PromptLimits:
+        """What bounds a prompt before it is tokenized, read from the tokenizer by `start`."""
+        assert self._limits is not None, "the replica has not started"
+        return self._limits
 
     # -- lifecycle
 
@@ -112,10 +134,10 @@ class ReplicaRuntime:
         """Load the engine (in a thread: it takes seconds) and connect to the control plane."""
         self._idle = asyncio.Event()
         self._idle.set()
-        self.engine = await asyncio.to_thread(self._engine_factory)
-        self.texts = TokenTexts(self.engine.tokenizer)
-        tokenizer, max_len = self.engine.tokenizer, self.engine.max_model_len
-        self.limits = await asyncio.to_thread(PromptLimits.of, tokenizer, max_len)
+        engine = self._engine = await asyncio.to_thread(self._engine_factory)
+        self.texts = TokenTexts(engine.tokenizer)
+        tokenizer, max_len = engine.tokenizer, engine.max_model_len
+        self._limits = await asyncio.to_thread(PromptLimits.of, tokenizer, max_len)
         if self.settings.chat_template:
             with open(self.settings.chat_template, encoding="utf-8") as f:
                 self.chat_template = f.read()
@@ -192,8 +214,8 @@ class ReplicaRuntime:
         await self._leave_fleet()
         if self.auth.keystore is not None:
             await self.auth.keystore.close()
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.shutdown)
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.shutdown)
 
     # -- per request
 
@@ -204,7 +226,7 @@ class ReplicaRuntime:
             return "engine_dead"
         return self.status
 
-    def accept(self) -> Any:
+    def accept(self) -> AsyncEngine:
         """The engine, if this replica takes new generation work now; else 503 with Retry-After."""
         state = self.state
         if state != "ready":
@@ -260,19 +282,12 @@ class ReplicaRuntime:
     def inflight(self) -> int:
         return self._inflight
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """The engine's own checks (token ids in the vocabulary, logprobs, ...), run before any
-        response starts so that a stream never opens for a request the engine would refuse.
-        Raises SamplingParamsError, a 400 naming the field (see errors.py)."""
-        self.engine.validate(prompt_ids, params)
-
-    def load(self) -> dict | None:
+    def load(self) -> ReplicaLoad | None:
         """The engine's load, plus its KV capacity in tokens (what prefix-aware routers size by)."""
-        if self.engine is None:
+        if self._engine is None:
             return None
-        load = self.engine.load()
-        load["kv_capacity_tokens"] = load["num_blocks"] * load["block_size"]
-        return load
+        load = self._engine.load()
+        return ReplicaLoad(**load, kv_capacity_tokens=load["num_blocks"] * load["block_size"])
 
     def check_model(self, model: str | None) -> str:
         """The primary served name for a request's `model` field (any served name, or the model

@@ -1,5 +1,5 @@
-"""From request fields to prompt token ids, and the context-length checks with OpenAI's wording (the
-engine's own checks run through `ReplicaRuntime.validate`).
+"""From request fields to prompt token ids, refusing text too long to fit the context before it is
+tokenized (the engine checks the token ids: `EngineCore.validate`, through `open_streams`).
 
 These functions run on the prompt worker's threads (see prompt_worker.py), never on the event loop:
 a chat template is a program and a prompt may be megabytes, so either can take seconds.
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fleet.control.errors import APIError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _MAX_ERROR_DETAIL = 200  # characters of a template's own error message that reach the client
 
@@ -50,7 +53,7 @@ class PromptLimits:
     max_token_chars: int
 
     @classmethod
-    def of(cls, tokenizer: Any, max_model_len: int) -> PromptLimits:
+    def of(cls, tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> PromptLimits:
         """Byte-level and SentencePiece vocabularies spell every input character of a token, so the
         longest vocabulary entry bounds how much text one token covers."""
         longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
@@ -69,14 +72,17 @@ class PromptLimits:
 
 
 def encode(
-    tokenizer: Any, text: str, limits: PromptLimits, add_special_tokens: bool = True
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    limits: PromptLimits,
+    add_special_tokens: bool = True,
 ) -> list[int]:
     limits.check_chars(len(text), "prompt")
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def render_chat(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
@@ -89,7 +95,7 @@ def render_chat(
     if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     try:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             messages,
             chat_template=chat_template,
             tokenize=False,
@@ -104,16 +110,17 @@ def render_chat(
         raise APIError(
             400, f"the chat template rejected the messages: {detail}", "messages"
         ) from None
+    return cast(str, text)  # tokenize=False: the rendered text
 
 
-def encode_chat(tokenizer: Any, text: str, limits: PromptLimits) -> list[int]:
+def encode_chat(tokenizer: PreTrainedTokenizerBase, text: str, limits: PromptLimits) -> list[int]:
     """Templates write their own BOS and special tokens, so none are added here."""
     limits.check_chars(len(text), "messages")
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 def chat_token_ids(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     limits: PromptLimits,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
@@ -131,21 +138,3 @@ def chat_token_ids(
         chat_template,
     )
     return encode_chat(tokenizer, text, limits)
-
-
-def check_length(
-    prompt_tokens: int, max_tokens: int, max_model_len: int, param: str = "max_tokens"
-) -> None:
-    """prompt + completion must fit the context; the message gives the numbers, as OpenAI's does."""
-    if prompt_tokens == 0:
-        raise APIError(400, "the prompt is empty: it must contain at least one token", "prompt")
-    if prompt_tokens + max_tokens > max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
-            f"{max_tokens} for the completion). Please reduce the length of the prompt or the "
-            "completion.",
-            param,
-            code="context_length_exceeded",
-        )

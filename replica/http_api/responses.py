@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from replica.outputs import TokenLogprob
-from replica.server.token_text import TokenTexts
+from replica.engine.outputs import TokenLogprob
+from replica.http_api.token_text import TokenTexts
 
 VERY_UNLIKELY = -9999.0
 
@@ -94,7 +94,7 @@ class CompletionLogprobs:
         """`logprobs[i]` belongs to `token_ids[i]`; None (a prompt's first token) gives nulls."""
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
-        top_logprobs: list[dict[str, float] | None] = []
+        top_logprobs: list[dict[str, float | None] | None] = []
         text_offset: list[int] = []
         for token_id, lp in zip(token_ids, logprobs, strict=True):
             text = self.texts.text(token_id)

@@ -1,54 +1,21 @@
-"""Server-sent events and client-disconnect detection.
-
-A client that goes away must stop its engine request at once, streaming or not. Uvicorn silently
-drops writes to a closed socket, so writing is no signal: we watch the ASGI receive channel for
-`http.disconnect` next to the work and cancel the work when it arrives. Cancellation runs the
-generator's `finally`, which aborts the engine request and frees its KV blocks.
-"""
+"""The streamed answer: server-sent event frames, ended by `[DONE]`, that stop the moment the client
+leaves (see disconnect.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TypeVar
 
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from fleet.control.errors import APIError
+from replica.http_api.disconnect import wait_for_disconnect
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DONE_FRAME = b"data: [DONE]\n\n"
-
-
-class ClientGone(Exception):
-    """The client closed the connection before the response was complete."""
-
-
-async def wait_for_disconnect(receive: Receive) -> None:
-    """Returns when the client disconnects; call only once the request body has been read."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(request.receive))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
 
 
 def frame(payload: bytes) -> bytes:

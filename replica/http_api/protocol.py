@@ -8,13 +8,13 @@ are kept in `model_extra` (newer OpenAI clients send them) and ignored by the ca
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fleet.control.errors import APIError
-from replica.server.prompts import RENDERER_ARGUMENTS
+from replica.http_api.prompts import RENDERER_ARGUMENTS
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 NonNegative = Annotated[int, Field(ge=0)]
@@ -112,8 +112,8 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, str):
             return [p]
         if isinstance(p[0], int):
-            return [p]
-        return list(p)
+            return [cast("list[int]", p)]
+        return list(cast("list[str] | list[list[int]]", p))
 
 
 class TextPart(_Body):
@@ -171,7 +171,7 @@ def check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
             )
 
 
-def _json_size(value: Any) -> int:
+def _json_size(value: object) -> int:
     """Bytes of `value` as JSON; integers beyond 64 bits (which orjson refuses) count as too big."""
     try:
         return len(orjson.dumps(value))

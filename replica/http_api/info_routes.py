@@ -8,10 +8,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
-from replica.server.body import json_response, read_body, runtime_of
-from replica.server.metrics import CONTENT_TYPE
-from replica.server.prompts import chat_token_ids, encode
-from replica.server.protocol import (
+from replica.http_api.body import json_response, read_body, runtime_of
+from replica.http_api.metrics import CONTENT_TYPE
+from replica.http_api.prompts import chat_token_ids, encode
+from replica.http_api.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     parse_body,
@@ -106,7 +106,7 @@ async def server_info(request: Request) -> Response:
     runtime = runtime_of(request)
     await runtime.auth.authenticate(request)
     engine = runtime.engine
-    load = runtime.load() or {}
+    load = runtime.load()
     return json_response(
         {
             "model_path": runtime.settings.model,
@@ -115,7 +115,7 @@ async def server_info(request: Request) -> Response:
             "dp_size": 1,
             "version": VERSION,
             "context_length": engine.max_model_len,
-            "max_total_tokens": load.get("kv_capacity_tokens"),
+            "max_total_tokens": load["kv_capacity_tokens"] if load else None,
             "max_prefill_tokens": engine.core.scheduler.max_num_batched_tokens,
             "max_running_requests": engine.args.max_num_seqs,
         }

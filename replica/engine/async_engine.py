@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from replica.config import EngineArgs
-from replica.engine.llm_engine import EngineCore
-from replica.outputs import RequestOutput
-from replica.sampling_params import SamplingParams
+from replica.engine.config import EngineArgs
+from replica.engine.core import EngineCore
+from replica.engine.outputs import EngineLoad, RequestOutput
+from replica.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +32,48 @@ class EngineDeadError(RuntimeError):
     """The step thread is gone (shut down or failed); no request can be served."""
 
 
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-
 class _Aborted:
     """Queue marker: the request was aborted from outside its generator."""
 
 
+# What a request's stream receives: an output, the exception that ended it, or _Aborted.
+_Item = RequestOutput | BaseException | _Aborted
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[_Item]
+
+
+@dataclass
+class _Add:
+    """Step-thread command: queue a request `generate` has validated."""
+
+    request_id: str
+    prompt: str | None  # its text, when it came as text
+    prompt_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None
+
+
+@dataclass
+class _Abort:
+    """Step-thread command: stop a request and free its KV blocks."""
+
+    request_id: str
+
+
 class AsyncEngine:
+    _load: EngineLoad  # set by the step thread after each step; read from any thread
+
     def __init__(self, args: EngineArgs | str, **engine_args) -> None:
         """Build the engine in its step thread and return once it is loaded (or raise why not)."""
         if isinstance(args, str):
             args = EngineArgs(model=args, **engine_args)
         self.args = args
         self._streams: dict[str, _Stream] = {}
-        self._commands: list[tuple] = []
+        self._commands: list[_Add | _Abort] = []
         self._wakeup = threading.Condition()
         self._stopped = False
         self.error: BaseException | None = None
@@ -64,28 +88,34 @@ class AsyncEngine:
 
     # -- event-loop side --------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self,
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs, one per step it advanced; the last has `finished` set.
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """A request's stream of outputs, one per step it advanced; the last has `finished` set.
 
-        Raises SamplingParamsError (a ValueError with `.param`) for a request the engine cannot
-        serve, before anything is yielded. Leaving the iteration early aborts the request.
+        The request is checked now, on the caller's thread: SamplingParamsError (a ValueError with
+        `.param`) for one the engine cannot serve, so a server refuses it before its response
+        starts. It reaches the engine when the stream is first iterated (a stream never iterated
+        leaves nothing behind); leaving the iteration early aborts it.
         """
+        prompt_ids = self.core.tokenize(prompt)
+        self.core.validate(prompt_ids, params)
+        text = prompt if isinstance(prompt, str) else None
+        return self._stream(_Add(request_id, text, prompt_ids, params, cache_salt))
+
+    async def _stream(self, add: _Add) -> AsyncGenerator[RequestOutput, None]:
+        request_id = add.request_id
         if self._stopped:
             raise EngineDeadError("the engine is not running") from self.error
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.core.tokenize(prompt)
-        self.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        text = prompt if isinstance(prompt, str) else None
-        self._submit(("add", request_id, text, prompt_ids, params, cache_salt))
+        self._submit(add)
         finished = False
         try:
             while True:
@@ -104,22 +134,18 @@ class AsyncEngine:
             if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
             if not finished:
-                self._submit(("abort", request_id))
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise SamplingParamsError for a request this engine cannot serve (no side effects)."""
-        self.core.validate(prompt_token_ids, params)
+                self._submit(_Abort(request_id))
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks before the next step; safe from any thread."""
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _Aborted())
-        self._submit(("abort", request_id))
+        self._submit(_Abort(request_id))
 
-    def load(self) -> dict:
+    def load(self) -> EngineLoad:
         """running, waiting, kv_usage, num_blocks, free_blocks, block_size, prefix-cache counters."""
-        return dict(self._load)
+        return self._load.copy()
 
     @property
     def is_running(self) -> bool:
@@ -131,13 +157,13 @@ class AsyncEngine:
             self._wakeup.notify()
         self._thread.join(timeout=30)
 
-    def _submit(self, command: tuple) -> None:
+    def _submit(self, command: _Add | _Abort) -> None:
         with self._wakeup:
             self._commands.append(command)
             self._wakeup.notify()
 
     @staticmethod
-    def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    def _deliver(items: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
         for queue, item in items:
             queue.put_nowait(item)
 
@@ -176,19 +202,22 @@ class AsyncEngine:
                 self._load = core.load()
         self._fail_all(EngineDeadError("the engine shut down"))
 
-    def _apply(self, command: tuple) -> None:
-        if command[0] == "abort":
-            self.core.abort_request(command[1])
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            self.core.abort_request(command.request_id)
             return
-        _, request_id, text, prompt_ids, params, cache_salt = command
-        if request_id not in self._streams:  # abandoned before it started
+        if command.request_id not in self._streams:  # abandoned before it started
             return
-        try:
-            self.core.add_request(
-                request_id, text or prompt_ids, params, cache_salt, prompt_token_ids=prompt_ids
+        try:  # validated by `generate` already
+            self.core.enqueue(
+                command.request_id,
+                command.prompt,
+                command.prompt_ids,
+                command.params,
+                command.cache_salt,
             )
         except ValueError as exc:
-            self._send([(request_id, exc)])
+            self._send([(command.request_id, exc)])
 
     def _fail_all(self, exc: BaseException) -> None:
         self.error = exc
@@ -196,9 +225,9 @@ class AsyncEngine:
             self.core.abort_request(request_id)
         self._send([(request_id, exc) for request_id in list(self._streams)])
 
-    def _send(self, items: list[tuple[str, object]]) -> None:
+    def _send(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand a step's results to their event loops: one thread-safe call per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
         for request_id, item in items:
             stream = self._streams.get(request_id)
             if stream is not None:
@@ -207,6 +236,6 @@ class AsyncEngine:
             try:
                 loop.call_soon_threadsafe(self._deliver, batch)
             except RuntimeError:  # that loop is closed: nobody is listening any more
-                for _, item in batch:
-                    if isinstance(item, RequestOutput):
-                        self.core.abort_request(item.request_id)
+                for _, undelivered in batch:
+                    if isinstance(undelivered, RequestOutput):
+                        self.core.abort_request(undelivered.request_id)

@@ -8,21 +8,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 
-from replica.config import EngineArgs, ModelConfig, compute_dtype, pick_dtype, resolve_model_path
 from replica.engine.block_manager import BlockManager
+from replica.engine.config import (
+    EngineArgs,
+    ModelConfig,
+    compute_dtype,
+    pick_dtype,
+    resolve_model_path,
+)
 from replica.engine.cuda_graphs import DecodeGraphs
 from replica.engine.detokenizer import IncrementalDetokenizer
 from replica.engine.memory import plan_kv_blocks
 from replica.engine.model_runner import ModelRunner, StepResult
+from replica.engine.outputs import CompletionOutput, EngineLoad, RequestOutput
+from replica.engine.sampling_params import SamplingParams, SamplingParamsError
 from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Request, Sequence
 from replica.kernels import get_ops
 from replica.models import load_model
-from replica.outputs import CompletionOutput, RequestOutput
-from replica.sampling_params import SamplingParams, SamplingParamsError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +46,9 @@ class EngineCore:
         self.model_config = cfg = ModelConfig.from_folder(path)
         self.device = args.resolve_device()
         self.dtype = pick_dtype(args.dtype, cfg.dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or path))
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            str(args.tokenizer or path)
+        )
         self.max_model_len = _context_limit(args, cfg)
         self.eos_token_ids = list(cfg.eos_token_ids)
         if (
@@ -98,28 +110,29 @@ class EngineCore:
         return list(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise SamplingParamsError (param, message) for a request this engine cannot serve."""
+        """Raise SamplingParamsError (param, message) for a request this engine cannot serve.
+
+        The one check of a request against the model (its context, vocabulary and logprobs), with
+        OpenAI's wording for the context rule; each front-end runs it once per request, where it
+        can still refuse: LLM before adding any prompt of a batch, AsyncEngine before a server's
+        response starts."""
         if not prompt_ids:
-            raise SamplingParamsError("prompt", "the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
             raise SamplingParamsError(
-                "prompt", f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})"
+                "prompt", "the prompt is empty: it must contain at least one token"
             )
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
+        # Without max_tokens the completion may run to the end of the context, but needs a token.
+        completion = 1 if params.max_tokens is None else params.max_tokens
+        if len(prompt_ids) + completion > self.max_model_len:
             raise SamplingParamsError(
-                "prompt",
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} "
-                "tokens and at least one must be left to generate",
-            )
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise SamplingParamsError(
-                "max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this "
-                f"model's context of {self.max_model_len} tokens",
+                "prompt" if params.max_tokens is None else "max_tokens",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {len(prompt_ids) + completion} tokens ({len(prompt_ids)} in the "
+                f"prompt, {completion} for the completion), which exceeds it. Please reduce the "
+                "length of the prompt or the completion.",
+                code="context_length_exceeded",
             )
         for name, tokens in (
+            ("prompt", prompt_ids),
             ("logit_bias", params.logit_bias or {}),
             ("stop_token_ids", params.stop_token_ids),
         ):
@@ -139,21 +152,26 @@ class EngineCore:
         prompt: str | list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
-        prompt_token_ids: list[int] | None = None,
     ) -> Request:
-        """Queue a request; `prompt_token_ids` passes a text prompt already tokenized."""
+        """Tokenize, validate and queue a request; a request the engine cannot serve raises
+        SamplingParamsError and adds nothing."""
+        prompt_ids = self.tokenize(prompt)
+        self.validate(prompt_ids, params)
+        text = prompt if isinstance(prompt, str) else None
+        return self.enqueue(request_id, text, prompt_ids, params, cache_salt)
+
+    def enqueue(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> Request:
+        """Queue a request `validate` has passed (`prompt`: its text, when it came as text)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.tokenize(prompt) if prompt_token_ids is None else prompt_token_ids
-        self.validate(prompt_ids, params)
-        request = Request(
-            request_id,
-            prompt if isinstance(prompt, str) else None,
-            prompt_ids,
-            params,
-            self._new_detokenizer,
-            cache_salt,
-        )
+        request = Request(request_id, prompt, prompt_ids, params, self._new_detokenizer, cache_salt)
         self.requests[request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
@@ -296,7 +314,7 @@ class EngineCore:
 
     # -- introspection ----------------------------------------------------------------------
 
-    def load(self) -> dict:
+    def load(self) -> EngineLoad:
         blocks = self.blocks
         return {
             "running": len({s.request.request_id for s in self.scheduler.running}),
@@ -325,9 +343,9 @@ def _context_limit(args: EngineArgs, cfg: ModelConfig) -> int:
     return args.max_model_len or limit
 
 
-def _make_decoder(tokenizer) -> Callable[[list[int], bool], str]:
+def _make_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int], bool], str]:
     """The Rust tokenizer's decode when there is one (several times cheaper per call)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
-    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: cast(str, tokenizer.decode(ids, skip_special_tokens=skip))

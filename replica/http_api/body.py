@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.requests import Request
@@ -11,14 +11,14 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 
 if TYPE_CHECKING:
-    from replica.server.runtime import ReplicaRuntime
+    from replica.http_api.runtime import ReplicaRuntime
 
 
 def runtime_of(request: Request) -> ReplicaRuntime:
     return request.app.state.runtime
 
 
-def json_response(body: Any, status: int = 200) -> Response:
+def json_response(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 

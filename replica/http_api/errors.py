@@ -1,6 +1,7 @@
 """Every failure leaves as OpenAI error JSON: our own APIErrors, parameters the engine refuses (400),
-unknown paths (404), wrong methods (405), and anything unexpected (500; starlette re-raises it afterwards so the server logs the
-traceback, which never goes on the wire)."""
+unknown paths (404), wrong methods (405), and anything unexpected (500; starlette re-raises it
+afterwards so the server logs the traceback, which never goes on the wire). A client that left
+first gets nothing; the request is counted as 499."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from starlette.responses import Response
 
 from fleet.control.errors import APIError
 from fleet.web_errors import error_response
-from replica.sampling_params import SamplingParamsError
-from replica.server.sse import ClientGone
+from replica.engine.sampling_params import SamplingParamsError
 
 # nginx's "client closed request": the status recorded (never sent) when the client left first.
-CLIENT_CLOSED = 499
+CLIENT_GONE_STATUS = 499
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
@@ -25,7 +25,7 @@ async def api_error(request: Request, exc: Exception) -> Response:
 async def sampling_error(request: Request, exc: Exception) -> Response:
     """The engine refused a request's parameters: a 400 naming the field."""
     assert isinstance(exc, SamplingParamsError)
-    return error_response(APIError(400, str(exc), exc.param))
+    return error_response(APIError(400, str(exc), exc.param, code=exc.code))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -40,7 +40,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def client_gone(request: Request, exc: Exception) -> Response:
-    return Response(status_code=CLIENT_CLOSED)
+    return Response(status_code=CLIENT_GONE_STATUS)
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
@@ -51,7 +51,6 @@ EXCEPTION_HANDLERS = {
     APIError: api_error,
     SamplingParamsError: sampling_error,
     HTTPException: http_error,
-    ClientGone: client_gone,
-    ClientDisconnect: client_gone,  # the client left while sending its body
+    ClientDisconnect: client_gone,  # the client left while sending its body or awaiting the answer
     Exception: unexpected,
 }

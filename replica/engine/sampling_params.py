@@ -15,11 +15,13 @@ MAX_STOP_CHARS = 1024
 
 
 class SamplingParamsError(ValueError):
-    """A bad sampling field; `param` names it."""
+    """A bad sampling field or a request the engine cannot serve; `param` names the field and
+    `code` (OpenAI's error code, e.g. `context_length_exceeded`) says why, where it has one."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass

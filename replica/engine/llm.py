@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from typing import cast
 
-from replica.config import EngineArgs
-from replica.engine.llm_engine import EngineCore
-from replica.outputs import RequestOutput
-from replica.sampling_params import SamplingParams
+from replica.engine.config import EngineArgs
+from replica.engine.core import EngineCore
+from replica.engine.outputs import EngineLoad, RequestOutput
+from replica.engine.sampling_params import SamplingParams
 
 
 class LLM:
@@ -25,8 +26,7 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in prompt order. A prompt is a string or token ids."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = _as_batch(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -39,7 +39,8 @@ class LLM:
         order: dict[str, int] = {}
         for index, (prompt, ids, p) in enumerate(zip(prompts, token_ids, params, strict=True)):
             request_id = f"offline-{next(self._ids)}"
-            engine.add_request(request_id, prompt, p, prompt_token_ids=ids)
+            text = prompt if isinstance(prompt, str) else None
+            engine.enqueue(request_id, text, ids, p)
             order[request_id] = index
         results: list[RequestOutput | None] = [None] * len(prompts)
         while self.engine.has_unfinished:
@@ -47,5 +48,14 @@ class LLM:
                 results[order[output.request_id]] = output
         return [r for r in results if r is not None]
 
-    def load(self) -> dict:
+    def load(self) -> EngineLoad:
         return self.engine.load()
+
+
+def _as_batch(prompts: str | list[int] | Seq[str | list[int]]) -> list[str | list[int]]:
+    """One prompt (a string or token ids) or several, as a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [cast("list[int]", prompts)]
+    return list(cast("Seq[str | list[int]]", prompts))

@@ -22,6 +22,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from replica.engine.outputs import EngineLoad
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -35,7 +37,7 @@ _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 3
 class EngineLoadCollector(Collector):
     """Turns one `engine.load()` dict into gauges and counters at scrape time."""
 
-    def __init__(self, load: Callable[[], dict | None], model_name: str) -> None:
+    def __init__(self, load: Callable[[], EngineLoad | None], model_name: str) -> None:
         self._load = load
         self._model = model_name
 
@@ -54,11 +56,12 @@ class EngineLoadCollector(Collector):
         yield _gauge("fleetserve_kv_cache_usage_ratio", doc, load["kv_usage"])
         yield _gauge("vllm:kv_cache_usage_perc", doc, load["kv_usage"], self._model)
         counters = (
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "queries"),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", "hits"),
-        )
-        for name, doc, key in counters:
-            value = load[f"prefix_cache_{key}"]
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+             load["prefix_cache_queries"]),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache",
+             load["prefix_cache_hits"]),
+        )  # fmt: skip
+        for name, doc, value in counters:
             yield _counter(f"fleetserve_{name}", doc, value)
             yield _counter(f"vllm:{name}", doc, value, self._model)
 
@@ -77,10 +80,10 @@ def _counter(name: str, doc: str, value: float, model: str | None = None) -> Met
     return family
 
 
-class ServerMetrics:
+class ReplicaMetrics:
     """The replica's metrics; handlers call the `observe_*` methods, /metrics calls `render`."""
 
-    def __init__(self, model_name: str, load: Callable[[], dict | None]) -> None:
+    def __init__(self, model_name: str, load: Callable[[], EngineLoad | None]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

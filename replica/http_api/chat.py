@@ -12,19 +12,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
-from replica.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from replica.sampling_params import SamplingParams
-from replica.server.body import read_body, runtime_of
-from replica.server.generation import (
+from replica.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from replica.engine.sampling_params import SamplingParams
+from replica.http_api.body import read_body, runtime_of
+from replica.http_api.generation import (
     RequestScope,
     answer,
     build_stop_matcher,
+    open_streams,
     run_prompt,
     sampling_params,
 )
-from replica.server.prompts import chat_token_ids, check_length
-from replica.server.protocol import ChatCompletionRequest, parse_body, plain_messages
-from replica.server.responses import (
+from replica.http_api.prompts import chat_token_ids
+from replica.http_api.protocol import ChatCompletionRequest, parse_body, plain_messages
+from replica.http_api.responses import (
     ResponseHead,
     chat_choice,
     chat_chunk,
@@ -33,7 +34,7 @@ from replica.server.responses import (
     usage,
     usage_chunk,
 )
-from replica.server.sse import frame
+from replica.http_api.sse_response import frame
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -56,24 +57,24 @@ async def create_chat_completion(request: Request) -> Response:
         ),
         "messages",
     )
-    requested = body.requested_max_tokens
-    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     # Without a limit the completion may use the rest of the context.
-    max_tokens = requested or max(1, engine.max_model_len - len(prompt_ids))
-    check_length(len(prompt_ids), max_tokens, engine.max_model_len, param)
+    max_tokens = body.requested_max_tokens or max(1, engine.max_model_len - len(prompt_ids))
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, top_n)
     await build_stop_matcher(runtime, params)
-    runtime.validate(prompt_ids, params)
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    head = ResponseHead.new("chatcmpl", model)
+    [outputs] = open_streams(runtime, head.id, [prompt_ids], params, param)
     runtime.check_queue(params.n)
     reserve = len(prompt_ids) + max_tokens * params.n
     # A key's model list applies to the name the request used (any served name).
     admission = await runtime.auth.admit(record, body.model or model, reserve)
     job = ChatJob(
         RequestScope(runtime, admission, arrival, len(prompt_ids), params.n),
-        ResponseHead.new("chatcmpl", model),
+        head,
         body,
         prompt_ids,
+        outputs,
         params,
         top_n,
     )
@@ -86,12 +87,12 @@ class ChatJob:
     head: ResponseHead
     body: ChatCompletionRequest
     prompt_ids: list[int]
+    engine_stream: AsyncGenerator[RequestOutput, None]
     params: SamplingParams
     top_n: int | None  # None: no logprobs
 
     def _outputs(self) -> AsyncIterator[RequestOutput]:
-        runtime = self.scope.runtime
-        return run_prompt(runtime, self.head.id, self.prompt_ids, self.params, self.scope.arrival)
+        return run_prompt(self.scope.runtime, self.engine_stream, self.scope.arrival)
 
     def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
         texts = self.scope.runtime.texts

@@ -21,7 +21,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fleet.control.errors import APIError
 from fleet.web_security import CORSSettings
-from replica.server.runtime import ReplicaRuntime, ServerSettings
+from replica.http_api.runtime import ReplicaRuntime, ReplicaSettings
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -87,7 +87,7 @@ class JsonRefusals(HttpToolsProtocol):
             self.transport.close()
 
 
-def uvicorn_config(app: Starlette, settings: ServerSettings, log_level: str) -> uvicorn.Config:
+def uvicorn_config(app: Starlette, settings: ReplicaSettings, log_level: str) -> uvicorn.Config:
     """The server's settings, TLS included (uvicorn's ssl_* arguments, as vLLM passes them)."""
     tls = settings.tls
     return uvicorn.Config(

@@ -1,8 +1,10 @@
-"""What the engine hands back for a request, offline (final) or streamed (once per step)."""
+"""What the engine hands back: a request's outputs, offline (final) or streamed (once per step), and
+its own load."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 
 @dataclass
@@ -66,3 +68,17 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None
+
+
+class EngineLoad(TypedDict):
+    """The engine's state after its last step: what /load, /metrics and routers weigh."""
+
+    running: int  # requests with a sequence in the running batch
+    waiting: int  # requests with a sequence waiting to be scheduled
+    kv_usage: float  # fraction of KV blocks in use
+    num_blocks: int
+    free_blocks: int
+    block_size: int  # tokens per KV block
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache, ever
+    prefix_cache_hits: int  # ... and found there
+    num_preemptions: int

@@ -9,7 +9,10 @@ are not valid UTF-8 on their own is shown as `bytes:\\xNN...`, the way OpenAI's 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @lru_cache(maxsize=1)
@@ -28,7 +31,7 @@ def _unicode_to_byte() -> dict[str, int]:
 class TokenTexts:
     """Per-token `(text, bytes)` for one tokenizer, cached because logprobs ask for them per token."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._byte_level = self._detect_byte_level()
         self._special_ids = set(getattr(tokenizer, "all_special_ids", None) or [])
@@ -55,7 +58,7 @@ class TokenTexts:
         return self.get(token_id)[0]
 
     def _raw_bytes(self, token_id: int) -> bytes:
-        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        piece = cast("str | None", self._tokenizer.convert_ids_to_tokens(token_id))
         if piece is None:
             return b""
         if token_id in self._special_ids:

@@ -6,25 +6,27 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from fleet.control.errors import APIError
-from replica.outputs import CompletionOutput, RequestOutput
-from replica.sampling_params import SamplingParams
-from replica.server.body import read_body, runtime_of
-from replica.server.generation import (
+from replica.engine.outputs import CompletionOutput, RequestOutput
+from replica.engine.sampling_params import SamplingParams
+from replica.http_api.body import read_body, runtime_of
+from replica.http_api.generation import (
     RequestScope,
     answer,
     build_stop_matcher,
+    open_streams,
     run_prompts,
     sampling_params,
 )
-from replica.server.prompts import check_length, encode
-from replica.server.protocol import CompletionRequest, parse_body
-from replica.server.responses import (
+from replica.http_api.prompts import encode
+from replica.http_api.protocol import CompletionRequest, parse_body
+from replica.http_api.responses import (
     CompletionLogprobs,
     ResponseHead,
     completion_choice,
@@ -33,7 +35,7 @@ from replica.server.responses import (
     usage,
     usage_chunk,
 )
-from replica.server.sse import frame
+from replica.http_api.sse_response import frame
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
 
@@ -60,16 +62,19 @@ async def create_completion(request: Request) -> Response:
         "prompt",
     )
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    for ids in prompt_ids:
-        check_length(len(ids), max_tokens, engine.max_model_len)
     echo_logprobs = body.logprobs if body.echo else None
+    # Echo with max_tokens=0 runs one token that is never shown (the engine needs at least one).
     params = sampling_params(body, max(max_tokens, 1), body.logprobs, echo_logprobs)
     await build_stop_matcher(runtime, params)
-    prompts = []
-    for p, ids in zip(body.prompts, prompt_ids, strict=True):
-        runtime.validate(ids, params)
-        echo_text = (p if isinstance(p, str) else tokenizer.decode(ids)) if body.echo else ""
-        prompts.append(Prompt(ids, echo_text))
+    head = ResponseHead.new("cmpl", model)
+    streams = open_streams(runtime, head.id, prompt_ids, params)
+    prompts = [
+        Prompt(
+            ids,
+            (p if isinstance(p, str) else cast(str, tokenizer.decode(ids))) if body.echo else "",
+        )
+        for p, ids in zip(body.prompts, prompt_ids, strict=True)
+    ]
     seqs = len(prompts) * params.n
     runtime.check_queue(seqs)
     reserve = sum(len(p.token_ids) + max_tokens * params.n for p in prompts)
@@ -77,9 +82,10 @@ async def create_completion(request: Request) -> Response:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     job = CompletionJob(
         RequestScope(runtime, admission, arrival, prompt_tokens, seqs),
-        ResponseHead.new("cmpl", model),
+        head,
         body,
         prompts,
+        streams,
         params,
         output_wanted=max_tokens > 0,
     )
@@ -92,14 +98,12 @@ class CompletionJob:
     head: ResponseHead
     body: CompletionRequest
     prompts: list[Prompt]
+    engine_streams: list[AsyncGenerator[RequestOutput, None]]  # one per prompt
     params: SamplingParams
     output_wanted: bool  # False for echo with max_tokens=0: the prompt (and its logprobs) only
 
     def _outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        token_ids = [p.token_ids for p in self.prompts]
-        return run_prompts(
-            self.scope.runtime, self.head.id, token_ids, self.params, self.scope.arrival
-        )
+        return run_prompts(self.scope.runtime, self.engine_streams, self.scope.arrival)
 
     def _logprobs(self) -> CompletionLogprobs | None:
         texts = self.scope.runtime.texts
@@ -155,7 +159,7 @@ class CompletionJob:
         for i, out in sorted(finals.items()):
             for o in out.outputs:
                 text, lp_dict, finish = self._choice(
-                    i, out, o, self._logprobs(), self.body.echo, delta=False
+                    i, out, o, self._logprobs(), bool(self.body.echo), delta=False
                 )
                 index = i * self.params.n + o.index
                 choices.append(completion_choice(index, text, lp_dict or None, finish))
@@ -177,7 +181,7 @@ class CompletionJob:
                 index = i * n + o.index
                 if index in done:
                     continue
-                echo = self.body.echo and index not in started
+                echo = bool(self.body.echo) and index not in started
                 started.add(index)
                 text, lp_dict, finish = self._choice(i, out, o, logprobs[index], echo, delta=True)
                 if not text and not lp_dict and finish is None:
