@@ -10,7 +10,7 @@
 
 Nothing is downloaded: the model is built from a LlamaConfig with random weights and saved once
 as a Hugging Face folder that both the engine and transformers load. Imports only torch,
-transformers, tokenizers and `replica` (no server packages). Run from the repository root:
+transformers, tokenizers, `replica` and tests/kernels/kernel_cases.py (no server packages). Run from the repository root:
 
     PYTHONPATH=. python loadtests/gpu_check.py            # on the GPU box
     python loadtests/gpu_check.py --smoke                 # tiny shapes on CPU, kernels interpreted
@@ -19,6 +19,7 @@ transformers, tokenizers and `replica` (no server packages). Run from the reposi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import math
@@ -40,6 +41,11 @@ if SMOKE:
 import torch  # noqa: E402
 
 from replica.kernels import reference  # noqa: E402
+
+# The test suite's paged-attention batches (random data in every unused cache slot, -1 past each
+# block table's end, q strided in a fused QKV buffer), so the GPU sees the cases CI checks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+from kernel_cases import PagedBatch, make_paged_batch  # noqa: E402
 
 Row = dict[str, str]
 
@@ -193,49 +199,26 @@ def _max_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return (got.float() - expected.float()).abs().max().item()
 
 
-def _paged_batch(
-    s: Shapes,
-    cached: list[int],
-    new: list[int],
-    device: torch.device,
-    dtype: torch.dtype,
-    gen: torch.Generator,
-) -> dict:
-    """Attention inputs over a shuffled paged cache that holds just these sequences."""
-    seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
-    per_seq = [math.ceil(n / s.block_size) for n in seq_lens]
-    num_blocks = sum(per_seq) + 1
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32)
-    for b, count in enumerate(per_seq):
-        tables[b, :count] = torch.tensor([order.pop() for _ in range(count)])
-    cache_shape = (num_blocks, s.block_size, s.kv_heads, s.head_dim)
-    k_cache = torch.randn(cache_shape, generator=gen).to(device, dtype)
-    v_cache = torch.randn(cache_shape, generator=gen).to(device, dtype)
-    q = torch.randn(sum(new), s.heads, s.head_dim, generator=gen).to(device, dtype)
-    starts = [0]
-    for n in new:
-        starts.append(starts[-1] + n)
-    kv_read = sum(seq_lens) * s.kv_heads * s.head_dim * 2 * k_cache.element_size()
-    return {
-        "args": (
-            q,
-            k_cache,
-            v_cache,
-            tables.to(device),
-            torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int32, device=device),
-            1.0 / math.sqrt(s.head_dim),
-        ),
-        "kwargs": {"max_seq_len": max(seq_lens), "max_query_len": max(new)},
-        "bytes": kv_read + 2 * q.numel() * q.element_size(),
-    }
+def _on_device(batch: PagedBatch, device: torch.device) -> PagedBatch:
+    """The batch on `device`, its q still a strided view into a fused QKV buffer."""
+    tokens, heads, dim = batch.q.shape
+    qkv = torch.empty(tokens, batch.q.stride(0), dtype=batch.q.dtype, device=device)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    q.copy_(batch.q)
+    return dataclasses.replace(
+        batch,
+        q=q,
+        k_cache=batch.k_cache.to(device),
+        v_cache=batch.v_cache.to(device),
+        block_tables=batch.block_tables.to(device),
+        seq_lens=batch.seq_lens.to(device),
+        query_start_loc=batch.query_start_loc.to(device),
+    )
 
 
 def _attention_cases(s: Shapes, device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
     from replica.kernels import triton_ops
 
-    gen = torch.Generator().manual_seed(1)
     ctx = s.decode_context
     layouts = {f"decode b{b} ctx{ctx}": ([ctx - 1] * b, [1] * b) for b in s.decode_batches} | {
         f"decode b1 ctx{s.split_context} (split-KV)": ([s.split_context - 1], [1]),
@@ -245,9 +228,15 @@ def _attention_cases(s: Shapes, device: torch.device, dtype: torch.dtype) -> lis
         ),
     }
     cases = []
-    for name, (cached, new) in layouts.items():
-        batch = _paged_batch(s, cached, new, device, dtype, gen)
-        args, kwargs = batch["args"], batch["kwargs"]
+    for seed, (name, (cached, new)) in enumerate(layouts.items(), start=1):
+        batch = make_paged_batch(
+            cached, new, num_q_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim,
+            block_size=s.block_size, dtype=dtype, seed=seed,
+        )  # fmt: skip
+        batch = _on_device(batch, device)
+        args, kwargs = batch.args(), batch.kwargs()
+        kv_read = int(batch.seq_lens.sum()) * s.kv_heads * s.head_dim * 2
+        moved = (kv_read + 2 * batch.q.numel()) * batch.q.element_size()
         fp32_args = tuple(a.float() if a.is_floating_point() else a for a in args[:3]) + args[3:]
 
         def error(args=args, kwargs=kwargs, fp32_args=fp32_args) -> float:
@@ -261,7 +250,7 @@ def _attention_cases(s: Shapes, device: torch.device, dtype: torch.dtype) -> lis
                 lambda args=args, kwargs=kwargs: triton_ops.paged_attention(*args, **kwargs),
                 lambda args=args, kwargs=kwargs: reference.paged_attention(*args, **kwargs),
                 error,
-                batch["bytes"],
+                moved,
             )
         )
     return cases
