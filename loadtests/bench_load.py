@@ -129,6 +129,7 @@ async def drive(
     concurrency: int,
     pid: int | None,
     warmup: int = 20,
+    idle_sample_s: float = IDLE_SAMPLE_S,
 ) -> Run:
     import aiohttp
 
@@ -142,7 +143,7 @@ async def drive(
         process = psutil.Process(pid) if pid else None
         if process is not None:
             idle_before, idle_started = process.cpu_times(), time.perf_counter()
-            await asyncio.sleep(IDLE_SAMPLE_S)
+            await asyncio.sleep(idle_sample_s)
             idle_after = process.cpu_times()
             idle_cpu = sum(idle_after[:2]) - sum(idle_before[:2])
             run.idle_cpu_per_s = idle_cpu / (time.perf_counter() - idle_started)

@@ -3,7 +3,9 @@
 Fake replicas (loadtests/fake_replica.py, answering instantly) get the same requests directly and
 through `python -m router` (prefix policy, metrics on, auth on: once with the control plane's
 Redis KeyStore, once with a static key), and through loadtests/bare_proxy.py (HTTP in and out and
-nothing else: the floor), at concurrency 1 and 64, non-streaming and 64-chunk streams. Reports
+nothing else: the floor), at concurrency 1 and 64, non-streaming and 64-chunk streams. The bare
+proxy also runs in the variants the router chose against (`--bare`: a task per request, uvicorn
+instead of our server, aiohttp or httpx instead of our client), same replicas, same load. Reports
 p50/p99 latency, the latency the router adds, requests per second, and the router process's CPU
 time per request (psutil on its pid: the steadiest figure on a shared machine), also net of the
 CPU it burns idle (probes, timers), sampled before each run. `--baseline REV` also runs the
@@ -16,14 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import statistics
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_load import Run, chat_bodies, drive
+from bench_load import IDLE_SAMPLE_S, Run, chat_bodies, drive
 from bench_plot import Panel
 from bench_processes import (
     PY,
+    ROOT,
     free_port,
     processes,
     revision_tree,
@@ -32,6 +38,16 @@ from bench_processes import (
     split_cpus,
     wait_ready,
 )
+
+STATIC_KEY = "sk-static-bench"
+# bare_proxy.py variants: (row label, flags). The floor is the router's own server and client.
+BARE_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "floor": ("bare proxy (floor)", []),
+    "task": ("bare: task/request", ["--task-per-request"]),
+    "uvicorn": ("bare: uvicorn server", ["--server", "uvicorn"]),
+    "aiohttp": ("bare: aiohttp client", ["--client", "aiohttp"]),
+    "httpx": ("bare: httpx client", ["--client", "httpx"]),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--requests-c64", type=int, default=4000)
     group.add_argument("--stream-requests-c1", type=int, default=300)
     group.add_argument("--stream-requests-c64", type=int, default=1000)
+    group.add_argument(
+        "--bare",
+        nargs="+",
+        choices=list(BARE_VARIANTS),
+        default=list(BARE_VARIANTS),
+        help="bare-proxy variants to run (default: all; `floor` alone is the plain floor)",
+    )
+    group.add_argument(
+        "--idle-sample-s",
+        type=float,
+        default=IDLE_SAMPLE_S,
+        help="seconds each target's idle CPU is sampled before each run",
+    )
 
 
 @dataclass
@@ -73,6 +102,101 @@ def create_key(redis_url: str) -> str:
     return asyncio.run(make())
 
 
+@dataclass
+class Target:
+    """Where the load goes; `pid` is the process whose CPU is measured (None: not measured)."""
+
+    label: str
+    url: str
+    headers: dict[str, str]
+    pid: int | None
+
+
+@dataclass
+class Server:
+    """A process to start in front of the fake replicas."""
+
+    label: str
+    cmd: Callable[[int], list[str]]  # its command line, given its port
+    headers: dict[str, str]
+    tree: Path = ROOT  # the source tree it runs from
+
+
+def bare_servers(names: list[str], fakes: list[str]) -> list[Server]:
+    """bare_proxy.py in the variants `names` (keys of BARE_VARIANTS)."""
+    replicas = [a for url in fakes for a in ("--replica", url)]
+
+    def command(flags: list[str]) -> Callable[[int], list[str]]:
+        return lambda port: [PY, "loadtests/bare_proxy.py", "--port", str(port), *replicas, *flags]
+
+    variants = [BARE_VARIANTS[name] for name in names]
+    return [Server(label, command(flags), {}) for label, flags in variants]
+
+
+def router_servers(
+    fakes: list[str], redis_url: str, secret: str, tree: Path = ROOT, rev: str | None = None
+) -> list[Server]:
+    """The router with Redis keys and with a static key (from another revision's `tree`)."""
+
+    def keys_router(port: int) -> list[str]:
+        return router_cmd(port, fakes, "prefix", "--redis-url", redis_url)
+
+    def static_router(port: int) -> list[str]:
+        return router_cmd(port, fakes, "prefix", "--api-key", STATIC_KEY)
+
+    keyed = {"Authorization": f"Bearer {secret}"}
+    static = {"Authorization": f"Bearer {STATIC_KEY}"}
+    if rev is None:
+        return [
+            Server("router (Redis keys)", keys_router, keyed),
+            Server("router (static key)", static_router, static),
+        ]
+    return [
+        Server(f"keys @{rev[:8]}", keys_router, keyed, tree),
+        Server(f"static @{rev[:8]}", static_router, static, tree),
+    ]
+
+
+def start_fakes(started: list[subprocess.Popen], cpus: set[int] | None, workdir: Path) -> list[str]:
+    """Two fake replicas answering 64-chunk streams; their URLs once they answer."""
+    fakes: list[tuple[str, subprocess.Popen]] = []
+    for i in range(2):
+        port = free_port()
+        cmd = [
+            PY,
+            "loadtests/fake_replica.py",
+            "--port",
+            str(port),
+            "--chunks",
+            "64",
+            "--id",
+            f"f{i}",
+        ]
+        fakes.append((f"http://127.0.0.1:{port}", spawn(cmd, cpus, workdir / f"fake{i}.log")))
+        started.append(fakes[-1][1])
+    for url, process in fakes:
+        wait_ready(url + "/health", process)
+    return [url for url, _ in fakes]
+
+
+def start_servers(
+    started: list[subprocess.Popen], todo: list[Server], cpus: set[int] | None, workdir: Path
+) -> list[Target]:
+    """Start every server at once, then wait until each answers."""
+    targets = []
+    for server in todo:
+        port = free_port()
+        log = workdir / (re.sub(r"\W+", "-", server.label).strip("-") + ".log")
+        process = spawn(server.cmd(port), cpus, log, server.tree)
+        started.append(process)
+        targets.append(
+            Target(server.label, f"http://127.0.0.1:{port}", server.headers, process.pid)
+        )
+    for target, process in zip(targets, started[-len(targets) :], strict=True):
+        wait_ready(target.url + "/health", process)
+    return targets
+
+
 def overhead(args: argparse.Namespace, workdir: Path) -> list[OverheadRow]:
     from fleet.embedded_redis import EmbeddedRedis
 
@@ -84,66 +208,15 @@ def overhead(args: argparse.Namespace, workdir: Path) -> list[OverheadRow]:
         processes() as started,
     ):
         secret = create_key(redis.url)
-        fakes = []
-        for i in range(2):
-            port = free_port()
-            cmd = [
-                PY,
-                "loadtests/fake_replica.py",
-                "--port",
-                str(port),
-                "--chunks",
-                "64",
-                "--id",
-                f"f{i}",
-            ]
-            started.append(spawn(cmd, other_cpus, workdir / f"fake{i}.log"))
-            fakes.append(f"http://127.0.0.1:{port}")
-        for url, process in zip(fakes, started, strict=True):
-            wait_ready(url + "/health", process)
-        keyed_port, static_port = free_port(), free_port()
-        keyed = spawn(
-            router_cmd(keyed_port, fakes, "prefix", "--redis-url", redis.url),
-            router_cpus, workdir / "router-keystore.log",
-        )  # fmt: skip
-        static = spawn(
-            router_cmd(static_port, fakes, "prefix", "--api-key", "sk-static-bench"),
-            router_cpus, workdir / "router-static.log",
-        )  # fmt: skip
-        bare_port = free_port()
-        bare_cmd = [PY, "loadtests/bare_proxy.py", "--port", str(bare_port)]
-        bare = spawn(
-            bare_cmd + [a for url in fakes for a in ("--replica", url)],
-            router_cpus, workdir / "bare-proxy.log",
-        )  # fmt: skip
-        started += [keyed, static, bare]
-        wait_ready(f"http://127.0.0.1:{keyed_port}/health", keyed)
-        wait_ready(f"http://127.0.0.1:{static_port}/health", static)
-        wait_ready(f"http://127.0.0.1:{bare_port}/health", bare)
-        targets = [
-            ("direct", fakes[0], {}, None),
-            ("bare proxy (floor)", f"http://127.0.0.1:{bare_port}", {}, bare.pid),
-            ("router (Redis keys)", f"http://127.0.0.1:{keyed_port}", {"Authorization": f"Bearer {secret}"}, keyed.pid),
-            ("router (static key)", f"http://127.0.0.1:{static_port}", {"Authorization": "Bearer sk-static-bench"}, static.pid),
-        ]  # fmt: skip
+        fakes = start_fakes(started, other_cpus, workdir)
+        # The floor first, then the routers (and the baseline's), then the other bare variants.
+        floor = [name for name in args.bare if name == "floor"]
+        todo = bare_servers(floor, fakes) + router_servers(fakes, redis.url, secret)
         if baseline is not None:
-            old_keyed_port, old_static_port = free_port(), free_port()
-            old_keyed = spawn(
-                router_cmd(old_keyed_port, fakes, "prefix", "--redis-url", redis.url),
-                router_cpus, workdir / "router-keystore-baseline.log", baseline,
-            )  # fmt: skip
-            old_static = spawn(
-                router_cmd(old_static_port, fakes, "prefix", "--api-key", "sk-static-bench"),
-                router_cpus, workdir / "router-static-baseline.log", baseline,
-            )  # fmt: skip
-            started += [old_keyed, old_static]
-            wait_ready(f"http://127.0.0.1:{old_keyed_port}/health", old_keyed)
-            wait_ready(f"http://127.0.0.1:{old_static_port}/health", old_static)
-            rev = args.baseline[:8]
-            targets += [
-                (f"keys @{rev}", f"http://127.0.0.1:{old_keyed_port}", {"Authorization": f"Bearer {secret}"}, old_keyed.pid),
-                (f"static @{rev}", f"http://127.0.0.1:{old_static_port}", {"Authorization": "Bearer sk-static-bench"}, old_static.pid),
-            ]  # fmt: skip
+            todo += router_servers(fakes, redis.url, secret, baseline, args.baseline)
+        todo += bare_servers([name for name in args.bare if name != "floor"], fakes)
+        targets = [Target("direct", fakes[0], {}, None)]
+        targets += start_servers(started, todo, router_cpus, workdir)
         rng = random.Random(0)
         scenarios = [
             ("non-stream c=1", False, 1, args.requests_c1),
@@ -152,41 +225,59 @@ def overhead(args: argparse.Namespace, workdir: Path) -> list[OverheadRow]:
             ("stream 64 chunks c=64", True, 64, args.stream_requests_c64),
         ]
         for name, stream, concurrency, count in scenarios:
-            bodies = chat_bodies(count, stream, rng)
-            per_target: dict[str, list[Run]] = {t[0]: [] for t in targets}
-            for _ in range(args.rounds):
-                for label, base, headers, pid in targets:
-                    headers = {"Content-Type": "application/json", **headers}
-                    run = asyncio.run(
-                        drive(
-                            base + "/v1/chat/completions", bodies, headers, stream, concurrency, pid
-                        )
-                    )
-                    per_target[label].append(run)
-            direct = per_target["direct"]
-            direct_p50 = statistics.median(r.pct(r.latencies, 0.5) for r in direct) * 1e3
-            direct_p99 = statistics.median(r.pct(r.latencies, 0.99) for r in direct) * 1e3
-            for label, _base, _headers, pid in targets:
-                runs = per_target[label]
-                p50 = statistics.median(r.pct(r.latencies, 0.5) for r in runs) * 1e3
-                p99 = statistics.median(r.pct(r.latencies, 0.99) for r in runs) * 1e3
-                rps = statistics.median(len(r.latencies) / r.seconds for r in runs)
-                cpu = statistics.median(r.cpu_per_request(net=False) for r in runs) * 1e6
-                net_cpu = statistics.median(r.cpu_per_request(net=True) for r in runs) * 1e6
-                errors = sum(r.errors for r in runs)
-                if errors:
-                    print(f"  ! {label} {name}: {errors} failed requests", flush=True)
-                row = OverheadRow(
-                    name, label, p50, p99, rps, cpu if pid else None, net_cpu if pid else None
-                )
-                if pid:
-                    row.added_p50_ms = p50 - direct_p50
-                    row.added_p99_ms = p99 - direct_p99
-                rows.append(row)
-                print(
-                    f"  {name:22s} {label:20s} p50 {p50:7.2f} ms  cpu/req {row.cpu_us or 0:6.0f} us",
-                    flush=True,
-                )
+            if count:
+                bodies = chat_bodies(count, stream, rng)
+                runs = measure(targets, bodies, stream, concurrency, args)
+                rows += summarize(name, targets, runs)
+    return rows
+
+
+def measure(
+    targets: list[Target], bodies: list[bytes], stream: bool, concurrency: int, args
+) -> dict[str, list[Run]]:
+    """`args.rounds` runs per target, targets taking turns within each round."""
+    runs: dict[str, list[Run]] = {t.label: [] for t in targets}
+    for _ in range(args.rounds):
+        for target in targets:
+            headers = {"Content-Type": "application/json", **target.headers}
+            url = target.url + "/v1/chat/completions"
+            run = drive(url, bodies, headers, stream, concurrency, target.pid,
+                        idle_sample_s=args.idle_sample_s)  # fmt: skip
+            runs[target.label].append(asyncio.run(run))
+    return runs
+
+
+def summarize(
+    scenario: str, targets: list[Target], runs: dict[str, list[Run]]
+) -> list[OverheadRow]:
+    """Medians over rounds; the latency each target adds over going direct."""
+    direct = runs["direct"]
+    direct_p50 = statistics.median(r.pct(r.latencies, 0.5) for r in direct) * 1e3
+    direct_p99 = statistics.median(r.pct(r.latencies, 0.99) for r in direct) * 1e3
+    rows = []
+    for target in targets:
+        mine = runs[target.label]
+        p50 = statistics.median(r.pct(r.latencies, 0.5) for r in mine) * 1e3
+        p99 = statistics.median(r.pct(r.latencies, 0.99) for r in mine) * 1e3
+        rps = statistics.median(len(r.latencies) / r.seconds for r in mine)
+        cpu = statistics.median(r.cpu_per_request(net=False) for r in mine) * 1e6
+        net_cpu = statistics.median(r.cpu_per_request(net=True) for r in mine) * 1e6
+        errors = sum(r.errors for r in mine)
+        if errors:
+            print(f"  ! {target.label} {scenario}: {errors} failed requests", flush=True)
+        measured = target.pid is not None
+        row = OverheadRow(
+            scenario, target.label, p50, p99, rps, cpu if measured else None,
+            net_cpu if measured else None,
+        )  # fmt: skip
+        if measured:
+            row.added_p50_ms = p50 - direct_p50
+            row.added_p99_ms = p99 - direct_p99
+        rows.append(row)
+        print(
+            f"  {scenario:22s} {target.label:20s} p50 {p50:7.2f} ms  cpu/req {row.cpu_us or 0:6.0f} us",
+            flush=True,
+        )
     return rows
 
 

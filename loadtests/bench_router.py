@@ -2,7 +2,8 @@
 (bench_routing.py).
 
 Part 1, overhead: fake replicas answering instantly, reached directly, through the router (Redis
-keys, static key) and through a bare proxy (HTTP in and out, nothing else: the floor). Part 2, routing quality: three real
+keys, static key) and through bare proxies (HTTP in and out, nothing else: the floor, and the
+same on uvicorn, aiohttp or httpx; README, "Why our own HTTP server and clients"). Part 2, routing quality: three real
 tiny-model replicas behind the router with each policy. `--pin` gives the router CPU 0 and
 everything else the other CPUs.
 
