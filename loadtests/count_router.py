@@ -29,14 +29,12 @@ import time
 from pathlib import Path
 
 import httpx
-import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_router import (
+from bench_load import chat_bodies, drive
+from bench_processes import (
     PY,
     ROOT,
-    WORDS,
-    drive,
     free_port,
     processes,
     revision_tree,
@@ -46,24 +44,6 @@ from bench_router import (
 )
 
 KEY = "sk-static-count"
-
-
-def bodies(count: int, stream: bool, rng: random.Random) -> list[bytes]:
-    """The chat requests of bench_router.py's overhead part."""
-    return [
-        orjson.dumps(
-            {
-                "model": "fake-model",
-                "messages": [
-                    {"role": "system", "content": "You are a helpful assistant. " * 8},
-                    {"role": "user", "content": " ".join(rng.choices(WORDS, k=12))},
-                ],
-                "max_tokens": 64 if stream else 16,
-                "stream": stream,
-            }
-        )
-        for _ in range(count)
-    ]
 
 
 def wait_health(url: str, timeout: float = 600.0) -> None:
@@ -92,15 +72,13 @@ def count(tree: Path, fake_url: str, args: argparse.Namespace, workdir: Path, la
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
         target = url + "/v1/chat/completions"
         rng = random.Random(0)
-        asyncio.run(drive(target, bodies(200, args.stream, rng), headers, args.stream, 64, None))
+        warmup = chat_bodies(200, args.stream, rng)
+        asyncio.run(drive(target, warmup, headers, args.stream, 64, None))
         subprocess.run(
             ["callgrind_control", "-z", str(router.pid)], check=True, capture_output=True
         )
-        run = asyncio.run(
-            drive(
-                target, bodies(args.requests, args.stream, rng), headers, args.stream, 64, None, 0
-            )
-        )
+        counted = chat_bodies(args.requests, args.stream, rng)
+        run = asyncio.run(drive(target, counted, headers, args.stream, 64, None, 0))
         subprocess.run(
             ["callgrind_control", "-d", str(router.pid)], check=True, capture_output=True
         )

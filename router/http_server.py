@@ -1,9 +1,7 @@
 """The router's HTTP/1.1 server: an asyncio protocol over httptools (llhttp) on uvloop.
 
-Why not uvicorn: per request, an ASGI server builds a scope dict, a request-response cycle object,
-`receive`/`send` message dicts and a flow-control gate; on the proxy's data path that cost more CPU
-than the router's own work (measured: ~200 µs per proxied request under uvicorn, ~85 µs for a bare
-protocol proxy). Here a request is parsed whole (the router needs the body before it can route),
+Why not uvicorn: README, "Why our own HTTP server and clients" (loadtests/bare_proxy.py).
+Here a request is parsed whole (the router needs the body before it can route),
 handed to the handler as one `Request`, and answered through its `Connection`. A handler either
 answers later from callbacks (it returns None: the proxy's data path, which spends no task or
 future per request) or returns an awaitable, which is run as a task (everything that waits on

@@ -2,11 +2,8 @@
 time per connection, responses parsed by httptools (llhttp, the parser uvicorn uses), and the
 answer delivered by callbacks to a `Listener` (the router's Exchange).
 
-Why callbacks and not `await`: a proxied request's Python cost is mostly its machinery. Measured
-on this project's machine (2 fake replicas, concurrency 64): the same proxy spent ~85 µs of CPU per
-request with a task and futures per request and ~60 µs with callbacks alone. Why not aiohttp: per
-request it builds request and response objects, header multidicts, a cookie-jar lookup and timer
-contexts, none of which the router needs. Timeouts are the caller's (router.watchdog).
+Why callbacks, not `await`, aiohttp or httpx: README, "Why our own HTTP server and clients".
+Timeouts are the caller's (router.watchdog).
 
 A request sent with `stream=True` whose answer is a 200 has its body passed on as it arrives
 (`upstream_body`, once per read from the socket, so frames that arrived together leave together);

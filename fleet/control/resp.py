@@ -1,9 +1,8 @@
 """A small pipelined Redis client for the request hot path (admission and settlement).
 
-redis-py's asyncio client spends ~300 µs of CPU per command here (a task per command, timers,
-observability hooks), which would dwarf a router's whole budget. This client keeps one
-connection, writes each event-loop tick's commands in one syscall and matches replies to callers
-in order: ~15-60 µs per command. A cancelled caller just stops waiting (its reply is read and
+Why not redis-py's asyncio client: README, "Why our own HTTP server and clients" (bench_keys.py).
+This client keeps one connection, writes each event-loop tick's commands in one syscall and
+matches replies to callers in order. A cancelled caller just stops waiting (its reply is read and
 dropped), so cancellation never corrupts the connection. A command unanswered after `timeout`
 closes the connection and fails everything in flight, so nothing waits on a stalled Redis.
 
