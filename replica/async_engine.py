@@ -82,6 +82,8 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = self.core.tokenize(prompt)
         self.validate(prompt_ids, params)
+        if params.structured is not None and not self.core.grammars.cached(params.structured):
+            await asyncio.to_thread(self.compile_grammar, params)  # never in the step thread
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         text = prompt if isinstance(prompt, str) else None
@@ -109,6 +111,11 @@ class AsyncEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise SamplingParamsError for a request this engine cannot serve (no side effects)."""
         self.core.validate(prompt_token_ids, params)
+
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile (or find cached) the grammar of a structured request; SamplingParamsError for a
+        bad schema. Blocking and thread-safe: call it off the event loop."""
+        self.core.compile_grammar(params)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks before the next step; safe from any thread."""
