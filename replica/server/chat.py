@@ -18,6 +18,7 @@ from replica.server.body import read_body, runtime_of
 from replica.server.generation import (
     RequestScope,
     answer,
+    build_grammar,
     build_stop_matcher,
     run_prompt,
     sampling_params,
@@ -64,6 +65,7 @@ async def create_chat_completion(request: Request) -> Response:
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, top_n)
     await build_stop_matcher(runtime, params)
+    await build_grammar(runtime, params)
     runtime.validate(prompt_ids, params)
     runtime.check_queue(params.n)
     reserve = len(prompt_ids) + max_tokens * params.n

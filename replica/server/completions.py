@@ -18,6 +18,7 @@ from replica.server.body import read_body, runtime_of
 from replica.server.generation import (
     RequestScope,
     answer,
+    build_grammar,
     build_stop_matcher,
     run_prompts,
     sampling_params,
@@ -65,6 +66,7 @@ async def create_completion(request: Request) -> Response:
     echo_logprobs = body.logprobs if body.echo else None
     params = sampling_params(body, max(max_tokens, 1), body.logprobs, echo_logprobs)
     await build_stop_matcher(runtime, params)
+    await build_grammar(runtime, params)
     prompts = []
     for p, ids in zip(body.prompts, prompt_ids, strict=True):
         runtime.validate(ids, params)
