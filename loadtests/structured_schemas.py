@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# Worst case, byte by byte: the longest string of any schema here is under 500 bytes of JSON.
+# Enough for the longest answer any schema here allows, even one token per byte (about 330 bytes:
+# bounded strings of 3-byte characters, 4 forecast days, 6 fraction digits per number). Over 600
+# sampled answers of the tiny random model the longest took 214 tokens.
 MAX_TOKENS = 500
 
 PERSON = {

@@ -131,6 +131,7 @@ def test_free_requests_pay_nothing(make_llm, llama_path) -> None:
     llm = make_llm(llama_path)
     llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=4))
     assert llm.engine.runner.sampler.grammar_masks is None
+    assert llm.engine.grammars.num_compiled == 0
 
 
 def test_ignore_eos_still_ends_at_the_grammar(llama_llm) -> None:
