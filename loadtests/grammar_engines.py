@@ -18,7 +18,6 @@ import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -218,9 +217,9 @@ def main() -> None:
         if v == "tiny":
             from transformers import AutoTokenizer
 
-            from fleet.model_factory import make_model
+            from fleet.model_factory import cached_model
 
-            path = args.model or make_model(Path.home() / ".cache/fleetserve/llama-tiny", "llama")
+            path = args.model or cached_model("llama", "tiny")
             hf = AutoTokenizer.from_pretrained(str(path))
             vocab, size = None, len(hf)
             traces = {n: hf.encode(json.dumps(EXAMPLES[n], separators=(",", ":")),
