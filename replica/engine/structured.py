@@ -157,10 +157,7 @@ class GrammarCompiler:
         strict = spec.kind == "json_schema"
         schema = '{"type": "object"}'
         if strict:
-            try:
-                schema = json.dumps(_bounded_strings(json.loads(spec.schema)))
-            except (TypeError, ValueError) as exc:
-                raise GrammarError(f"minLength and maxLength must be integers ({exc})") from None
+            schema = json.dumps(_bounded_strings(json.loads(spec.schema)))
         try:
             grammar = compiler.compile_json_schema(
                 schema, any_whitespace=False, separators=SEPARATORS, strict_mode=strict
@@ -254,6 +251,12 @@ def _bounded_strings(node: Any) -> Any:
     out = {k: v if k in _LITERAL_KEYS else _bounded_strings(v) for k, v in node.items()}
     lengths = "minLength" in out or "maxLength" in out
     if out.get("type") == "string" and lengths and "pattern" not in out and "format" not in out:
-        low, high = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = f"^{_BOUNDED_CHAR}{{{low},{'' if high is None else int(high)}}}$"
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        if not all(_count(n) for n in (low, high) if n != ""):
+            raise GrammarError("minLength and maxLength must be non-negative integers")
+        out["pattern"] = f"^{_BOUNDED_CHAR}{{{low},{high}}}$"
     return out
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

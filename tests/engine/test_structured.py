@@ -51,6 +51,7 @@ def test_each_schema_compiles_once(llama_llm) -> None:
         ({"type": "objec"}, "objec"),
         ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
         ({"type": "string", "pattern": "(unclosed"}, "parenthesis is not closed"),
+        ({"type": "string", "maxLength": -1}, "non-negative integers"),
     ],
 )
 def test_bad_schemas_name_the_problem(llama_llm, schema: dict, fragment: str) -> None:
@@ -63,6 +64,24 @@ def test_bad_schemas_name_the_problem(llama_llm, schema: dict, fragment: str) ->
         llama_llm.generate(PROMPT, params)
     assert refused.value.param == "response_format"
     assert not llama_llm.engine.has_unfinished
+
+
+def test_bounded_strings_take_no_control_characters_nor_broken_utf8(llama_llm) -> None:
+    """xgrammar's own length rule lets both through (invalid JSON, or U+FFFD that break the
+    length): bounded strings go through a pattern instead."""
+    import xgrammar
+
+    spec = StructuredOutput.json_schema({"type": "string", "maxLength": 3})
+    grammar = llama_llm.engine.grammars.compile(spec)
+    cases = [
+        (b'"a\xc3\xa9\xe6\x97\xa5"', True),  # a, é, 日
+        (b'"a\x0f', False),  # a control character
+        (b'"\xed\xa0\x80', False),  # a surrogate
+        (b'"\xe0\x80\x80', False),  # an overlong encoding
+        (b'"abcd', False),  # one too many
+    ]
+    for text, ok in cases:
+        assert xgrammar.GrammarMatcher(grammar).accept_string(text) is ok, text
 
 
 def _nested(depth: int) -> dict:
