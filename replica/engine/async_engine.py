@@ -113,6 +113,9 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running") from self.error
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        params = add.params
+        if params.structured is not None and not self.core.grammars.cached(params.structured):
+            await asyncio.to_thread(self.compile_grammar, params)  # never in the step thread
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._submit(add)
@@ -135,6 +138,11 @@ class AsyncEngine:
                 del self._streams[request_id]
             if not finished:
                 self._submit(_Abort(request_id))
+
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile (or find cached) the grammar of a structured request; SamplingParamsError for a
+        bad schema. Blocking and thread-safe: call it off the event loop."""
+        self.core.compile_grammar(params)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks before the next step; safe from any thread."""

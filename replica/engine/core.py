@@ -22,17 +22,20 @@ from replica.engine.config import (
 )
 from replica.engine.cuda_graphs import DecodeGraphs
 from replica.engine.detokenizer import IncrementalDetokenizer
+from replica.engine.grammar_mask import SequenceGrammar
 from replica.engine.memory import plan_kv_blocks
 from replica.engine.model_runner import ModelRunner, StepResult
 from replica.engine.outputs import CompletionOutput, EngineLoad, RequestOutput
 from replica.engine.sampling_params import SamplingParams, SamplingParamsError
 from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Request, Sequence
+from replica.engine.structured import GrammarCompiler, GrammarError
 from replica.kernels import get_ops
 from replica.models import load_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+    from xgrammar import CompiledGrammar
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class EngineCore:
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max_batched)
         self.requests: dict[str, Request] = {}
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._decode = _make_decoder(self.tokenizer)
         log.info(
             "engine ready: %s on %s (%s, kernels=%s), %d KV blocks of %d tokens, max_model_len %d",
@@ -146,6 +150,17 @@ class EngineCore:
             if value is not None and value > self.vocab_size:
                 raise SamplingParamsError(name, f"{name} must be at most {self.vocab_size}")
 
+    def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
+        """The grammar `params.structured` asks for (None for free text), cached per schema;
+        SamplingParamsError for a bad schema. Slow on a miss: servers call it off the event loop
+        before submitting, so the step finds it cached (thread-safe)."""
+        if params.structured is None:
+            return None
+        try:
+            return self.grammars.compile(params.structured)
+        except GrammarError as exc:
+            raise SamplingParamsError("response_format", f"invalid schema: {exc}") from None
+
     def add_request(
         self,
         request_id: str,
@@ -171,9 +186,12 @@ class EngineCore:
         """Queue a request `validate` has passed (`prompt`: its text, when it came as text)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        grammar = self.compile_grammar(params)
         request = Request(request_id, prompt, prompt_ids, params, self._new_detokenizer, cache_salt)
         self.requests[request_id] = request
         for seq in request.seqs:
+            if grammar is not None:
+                seq.grammar = SequenceGrammar(grammar)
             self.scheduler.add(seq)
         return request
 
@@ -238,6 +256,8 @@ class EngineCore:
             if seq.logprobs is not None and logprob is not None:
                 seq.logprobs.append(logprob)
             self._check_stop(seq, token)
+            if seq.finish_reason is None and seq.grammar is not None:
+                self._check_grammar(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 if request.finished:
@@ -260,6 +280,17 @@ class EngineCore:
             seq.num_tokens >= self.max_model_len
         ):
             return self._finish(seq, "length", None)
+        return None
+
+    def _check_grammar(self, seq: Sequence, token: int) -> None:
+        """Advance a constrained sequence's matcher; its grammar's end ends the sequence (also
+        when the stop token came under ignore_eos)."""
+        assert seq.grammar is not None
+        if not seq.grammar.accept(token):  # only if every logit of its row was -inf
+            log.error("request %s: the grammar refused token %d", seq.request.request_id, token)
+            return self._finish(seq, "stop", None)
+        if seq.grammar.ended:
+            return self._finish(seq, "stop", None)
         return None
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:

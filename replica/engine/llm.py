@@ -36,6 +36,7 @@ class LLM:
         token_ids = [engine.tokenize(prompt) for prompt in prompts]
         for ids, p in zip(token_ids, params, strict=True):
             engine.validate(ids, p)  # all or nothing: a bad prompt adds no request
+            engine.compile_grammar(p)
         order: dict[str, int] = {}
         for index, (prompt, ids, p) in enumerate(zip(prompts, token_ids, params, strict=True)):
             request_id = f"offline-{next(self._ids)}"

@@ -3,7 +3,8 @@
 Greedy batches without logit processing take a single argmax. Random rows draw with the
 exponential-race trick (argmax of p / Exp(1) noise), which lets a seeded row draw its noise from its
 own generator: the same seed gives the same tokens whatever else shares the batch.
-Logprobs come from the model's raw distribution (before penalties and temperature).
+Logprobs come from the model's raw distribution (before penalties and temperature). Rows of
+grammar-constrained sequences are masked last (grammar_mask.py), after penalties and biases.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from replica.engine.grammar_mask import GrammarMasks
 from replica.engine.outputs import TokenLogprob
 from replica.engine.sequence import Sequence
 
@@ -27,6 +29,7 @@ class Sampler:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.grammar_masks: GrammarMasks | None = None  # made by the first constrained step
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         params = [seq.params for seq in seqs]
@@ -36,6 +39,12 @@ class Sampler:
             else None
         )
         logits = self._apply_processors(logits, seqs)
+        constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if constrained:
+            if self.grammar_masks is None:
+                self.grammar_masks = GrammarMasks(logits.shape[-1])
+            grammars = [seqs[i].grammar for i in constrained]
+            self.grammar_masks.apply(logits, constrained, grammars)  # type: ignore[arg-type]
         greedy = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1) if all(greedy) else self._sample(logits, seqs, greedy)
         token_ids = tokens.tolist()
@@ -53,7 +62,8 @@ class Sampler:
         for i, seq in enumerate(seqs):
             params = seq.params
             edits.extend((i, token, bias) for token, bias in (params.logit_bias or {}).items())
-            if seq.num_output_tokens < params.min_tokens:
+            # Past a grammar's end only its stop token is allowed: min_tokens cannot apply there.
+            if seq.num_output_tokens < params.min_tokens and seq.grammar is None:
                 banned = list(params.stop_token_ids)
                 if not params.ignore_eos:
                     banned += self.eos_token_ids

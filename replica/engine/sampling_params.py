@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from replica.engine.stop_matcher import StopMatcher
+from replica.engine.structured import StructuredOutput
 
 GREEDY_EPS = 1e-5
 # Stop strings are matched inside the shared engine step, so their size is bounded. OpenAI allows 4;
@@ -47,6 +48,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # JSON the output must match (structured.py)
     _stop_matcher: StopMatcher | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

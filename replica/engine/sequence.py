@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from replica.engine.detokenizer import IncrementalDetokenizer
+from replica.engine.grammar_mask import SequenceGrammar
 from replica.engine.outputs import RequestMetrics, TokenLogprob
 from replica.engine.sampling_params import SamplingParams
 
@@ -75,6 +76,7 @@ class Sequence:
         self.detokenizer = detokenizer
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.generator: torch.Generator | None = None  # made by the sampler for seeded requests
+        self.grammar: SequenceGrammar | None = None  # set by the engine for structured outputs
         self.emitted_tokens = 0  # output tokens already handed out in a stream
         self.emitted_chars = 0
 

@@ -18,6 +18,7 @@ from replica.http_api.body import read_body, runtime_of
 from replica.http_api.generation import (
     RequestScope,
     answer,
+    build_grammar,
     build_stop_matcher,
     open_streams,
     run_prompt,
@@ -65,6 +66,7 @@ async def create_chat_completion(request: Request) -> Response:
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     head = ResponseHead.new("chatcmpl", model)
     [outputs] = open_streams(runtime, head.id, [prompt_ids], params, param)
+    await build_grammar(runtime, params)
     runtime.check_queue(params.n)
     reserve = len(prompt_ids) + max_tokens * params.n
     # A key's model list applies to the name the request used (any served name).

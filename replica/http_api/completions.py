@@ -19,6 +19,7 @@ from replica.http_api.body import read_body, runtime_of
 from replica.http_api.generation import (
     RequestScope,
     answer,
+    build_grammar,
     build_stop_matcher,
     open_streams,
     run_prompts,
@@ -68,6 +69,7 @@ async def create_completion(request: Request) -> Response:
     await build_stop_matcher(runtime, params)
     head = ResponseHead.new("cmpl", model)
     streams = open_streams(runtime, head.id, prompt_ids, params)
+    await build_grammar(runtime, params)
     prompts = [
         Prompt(
             ids,

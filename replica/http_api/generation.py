@@ -52,6 +52,7 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=body.skip_special_tokens is not False,
+        structured=body.response_format.structured_output() if body.response_format else None,
     )
 
 
@@ -60,6 +61,14 @@ async def build_stop_matcher(runtime: ReplicaRuntime, params: SamplingParams) ->
     so the engine's shared step thread never pays for it."""
     if params.stop:
         await runtime.prompts.run(lambda: params.stop_matcher, "stop")
+
+
+async def build_grammar(runtime: ReplicaRuntime, params: SamplingParams) -> None:
+    """Compile the response format's grammar on a prompt worker (once per schema: then cached),
+    before any response starts: a bad schema is a 400, and the engine's step never compiles."""
+    if params.structured is not None:
+        engine = runtime.engine
+        await runtime.prompts.run(lambda: engine.compile_grammar(params), "response_format")
 
 
 class LatencyTracker:

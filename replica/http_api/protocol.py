@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fleet.control.errors import APIError
+from replica.engine.structured import GrammarError, StructuredOutput
 from replica.http_api.prompts import RENDERER_ARGUMENTS
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -30,8 +31,36 @@ class StreamOptions(_Body):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Body):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
 class ResponseFormat(_Body):
+    """OpenAI's `response_format`, on both routes (as vLLM); strictness is not optional here."""
+
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _field_error(
+                "response_format.json_schema", "is required when type is 'json_schema'"
+            )
+        return self
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput.json_object()
+        if self.type == "json_schema" and self.json_schema is not None:
+            try:
+                return StructuredOutput.json_schema(self.json_schema.schema_)
+            except GrammarError as exc:
+                raise APIError(400, f"invalid schema: {exc}", "response_format") from None
+        return None
 
 
 class SamplingFields(_Body):
@@ -49,6 +78,7 @@ class SamplingFields(_Body):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
     # vLLM's extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -185,7 +215,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # vLLM's extensions
@@ -197,11 +226,6 @@ class ChatCompletionRequest(SamplingFields):
     def _check_unsupported(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise _field_error("top_logprobs", "requires 'logprobs' to be true")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise _field_error(
-                "response_format",
-                f"type {self.response_format.type!r} is not supported yet; use 'text'",
-            )
         if self.tools:
             raise _field_error("tools", "tool calling is not supported yet")
         if self.continue_final_message and self.add_generation_prompt:

@@ -54,3 +54,23 @@ def test_one_token_budget_matches_transformers(tiny_models, make_llm, expected) 
     prompts, want = expected
     llm = make_llm(tiny_models["llama"], max_num_batched_tokens=1)
     assert _run(llm, prompts[:4]) == want["llama"][:4]
+
+
+def test_free_requests_beside_constrained_ones_match_transformers(
+    tiny_models, make_llm, expected
+) -> None:
+    """Grammar masks touch only their own rows: free greedy requests in the same batches keep
+    transformers' tokens."""
+    from replica.engine.structured import StructuredOutput
+
+    prompts, want = expected
+    llm = make_llm(tiny_models["llama"])
+    free = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    json_only = SamplingParams(
+        temperature=0, max_tokens=MAX_NEW, structured=StructuredOutput.json_object()
+    )
+    params = [free if i % 2 == 0 else json_only for i in range(len(prompts))]
+    outs = llm.generate(prompts, params)
+    got = [o.outputs[0].token_ids for o in outs]
+    assert got[::2] == want["llama"][::2]
+    assert all(o.outputs[0].text.startswith("{") for o in outs[1::2])

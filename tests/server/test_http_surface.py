@@ -53,7 +53,7 @@ def test_body_over_the_limit_is_413(http: httpx.Client, replica: LiveReplica) ->
         ("/v1/completions", {"prompt": [1, 2, 99999]}, "prompt", "99999"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "99999"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-         "response_format": {"type": "json_object"}}, "response_format", "not supported"),
+         "response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
          "top_logprobs": 2}, "top_logprobs", "logprobs"),
         ("/v1/chat/completions", {"messages": "hi"}, "messages", "valid array"),

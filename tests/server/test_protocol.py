@@ -54,8 +54,8 @@ def test_completion_field_errors(body: str, param: str, fragment: str) -> None:
 @pytest.mark.parametrize(
     ("extra", "param", "fragment"),
     [
-        ('"response_format": {"type": "json_object"}', "response_format", "not supported"),
-        ('"response_format": {"type": "json_schema"}', "response_format", "not supported"),
+        ('"response_format": {"type": "json_schema"}', "response_format.json_schema", "required"),
+        ('"response_format": {"type": "json"}', "response_format.type", "json_object"),
         ('"top_logprobs": 3', "top_logprobs", "logprobs"),
         ('"top_logprobs": 21, "logprobs": true', "top_logprobs", "20"),
         ('"tools": [{"type": "function"}]', "tools", "not supported"),
