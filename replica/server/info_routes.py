@@ -45,11 +45,13 @@ async def load(request: Request) -> Response:
     """Everything a router weighs in one cheap call."""
     check_info_access(request)
     runtime = runtime_of(request)
+    generated = runtime.metrics.registry.get_sample_value("fleetserve_generation_tokens_total")
     return json_response(
         {
             "model": runtime.settings.served_model_name,
             "status": runtime.state,
             "in_flight": runtime.inflight,
+            "generation_tokens": int(generated or 0),
             **(runtime.load() or {}),
         }
     )
