@@ -8,6 +8,7 @@ import time
 import pytest
 
 from router.dashboard.history import FleetHistory, quantile
+from router.load_signals import from_load_json, from_prometheus_text
 from router.metrics import LATENCY_BUCKETS, RouterMetrics
 from router.pool import ReplicaPool
 from router.replica import LoadReport
@@ -94,3 +95,14 @@ def test_memory_is_bounded() -> None:
         h.record("admin", "r0", f"event {i}")
     assert len(h.samples) == 10
     assert len(h.events) == h.events.maxlen
+
+
+def test_load_reports_carry_the_generated_token_counter() -> None:
+    assert from_load_json({"generation_tokens": 42}).generation_tokens == 42
+    assert from_load_json({}).generation_tokens == 0
+    text = (
+        'vllm:generation_tokens_total{model_name="m",engine="0"} 10.0\n'
+        'vllm:generation_tokens_total{model_name="m",engine="1"} 5.0\n'
+        'sglang:generation_tokens_total{model_name="m"} 7.0\n'
+    )
+    assert from_prometheus_text(text).generation_tokens == 22
