@@ -4,6 +4,9 @@ the fleet's recent events, found by comparing each sample with the one before.
 It runs on a timer and reads only what the router keeps anyway (the pool's replicas, their load
 reports, the metrics' counters and histograms), so proxied requests pay nothing for it. Memory is
 bounded: fixed-length deques, and one small record per replica.
+
+A restart is what this router can see of one: a replica back after failing its health probes, one
+that re-joined at a new address, or one whose own counters went backwards between two reports.
 """
 
 from __future__ import annotations
