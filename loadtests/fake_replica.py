@@ -59,6 +59,7 @@ class Stats:
     active: int = 0
     completed: int = 0
     aborted: int = 0
+    generation_tokens: int = 0
     by_path: dict[str, int] = field(default_factory=dict)
     last_body: Any = None
 
@@ -252,6 +253,7 @@ class FakeReplica:
             "block_size": self.block_size,
             "prefix_cache_queries": self.cache.queries,
             "prefix_cache_hits": self.cache.hits,
+            "generation_tokens": self.stats.generation_tokens,
         }
         await respond(send, 200, orjson.dumps(report))
 
@@ -272,6 +274,8 @@ class FakeReplica:
             f"vllm:prefix_cache_queries_total{label} {float(self.cache.queries)}",
             "# TYPE vllm:prefix_cache_hits_total counter",
             f"vllm:prefix_cache_hits_total{label} {float(self.cache.hits)}",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{label} {float(self.stats.generation_tokens)}",
         ]
 
     def _sglang_metrics(self) -> list[str]:
@@ -376,6 +380,7 @@ class FakeReplica:
         max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
         count = behaviour.chunks if max_tokens is None else min(behaviour.chunks, int(max_tokens))
         pieces = [f"t{i} " for i in range(count)]
+        self.stats.generation_tokens += count
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": count,

@@ -34,6 +34,7 @@ from fleet.web_errors import error_response
 from router import admin
 from router.auth import Gate
 from router.config import RouterConfig
+from router.dashboard import Dashboard
 from router.http_server import Connection, Request, asgi_bridge
 from router.metrics import RouterMetrics
 from router.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_target
@@ -97,6 +98,7 @@ class RouterApp:
             budget=RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
             max_answer_bytes=config.max_answer_bytes,
         )
+        self.dashboard = Dashboard(self)
         self.web = Starlette(
             routes=[
                 Route("/health", self.health),
@@ -104,6 +106,7 @@ class RouterApp:
                 Route("/v1/models", self.models),
                 Route("/v1/models/{model:path}", self.model),
                 *admin.routes(self),
+                *self.dashboard.routes(),
             ],
             exception_handlers={APIError: _api_error, HTTPException: _http_error},
         )
@@ -116,6 +119,7 @@ class RouterApp:
             await self.key_store.start()
         await self.pool.start()
         self.proxy.watchdog.start()
+        self.dashboard.start()
         log.info(
             "router up: policy=%s, %d replicas, auth=%s",
             self.policy.name,
@@ -124,6 +128,7 @@ class RouterApp:
         )
 
     async def stop(self) -> None:
+        await self.dashboard.stop()
         await self.proxy.close()
         await self.pool.close()
         if self.key_store is not None:

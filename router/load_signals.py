@@ -16,11 +16,13 @@ _METRIC_NAMES = {
     "vllm:gpu_cache_usage_perc": "kv_usage",
     "vllm:prefix_cache_queries_total": "prefix_cache_queries",
     "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "vllm:generation_tokens_total": "generation_tokens",
     "sglang:num_running_reqs": "running",
     "sglang:num_queue_reqs": "waiting",
     "sglang:token_usage": "kv_usage",
     "sglang:prompt_tokens_total": "prefix_cache_queries",
     "sglang:cached_tokens_total": "prefix_cache_hits",  # per cache_source in newer SGLang
+    "sglang:generation_tokens_total": "generation_tokens",
 }
 _FRACTIONS = frozenset({"kv_usage"})
 
@@ -35,6 +37,7 @@ def from_load_json(data: dict) -> LoadReport:
         kv_capacity_tokens=int(data.get("kv_capacity_tokens") or block_size * num_blocks),
         prefix_cache_queries=int(data.get("prefix_cache_queries") or 0),
         prefix_cache_hits=int(data.get("prefix_cache_hits") or 0),
+        generation_tokens=int(data.get("generation_tokens") or 0),
         updated_at=time.monotonic(),
     )
 
@@ -67,5 +70,6 @@ def from_prometheus_text(text: str) -> LoadReport:
         kv_usage=values.get("kv_usage", 0.0),
         prefix_cache_queries=int(values.get("prefix_cache_queries", 0)),
         prefix_cache_hits=int(values.get("prefix_cache_hits", 0)),
+        generation_tokens=int(values.get("generation_tokens", 0)),
         updated_at=time.monotonic(),
     )

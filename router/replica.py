@@ -22,6 +22,7 @@ class LoadReport:
     kv_capacity_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    generation_tokens: int = 0  # generated since the replica started (the dashboard's tokens/s)
     updated_at: float = 0.0
 
 

@@ -120,6 +120,9 @@ def test_health_version_load(http: httpx.Client, replica: LiveReplica) -> None:
         assert key in load
     assert load["block_size"] == 16 and load["num_blocks"] == 512
     assert load["kv_capacity_tokens"] == 8192
+    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}
+    assert http.post("/v1/completions", json=body).status_code == 200
+    assert http.get("/load").json()["generation_tokens"] == load["generation_tokens"] + 3
 
 
 def test_tokenize_and_detokenize_round_trip(http: httpx.Client, replica: LiveReplica) -> None:
