@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httptools
 import uvloop
 
-from router.upstream_http import Connection, HttpClient
+from router.upstream_http import HttpClient, UpstreamConnection
 
 
 class BareProxy(asyncio.Protocol):
@@ -75,7 +75,7 @@ class Answer:
             )
         self.proxy.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-    def upstream_done(self, conn: Connection) -> None:
+    def upstream_done(self, conn: UpstreamConnection) -> None:
         if conn.streaming:
             if not self.started:
                 self.upstream_body(b"")

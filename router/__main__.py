@@ -193,7 +193,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    from router.server import serve
+    from router.serve import serve
 
     serve(config)
     return 0

@@ -2,7 +2,7 @@
 
 Every exchange reports its end here (`ended`), and so does a request refused before it had one
 (`refused`). Usage comes from the replica's own answer: a whole answer's `usage` (router.usage)
-or the usage frame a stream's tap picked out (router.sse). A fleet key's request is then settled
+or the usage frame a stream's tap picked out (router.usage_tap). A fleet key's request is then settled
 against its key's limits (`settle`), after the answer is out, by the handler that admitted it.
 """
 

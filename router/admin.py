@@ -17,10 +17,10 @@ from starlette.routing import Route
 
 from fleet.control.errors import APIError
 from fleet.control.keys import require_admin
+from router.backend import Replica
 from router.metrics import RouterMetrics
 from router.policies import Policy
 from router.pool import ReplicaPool
-from router.replica import Replica
 from router.retry_budget import RetryBudget
 from router.tokens import TokenEstimator
 

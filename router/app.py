@@ -28,16 +28,16 @@ from fleet.control.membership import MembershipWatcher
 from router import admin
 from router.accounting import Accounting
 from router.auth import Gate
+from router.backend import Replica
 from router.config import RouterConfig
 from router.exchange import CLIENT_CLOSED
-from router.http_server import Connection, Request, asgi_bridge
+from router.http_server import ClientConnection, Request, asgi_bridge
 from router.metrics import RouterMetrics
 from router.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_target
 from router.plan import GENERATION_KINDS, Plan, Planner
 from router.policies import make_policy
 from router.pool import ReplicaPool
 from router.proxy import Proxy
-from router.replica import Replica
 from router.retry_budget import RetryBudget
 from router.side_app import InfoRoutes, side_app
 from router.tokens import TokenEstimator
@@ -122,7 +122,7 @@ class RouterApp:
 
     # -- dispatch
 
-    def handle(self, request: Request, conn: Connection) -> Awaitable[None] | None:
+    def handle(self, request: Request, conn: ClientConnection) -> Awaitable[None] | None:
         """Proxied paths are answered from callbacks (router.exchange); the rest runs as a task."""
         path = request.path
         route = GENERATION_ROUTES.get(path)
@@ -150,7 +150,7 @@ class RouterApp:
             return self._pinned(request, conn)
         return asgi_bridge(self.web, request, conn)
 
-    def _pinned(self, request: Request, conn: Connection) -> Awaitable[None] | None:
+    def _pinned(self, request: Request, conn: ClientConnection) -> Awaitable[None] | None:
         """`/replicas/{id}/<path>`: the replica's OpenAI routes, served by exactly that replica
         (no retries), under the same key checks, model allow-list and limits as any request."""
         try:
@@ -187,7 +187,7 @@ class RouterApp:
     def _proxied(
         self,
         incoming: Request,
-        conn: Connection,
+        conn: ClientConnection,
         route: str,
         path: str,
         pinned: Replica | None,
@@ -217,7 +217,7 @@ class RouterApp:
     async def _proxied_with_key(
         self,
         incoming: Request,
-        conn: Connection,
+        conn: ClientConnection,
         route: str,
         path: str,
         pinned: Replica | None,

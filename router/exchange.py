@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 from fleet.control.errors import APIError
-from router.http_server import Connection as ClientConnection
+from router.backend import Replica
+from router.http_server import ClientConnection
 from router.plan import Plan
 from router.policies import Decision
-from router.replica import Replica
-from router.upstream_http import AnswerTooLarge, Connection
+from router.upstream_http import AnswerTooLarge, UpstreamConnection
 
 if TYPE_CHECKING:
     from router.proxy import Proxy
@@ -75,7 +75,7 @@ class Exchange:
     replica_id = ""
     prefill = 0
     judged = False
-    upstream: Connection | None = None
+    upstream: UpstreamConnection | None = None
     status = 0
     head_sent = False
     delivered = False  # the replica's answer (whole or the start of a stream) reached the client
@@ -201,7 +201,7 @@ class Exchange:
         else:
             self._start_stream(data)
 
-    def upstream_done(self, conn: Connection) -> None:
+    def upstream_done(self, conn: UpstreamConnection) -> None:
         status = conn.status
         if status in RETRY_STATUSES:
             detail = conn.body()[:200].decode(errors="replace")
@@ -279,7 +279,7 @@ class Exchange:
 
     # -- answering the client
 
-    def _send_whole(self, upstream: Connection) -> None:
+    def _send_whole(self, upstream: UpstreamConnection) -> None:
         self.delivered = True
         self.judged = True
         self.proxy.pool.succeeded(self.replica)  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ Why not uvicorn: per request, an ASGI server builds a scope dict, a request-resp
 `receive`/`send` message dicts and a flow-control gate; on the proxy's data path that cost more CPU
 than the router's own work (measured: ~200 µs per proxied request under uvicorn, ~85 µs for a bare
 protocol proxy). Here a request is parsed whole (the router needs the body before it can route),
-handed to the handler as one `Request`, and answered through its `Connection`. A handler either
+handed to the handler as one `Request`, and answered through its `ClientConnection`. A handler either
 answers later from callbacks (it returns None: the proxy's data path, which spends no task or
 future per request) or returns an awaitable, which is run as a task (everything that waits on
 Redis or on starlette):
@@ -77,7 +77,7 @@ class Request:
     body: bytes
 
 
-Handler = Callable[[Request, "Connection"], Awaitable[None] | None]
+Handler = Callable[[Request, "ClientConnection"], Awaitable[None] | None]
 
 
 def _head(status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
@@ -126,7 +126,7 @@ class _Discard:
     """The parser of a refused connection that lingers: drops what the client still sends, and
     aborts past LINGER_BYTES."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
         self.left = LINGER_BYTES
 
@@ -136,7 +136,7 @@ class _Discard:
             self.conn.abort()
 
 
-class Connection(asyncio.Protocol):
+class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests and carries the answer of the one being served."""
 
     def __init__(self, server: HttpServer) -> None:
@@ -541,7 +541,7 @@ class HttpServer:
         self.backlog = backlog
         self.tls = tls
         self.cors = cors
-        self.connections: set[Connection] = set()
+        self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -564,7 +564,7 @@ class HttpServer:
     def _protocol(self) -> asyncio.Protocol:
         if len(self.connections) >= self.max_connections:
             return _Refused()
-        return Connection(self)
+        return ClientConnection(self)
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stop listening, close idle connections, let requests in flight finish (up to
@@ -620,7 +620,7 @@ async def run_until_signalled(
         await shutdown()
 
 
-async def asgi_bridge(app: Callable, request: Request, conn: Connection) -> None:
+async def asgi_bridge(app: Callable, request: Request, conn: ClientConnection) -> None:
     """Serve `request` with an ASGI application (the router's starlette app for its local
     routes); the response is collected and sent whole."""
     scope = {

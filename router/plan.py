@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import orjson
 
 from fleet.control.errors import APIError
+from router.backend import Replica
 from router.policies import RouteRequest
 from router.pool import ReplicaPool
 from router.prompt_key import chat_units, completion_units
-from router.replica import Replica
-from router.sse import UsageTap
 from router.tokens import TokenEstimator
+from router.usage_tap import UsageTap
 
 GENERATION_KINDS = frozenset({"chat", "completions"})
 PINNED_BODYLESS = frozenset({"models", "health"})  # GET routes: no body goes upstream

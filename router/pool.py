@@ -22,9 +22,9 @@ from fleet.control.errors import APIError
 from fleet.control.internal import replica_key
 from fleet.control.membership import MembershipEvent, MembershipWatcher, ReplicaInfo
 from fleet.control.web_security import client_context
+from router.backend import Replica
 from router.breaker import CircuitBreaker
 from router.load_signals import from_load_json, from_prometheus_text
-from router.replica import Replica
 
 log = logging.getLogger("router.pool")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from router.exchange import Exchange
-from router.http_server import Connection as ClientConnection
+from router.http_server import ClientConnection
 from router.metrics import RouterMetrics
 from router.plan import Plan
 from router.policies import Decision, Policy, RouteRequest

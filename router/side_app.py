@@ -19,11 +19,11 @@ from starlette.routing import Route
 from fleet.control.errors import APIError
 from fleet.control.keys import bearer_token, is_admin_key
 from router.auth import Gate
+from router.backend import Replica
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.plan import model_not_found
 from router.pool import ReplicaPool
-from router.replica import Replica
 
 
 def side_app(info: InfoRoutes, admin_routes: list[Route]) -> Starlette:

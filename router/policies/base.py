@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from router.backend import Replica
 from router.prompt_key import Units
-from router.replica import Replica
 
 
 @dataclass(slots=True)

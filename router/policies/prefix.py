@@ -35,10 +35,10 @@ import heapq
 from bisect import bisect_left
 from dataclasses import dataclass
 
+from router.backend import Replica
 from router.policies.base import Decision, Policy, RouteRequest, rotated
 from router.prefix_index import PrefixIndex
 from router.prompt_key import chunk_hashes, stable_anchor
-from router.replica import Replica
 
 TEXT_CHUNK_CHARS = 128
 ID_CHUNK_TOKENS = 32

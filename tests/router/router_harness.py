@@ -22,7 +22,7 @@ from router.app import RouterApp
 from router.config import RouterConfig
 from router.http_server import HttpServer
 from router.pool import PoolSettings
-from router.server import http_server
+from router.serve import http_server
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "loadtests" / "fake_replica.py"

@@ -52,7 +52,7 @@ from replica.server.auth import Auth
 from router.app import RouterApp
 from router.config import RouterConfig
 from router.pool import PoolSettings
-from router.server import http_server
+from router.serve import http_server
 
 # ----------------------------------------------------------------------------- fixtures
 

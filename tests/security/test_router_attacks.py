@@ -26,8 +26,8 @@ from router_harness import (
 )
 
 from fleet.control.errors import APIError
+from router.backend import Replica
 from router.paths import canonical, pinned_target
-from router.replica import Replica
 from router.tokens import TokenEstimator
 from router.usage import usage_of_answer
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from router.http_server import Connection, HttpServer, Request
+from router.http_server import ClientConnection, HttpServer, Request
 
 MIB = 1024 * 1024
 
@@ -27,7 +27,7 @@ class Handler:
         self.big = b"b" * big
         self.disconnects = 0
 
-    async def __call__(self, request: Request, conn: Connection) -> None:
+    async def __call__(self, request: Request, conn: ClientConnection) -> None:
         path = request.path
         if path == "/echo":
             conn.respond(200, [(b"content-type", b"text/plain")], b"echo:" + request.body)
@@ -49,7 +49,7 @@ class Handler:
         else:
             conn.respond(404, [], b"")
 
-    async def _flood(self, conn: Connection) -> None:
+    async def _flood(self, conn: ClientConnection) -> None:
         gone = asyncio.Event()
 
         def left() -> None:

@@ -28,7 +28,7 @@ from replica.server.serve import add_cors, uvicorn_config
 from router.app import RouterApp
 from router.config import RouterConfig
 from router.pool import PoolSettings
-from router.server import http_server
+from router.serve import http_server
 
 MODEL = "tiny-tls"
 ORIGIN = "https://app.example"
