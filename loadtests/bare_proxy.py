@@ -1,6 +1,6 @@
 """The floor under the router's CPU figures: a proxy with nothing but HTTP in and out.
 
-Same loop (uvloop), same parser (httptools) and the same upstream client (router.upstream_http,
+Same loop (uvloop), same parser (httptools) and the same upstream client (router.http.upstream,
 callbacks and no task per request) as the router, but no auth, parsing of the body, policy,
 metrics, timeouts or retries: requests go round-robin to the replicas and answers come back whole,
 or chunk by chunk for streams. What the router spends above this is the price of its features;
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httptools
 import uvloop
 
-from router.upstream_http import HttpClient, UpstreamConnection
+from router.http.upstream import HttpClient, UpstreamConnection
 
 
 class BareProxy(asyncio.Protocol):

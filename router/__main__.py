@@ -14,9 +14,9 @@ from fleet.commands.preflight import FlagError, check_port, check_redis_url, usa
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders
 from fleet.control.keys import ADMIN_KEY_ENV
 from fleet.control.web_security import cors_from_args, tls_from_args
+from router.backends.pool import PoolSettings
 from router.config import RouterConfig
-from router.policies import POLICIES
-from router.pool import PoolSettings
+from router.routing.policies import POLICIES
 
 PROG = "fleet router"
 UPSTREAM_KEY_ENV = "FLEET_UPSTREAM_API_KEY"

@@ -1,9 +1,10 @@
 """The end of every proxied request, in one place: count it, learn from its usage, settle its key.
 
 Every exchange reports its end here (`ended`), and so does a request refused before it had one
-(`refused`). Usage comes from the replica's own answer: a whole answer's `usage` (router.usage)
-or the usage frame a stream's tap picked out (router.usage_tap). A fleet key's request is then settled
-against its key's limits (`settle`), after the answer is out, by the handler that admitted it.
+(`refused`). Usage comes from the replica's own answer: a whole answer's `usage`
+(router.usage) or the usage frame a stream's tap picked out (router.usage_tap). A fleet key's
+request is then settled against its key's limits (`settle`), after the answer is out, by the
+handler that admitted it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import time
 
 from fleet.control.keys import Ticket
 from router.auth import Gate
+from router.backends.pool import ReplicaPool
 from router.exchange import Exchange
 from router.metrics import RouterMetrics
 from router.plan import GENERATION_KINDS, Plan
-from router.pool import ReplicaPool
-from router.tokens import TokenEstimator
+from router.routing.tokens import TokenEstimator
 from router.usage import usage_of_answer
 
 _STATUS_TEXT: dict[int, str] = {}

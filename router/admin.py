@@ -17,12 +17,12 @@ from starlette.routing import Route
 
 from fleet.control.errors import APIError
 from fleet.control.keys import require_admin
-from router.backend import Replica
+from router.backends.backend import Replica
+from router.backends.pool import ReplicaPool
+from router.backends.retry_budget import RetryBudget
 from router.metrics import RouterMetrics
-from router.policies import Policy
-from router.pool import ReplicaPool
-from router.retry_budget import RetryBudget
-from router.tokens import TokenEstimator
+from router.routing.policies import Policy
+from router.routing.tokens import TokenEstimator
 
 
 def _json(data: object) -> Response:

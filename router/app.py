@@ -2,7 +2,7 @@
 
 The data path (`/v1/chat/completions`, `/v1/completions`, `/tokenize`, `/detokenize`, and
 per-replica pinning `/replicas/{id}/...`) is dispatched by path straight to its handlers on the
-router's own HTTP server (router.http_server), with no framework objects: every microsecond there
+router's own HTTP server (router.http.server), with no framework objects: every microsecond there
 is paid per request. Everything else (`/v1/models`, `/health`, `/metrics`, `/admin/...`) is an
 ordinary Starlette app (router.side_app) behind an ASGI bridge.
 
@@ -28,19 +28,21 @@ from fleet.control.membership import MembershipWatcher
 from router import admin
 from router.accounting import Accounting
 from router.auth import Gate
-from router.backend import Replica
+from router.backends.backend import Replica
+from router.backends.pool import ReplicaPool
+from router.backends.retry_budget import RetryBudget
 from router.config import RouterConfig
 from router.exchange import CLIENT_CLOSED
-from router.http_server import ClientConnection, Request, asgi_bridge
+from router.http.asgi import asgi_bridge
+from router.http.connection import ClientConnection
+from router.http.messages import Request
+from router.http.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_target
 from router.metrics import RouterMetrics
-from router.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_target
 from router.plan import GENERATION_KINDS, Plan, Planner
-from router.policies import make_policy
-from router.pool import ReplicaPool
 from router.proxy import Proxy
-from router.retry_budget import RetryBudget
+from router.routing.policies import make_policy
+from router.routing.tokens import TokenEstimator
 from router.side_app import InfoRoutes, side_app
-from router.tokens import TokenEstimator
 
 log = logging.getLogger("router")
 

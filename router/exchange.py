@@ -1,9 +1,9 @@
 """The data path: one client request sent to a replica and its answer back to the client.
 
 An `Exchange` is that request's state machine. Nothing awaits on the way: the client's connection
-(router.http_server), the replica's connection (router.upstream_http) and the watchdog call the
+(router.http.connection), the replica's connection (router.http.upstream) and the watchdog call the
 exchange's methods as things happen, and each method moves it on. This keeps the CPU per proxied
-request near that of a bare proxy (see upstream_http for the measurement).
+request near that of a bare proxy (see router.http.upstream for the measurement).
 
     start ─ _attempt ─ (replica) ─┬─ upstream_done ────────── _send_whole ─ _end
                                   └─ upstream_body (first) ── _start_stream
@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 from fleet.control.errors import APIError
-from router.backend import Replica
-from router.http_server import ClientConnection
+from router.backends.backend import Replica
+from router.http.connection import ClientConnection
+from router.http.upstream import AnswerTooLarge, UpstreamConnection
 from router.plan import Plan
-from router.policies import Decision
-from router.upstream_http import AnswerTooLarge, UpstreamConnection
+from router.routing.policies import Decision
 
 if TYPE_CHECKING:
     from router.proxy import Proxy
@@ -193,7 +193,7 @@ class Exchange:
         self.upstream = None
         self.deadline = 0.0
 
-    # -- callbacks from the replica's connection (router.upstream_http.Listener)
+    # -- callbacks from the replica's connection (router.http.upstream.Listener)
 
     def upstream_body(self, data: bytes) -> None:
         if self.head_sent:

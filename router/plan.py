@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import orjson
 
 from fleet.control.errors import APIError
-from router.backend import Replica
-from router.policies import RouteRequest
-from router.pool import ReplicaPool
-from router.prompt_key import chat_units, completion_units
-from router.tokens import TokenEstimator
+from router.backends.backend import Replica
+from router.backends.pool import ReplicaPool
+from router.routing.policies import RouteRequest
+from router.routing.prompt_key import chat_units, completion_units
+from router.routing.tokens import TokenEstimator
 from router.usage_tap import UsageTap
 
 GENERATION_KINDS = frozenset({"chat", "completions"})

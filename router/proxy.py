@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from router.backends.pool import ReplicaPool
+from router.backends.retry_budget import RetryBudget
+from router.backends.watchdog import Watchdog
 from router.exchange import Exchange
-from router.http_server import ClientConnection
+from router.http.connection import ClientConnection
+from router.http.upstream import HttpClient
 from router.metrics import RouterMetrics
 from router.plan import Plan
-from router.policies import Decision, Policy, RouteRequest
-from router.pool import ReplicaPool
-from router.retry_budget import RetryBudget
-from router.sessions import sticky_replica
-from router.upstream_http import HttpClient
-from router.watchdog import Watchdog
+from router.routing.policies import Decision, Policy, RouteRequest
+from router.routing.sessions import sticky_replica
 
 
 class Proxy:

@@ -1,8 +1,8 @@
 """The router's own routes: `/health`, `/metrics`, `/v1/models[/{id}]` and the admin API.
 
 None of them is on the data path, so they are an ordinary Starlette app, reached through the
-HTTP server's ASGI bridge (router.http_server.asgi_bridge) for any path the request handlers
-(router.app) do not proxy. It is built from the parts it reads, never from the RouterApp.
+HTTP server's ASGI bridge (router.http.asgi) for any path the request handlers (router.app)
+do not proxy. It is built from the parts it reads, never from the RouterApp.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from starlette.routing import Route
 from fleet.control.errors import APIError
 from fleet.control.keys import bearer_token, is_admin_key
 from router.auth import Gate
-from router.backend import Replica
+from router.backends.backend import Replica
+from router.backends.pool import ReplicaPool
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.plan import model_not_found
-from router.pool import ReplicaPool
 
 
 def side_app(info: InfoRoutes, admin_routes: list[Route]) -> Starlette:

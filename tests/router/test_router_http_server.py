@@ -14,7 +14,10 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from router.http_server import ClientConnection, HttpServer, Request, asgi_bridge
+from router.http.asgi import asgi_bridge
+from router.http.connection import ClientConnection
+from router.http.messages import Request
+from router.http.server import HttpServer
 
 
 class Echo:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from router.upstream_http import HttpClient, UpstreamConnection, UpstreamConnectionError
+from router.http.upstream import HttpClient, UpstreamConnection, UpstreamConnectionError
 
 
 class Server:

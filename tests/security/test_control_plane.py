@@ -50,8 +50,8 @@ from fleet.launch.status import collect_status
 from fleet.spec import FleetSpec
 from replica.server.auth import Auth
 from router.app import RouterApp
+from router.backends.pool import PoolSettings
 from router.config import RouterConfig
-from router.pool import PoolSettings
 from router.serve import http_server
 
 # ----------------------------------------------------------------------------- fixtures

@@ -26,8 +26,8 @@ from replica.server.app import build_app
 from replica.server.runtime import ServerSettings
 from replica.server.serve import add_cors, uvicorn_config
 from router.app import RouterApp
+from router.backends.pool import PoolSettings
 from router.config import RouterConfig
-from router.pool import PoolSettings
 from router.serve import http_server
 
 MODEL = "tiny-tls"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from router.breaker import CircuitBreaker
+from router.backends.breaker import CircuitBreaker
 
 DEFAULT_KV_CAPACITY_TOKENS = 65536
 

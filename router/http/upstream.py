@@ -6,7 +6,7 @@ Why callbacks and not `await`: a proxied request's Python cost is mostly its mac
 on this project's machine (2 fake replicas, concurrency 64): the same proxy spent ~85 µs of CPU per
 request with a task and futures per request and ~60 µs with callbacks alone. Why not aiohttp: per
 request it builds request and response objects, header multidicts, a cookie-jar lookup and timer
-contexts, none of which the router needs. Timeouts are the caller's (router.watchdog).
+contexts, none of which the router needs. Timeouts are the caller's (router.backends.watchdog).
 
 A request sent with `stream=True` whose answer is a 200 has its body passed on as it arrives
 (`upstream_body`, once per read from the socket, so frames that arrived together leave together);
