@@ -1,9 +1,11 @@
 """The data path: one client request sent to a replica and its answer back to the client.
 
-An `Exchange` is that request's state machine. Nothing awaits on the way: the client's connection
-(router.http.connection), the replica's connection (router.http.upstream) and the watchdog call the
-exchange's methods as things happen, and each method moves it on. This keeps the CPU per proxied
-request near that of a bare proxy (see router.http.upstream for the measurement).
+An `Exchange` is that request's state machine, built from the request's plan (router.plan) by
+`Proxy.start`; it asks the policy for a replica per attempt and reports its end, once, to
+accounting (router.accounting). Nothing awaits on the way: the client's connection
+(router.http.connection), the replica's connection (router.http.upstream) and the watchdog call
+the exchange's methods as things happen, and each method moves it on. This keeps the CPU per
+proxied request near that of a bare proxy (see router.http.upstream for the measurement).
 
     start ─ _attempt ─ (replica) ─┬─ upstream_done ────────── _send_whole ─ _end
                                   └─ upstream_body (first) ── _start_stream
@@ -38,6 +40,7 @@ from router.http.connection import ClientConnection
 from router.http.upstream import AnswerTooLarge, UpstreamConnection
 from router.plan import Plan
 from router.routing.policies import Decision
+from router.routing.sessions import sticky_replica
 
 if TYPE_CHECKING:
     from router.proxy import Proxy
@@ -145,12 +148,7 @@ class Exchange:
 
     def _attempt(self) -> None:
         plan = self.plan
-        if plan.pinned is None:
-            decision = self.proxy.pick(plan.routing, self.tried)
-            if decision is None:
-                raise NoReplica
-        else:
-            decision = Decision(plan.pinned, "pinned")
+        decision = self._pick(plan) if plan.pinned is None else Decision(plan.pinned, "pinned")
         replica = self.replica = decision.replica
         self.tried += (replica.id,)
         self.replica_id = replica.id
@@ -166,6 +164,22 @@ class Exchange:
             replica.host, replica.port, replica.tls, replica.request_host, plan.method,
             replica.base_path + plan.path, plan.body, self, plan.stream,
         )  # fmt: skip
+
+    def _pick(self, plan: Plan) -> Decision:
+        """The policy's choice among the model's routable replicas not yet tried (a session
+        sticks to its replica), or NoReplica."""
+        proxy = self.proxy
+        candidates = proxy.pool.routable(plan.model, self.tried)
+        if not candidates:
+            raise NoReplica
+        request = plan.routing
+        if request.session_id:
+            replica = sticky_replica(request.session_id, candidates)
+            decision = proxy.policy.place(request, replica, "session")
+        else:
+            decision = proxy.policy.choose(request, candidates)
+        proxy.metrics.decided(proxy.policy.name, decision.outcome)
+        return decision
 
     def _answered(self) -> None:
         """The replica answered this attempt: its prefill is done, and it counts as healthy."""
@@ -403,7 +417,8 @@ class Exchange:
         tried = len(self.tried)
         log.warning(
             "gave up on %s after %s (%s)%s; tried %s",
-            self.plan.path, exc.reason, exc.detail, f"; {why}" if why else "", ", ".join(self.tried),
+            self.plan.path, exc.reason, exc.detail, f"; {why}" if why else "",
+            ", ".join(self.tried),
         )  # fmt: skip
         note = f"; {why}" if why else ""
         plural = "s" if tried != 1 else ""

@@ -2,7 +2,7 @@
 watchdog, the retry budget, and the one place exchanges report their end to.
 
 A handler hands a plan (router.plan) to `Proxy.start`, which builds the request's exchange
-(router.exchange) and sends it; `pick` is the policy step each attempt goes through.
+(router.exchange) and sends it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from router.http.connection import ClientConnection
 from router.http.upstream import HttpClient
 from router.metrics import RouterMetrics
 from router.plan import Plan
-from router.routing.policies import Decision, Policy, RouteRequest
-from router.routing.sessions import sticky_replica
+from router.routing.policies import Policy
 
 
 class Proxy:
@@ -56,19 +55,6 @@ class Proxy:
         ex = Exchange(self, plan, conn, started)
         ex.start()
         return ex
-
-    def pick(self, request: RouteRequest, exclude: tuple[str, ...]) -> Decision | None:
-        """The policy's choice among the model's routable replicas not yet tried (None: none)."""
-        candidates = self.pool.routable(request.model, exclude)
-        if not candidates:
-            return None
-        if request.session_id:
-            replica = sticky_replica(request.session_id, candidates)
-            decision = self.policy.place(request, replica, "session")
-        else:
-            decision = self.policy.choose(request, candidates)
-        self.metrics.decided(self.policy.name, decision.outcome)
-        return decision
 
     async def close(self) -> None:
         await self.watchdog.stop()
