@@ -244,9 +244,10 @@ class RouterApp:
                 record.check_model(plan.model)
             ticket = await self.gate.admit(record, plan.reserve)
         except APIError as err:
-            if not conn.closed:
+            gone = conn.closed  # the client left while its key was checked: no one to answer
+            if not gone:
                 conn.respond_error(err)
-            status = CLIENT_CLOSED if conn.closed else err.status
+            status = CLIENT_CLOSED if gone else err.status
             self.accounting.refused(route, plan.model if plan else "", status, started)
             return
         if conn.closed:  # the client left while its key was checked
