@@ -1,4 +1,4 @@
-"""The upstream clients bare_proxy.py can forward with: the router's own (router.upstream_http), and
+"""The upstream clients bare_proxy.py can forward with: the router's own (router.http.upstream), and
 aiohttp's and httpx's for comparison.
 
 Each forwards one request and hands the answer to a `Reply` as it comes (a stream chunk by chunk,
@@ -15,7 +15,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.upstream_http import Connection, HttpClient
+from router.http.upstream import HttpClient, UpstreamConnection
 
 JSON = {"Content-Type": "application/json"}
 CONNECT_TIMEOUT_S = 5.0
@@ -52,7 +52,7 @@ class Upstream(Protocol):
 
 
 class _Relay:
-    """An upstream_http listener that passes the answer to callbacks as it comes."""
+    """A router.http.upstream listener that passes the answer to callbacks as it comes."""
 
     def __init__(self, reply: CallbackReply) -> None:
         self.reply = reply
@@ -64,7 +64,7 @@ class _Relay:
             self.reply.start_stream()
         self.reply.chunk(data)
 
-    def upstream_done(self, conn: Connection) -> None:
+    def upstream_done(self, conn: UpstreamConnection) -> None:
         if conn.streaming:
             if not self.started:
                 self.reply.start_stream()
@@ -97,7 +97,7 @@ class _Whole:
 
 
 class _Queued:
-    """An upstream_http listener that queues the answer for a coroutine (read at once: the
+    """A router.http.upstream listener that queues the answer for a coroutine (read at once: the
     connection goes back to its pool as `upstream_done` returns)."""
 
     def __init__(self) -> None:
@@ -106,7 +106,7 @@ class _Queued:
     def upstream_body(self, data: bytes) -> None:
         self.queue.put_nowait(data)
 
-    def upstream_done(self, conn: Connection) -> None:
+    def upstream_done(self, conn: UpstreamConnection) -> None:
         if conn.streaming:
             self.queue.put_nowait(None)
         else:

@@ -5,7 +5,7 @@ streams: no auth, parsing of the body, policy, metrics, timeouts or retries. Wha
 spends above this is the price of its features; this much is the price of Python and the sockets.
 
 By default it runs as the router does: the same loop (uvloop), parser (httptools) and upstream
-client (router.upstream_http, callbacks and no task per request). The variants are what the
+client (router.http.upstream, callbacks and no task per request). The variants are what the
 router chose against, to re-measure the choice (README, "Why our own HTTP server and clients"):
 
 - `--server uvicorn`: a minimal ASGI app on uvicorn (same loop and parser) instead of our

@@ -21,9 +21,9 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from router.policies import Decision, Policy, RouteRequest
-from router.prompt_key import chat_units
-from router.replica import LoadReport, Replica
+from router.backends.backend import LoadReport, Replica
+from router.routing.policies import Decision, Policy, RouteRequest
+from router.routing.prompt_key import chat_units
 
 CHARS_PER_TOKEN = 4
 BLOCK_TOKENS = 16

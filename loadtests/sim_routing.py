@@ -33,9 +33,9 @@ from pathlib import Path
 from sim_fleet import CHARS_PER_TOKEN, SimFleet, make_tenants, run_concurrent
 
 import router
-from router.policies import PrefixPolicy
-from router.prompt_key import chat_units
-from router.server import GC_YOUNG_THRESHOLD
+from router.routing.policies import PrefixPolicy
+from router.routing.prompt_key import chat_units
+from router.serve import GC_YOUNG_THRESHOLD
 
 ROUTER_DIR = str(Path(router.__file__).resolve().parent)
 SYSTEM_TOKENS = 1024

@@ -3,4 +3,38 @@
 It balances by health, queue depth and prefix-cache affinity, streams SSE through untouched,
 retries only before the first byte reached the client, and enforces the control plane's API keys
 and limits. It imports fleet.control (membership, keys, errors) and never the replica package.
+
+The folders are the design:
+
+    router/             the request path and the process
+      __main__.py         `python -m router` / `fleet router`: flags -> RouterConfig (config.py)
+      serve.py            runs one process: the HTTP server on uvloop until SIGTERM
+      app.py              RouterApp: builds the parts; the handlers each path is dispatched to
+      plan.py             what a proxied request is (model, body, prompt units, reservation)
+      proxy.py            what every exchange shares; picks a replica through the policy
+      exchange.py         one request's state machine, replica to client, retries included
+      accounting.py       where every request ends: metrics, token learning, key settlement
+      usage.py, usage_tap.py   the replica's `usage`, from a whole answer or a stream
+      auth.py             which keys may call (static keys or the fleet's KeyStore)
+      side_app.py, admin.py    the router's own routes (health, metrics, models, admin)
+      metrics.py          counters kept in dicts, turned into Prometheus families on scrape
+    router/http/        HTTP at both ends: the client-facing server (server, connection,
+                        messages, asgi), paths and CORS, and the upstream client to replicas
+    router/routing/     choosing a replica: policies/, prompt units, prefix index, token
+                        estimates, sticky sessions
+    router/backends/    the replicas: pool (membership, probes), backend state, load reports,
+                        circuit breaker, watchdog (timeouts), retry budget
+
+One chat request, in order (each file entered once):
+
+    http/connection.py  ClientConnection parses the request whole and calls the handler
+    app.py              RouterApp.handle -> _proxied: the caller's key (auth.py), then
+    plan.py             Planner.plan: parse the body once, the model, prompt units and token
+                        estimate -> Plan (a fleet key: check its model, admit it against its
+                        limits, back in app.py)
+    proxy.py            Proxy.start builds the exchange from the plan; Proxy.pick asks
+    routing/policies/   the policy for a replica among the pool's routable ones
+    exchange.py         Exchange sends the request and relays the answer from callbacks
+    http/upstream.py    HttpClient: a keep-alive connection to the replica, the answer parsed
+    accounting.py       Accounting.ended: counted, token ratio learnt; a fleet key settled
 """

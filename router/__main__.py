@@ -14,9 +14,9 @@ from fleet.commands.preflight import FlagError, check_port, check_redis_url, usa
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders
 from fleet.control.keys import ADMIN_KEY_ENV
 from fleet.web_security import cors_from_args, tls_from_args
+from router.backends.pool import PoolSettings
 from router.config import RouterConfig
-from router.policies import POLICIES
-from router.pool import PoolSettings
+from router.routing.policies import POLICIES
 
 PROG = "fleet router"
 UPSTREAM_KEY_ENV = "FLEET_UPSTREAM_API_KEY"
@@ -193,7 +193,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    from router.server import serve
+    from router.serve import serve
 
     serve(config)
     return 0

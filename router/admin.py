@@ -9,7 +9,6 @@ itself (SIGTERM) is seen by every router through membership.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import orjson
 from starlette.requests import Request
@@ -18,65 +17,78 @@ from starlette.routing import Route
 
 from fleet.control.errors import APIError
 from fleet.control.keys import require_admin
-
-if TYPE_CHECKING:
-    from router.app import RouterApp
+from router.backends.backend import Replica
+from router.backends.pool import ReplicaPool
+from router.backends.retry_budget import RetryBudget
+from router.metrics import RouterMetrics
+from router.routing.policies import Policy
+from router.routing.tokens import TokenEstimator
 
 
 def _json(data: object) -> Response:
     return Response(orjson.dumps(data), media_type="application/json")
 
 
-def routes(app: RouterApp) -> list[Route]:
-    def check(request: Request) -> None:
-        require_admin(request.headers.get("authorization"), app.config.admin_key)
+def routes(
+    admin_key: str | None,
+    pool: ReplicaPool,
+    policy: Policy,
+    tokens: TokenEstimator,
+    budget: RetryBudget,
+    metrics: RouterMetrics,
+    started_at: float,
+) -> list[Route]:
+    """The admin routes, over the parts they read and change (never the whole RouterApp)."""
 
-    def replica_of(request: Request):
+    def check(request: Request) -> None:
+        require_admin(request.headers.get("authorization"), admin_key)
+
+    def replica_of(request: Request) -> Replica:
         replica_id = request.path_params["replica_id"]
-        replica = app.pool.replicas.get(replica_id)
+        replica = pool.replicas.get(replica_id)
         if replica is None:
             raise APIError(404, f"No replica with id '{replica_id}'.", code="replica_not_found")
         return replica
 
-    def describe(replica) -> dict:
+    def describe(replica: Replica) -> dict:
         view = replica.describe()
-        indexed = getattr(app.policy, "indexed_chunks", None)
+        indexed = getattr(policy, "indexed_chunks", None)
         if indexed is not None:
             view["prefix_index_chunks"] = indexed(replica.id)
         return view
 
     async def list_replicas(request: Request) -> Response:
         check(request)
-        replicas = sorted(app.pool.replicas.values(), key=lambda r: (r.model or "", r.id))
+        replicas = sorted(pool.replicas.values(), key=lambda r: (r.model or "", r.id))
         return _json({"object": "list", "data": [describe(r) for r in replicas]})
 
     async def drain(request: Request) -> Response:
         check(request)
         replica = replica_of(request)
-        scope = await app.pool.set_drained(replica, True)
+        scope = await pool.set_drained(replica, True)
         return _json({**describe(replica), "scope": scope})
 
     async def undrain(request: Request) -> Response:
         check(request)
         replica = replica_of(request)
-        scope = await app.pool.set_drained(replica, False)
+        scope = await pool.set_drained(replica, False)
         return _json({**describe(replica), "scope": scope})
 
     async def stats(request: Request) -> Response:
         check(request)
         now = time.monotonic()
-        replicas = list(app.pool.replicas.values())
+        replicas = list(pool.replicas.values())
         return _json(
             {
-                "policy": app.policy.name,
-                "uptime_s": round(time.time() - app.started_at, 3),
+                "policy": policy.name,
+                "uptime_s": round(time.time() - started_at, 3),
                 "replicas": len(replicas),
                 "routable": sum(r.routable(now) for r in replicas),
                 "in_flight": sum(r.in_flight for r in replicas),
-                "models": app.pool.models(),
-                "chars_per_token": app.tokens.chars_per_token,
-                "retry_budget": round(app.proxy.budget.tokens, 2),
-                **app.metrics.snapshot(),
+                "models": pool.models(),
+                "chars_per_token": tokens.chars_per_token,
+                "retry_budget": round(budget.tokens, 2),
+                **metrics.snapshot(),
             }
         )
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from fleet.control.redis_conn import DEFAULT_PREFIX
 from fleet.web_security import CORSSettings, TLSSettings
-from router.pool import PoolSettings
+from router.backends.pool import PoolSettings
 
 
 @dataclass

@@ -1,92 +1,32 @@
-"""The data path: one client request sent to a replica and its answer back to the client.
+"""What every exchange shares: the replicas, the policy that picks one, the upstream client, the
+watchdog, the retry budget, and the one place exchanges report their end to.
 
-An `Exchange` is that request's state machine. Nothing awaits on the way: the client's connection
-(router.http_server), the replica's connection (router.upstream_http) and the watchdog call the
-exchange's methods as things happen, and each method moves it on. This keeps the CPU per proxied
-request near that of a bare proxy (see upstream_http for the measurement).
-
-    start ─ _attempt ─ (replica) ─┬─ upstream_done ────────── _send_whole ─ _end
-                                  └─ upstream_body (first) ── _start_stream
-                                       ... upstream_body ... upstream_done ─ _end_stream ─ _end
-
-A request may be retried on a different replica, within the retry budget, only while nothing has
-reached the client: connection failures, 429/500/502/503/504 answers, or a stream that ends before
-its first byte. A 500 counts against the replica like a 502 (Envoy's `retry_on: 5xx` and outlier
-detection): answered at once, it would otherwise draw most requests under least-load. No first
-byte within the TTFB timeout is a 504 and no retry: the replica accepted the request and is still
-at it, so the request (not the replica) is the likely cause, and sending it
-on would let one request stall every replica of its model; a replica that is really stuck fails
-its health probes. The first attempt runs on callbacks alone;
-after a failure, a task runs tenacity's retry loop, each attempt awaiting the outcome of the same
-callback machinery. Once the first byte is out, an upstream failure becomes one SSE error event
-and `[DONE]`. The client leaving aborts the upstream request at once and releases every counter;
-so does a client that stops reading for the idle timeout (its connection is cut).
+A handler hands a plan (router.plan) to `Proxy.start`, which builds the request's exchange
+(router.exchange) and sends it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from collections.abc import Callable
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
-
-from fleet.control.errors import APIError
-from fleet.control.keys import Ticket
-from router.http_server import Connection as ClientConnection
+from router.backends.pool import ReplicaPool
+from router.backends.retry_budget import RetryBudget
+from router.backends.watchdog import Watchdog
+from router.exchange import Exchange
+from router.http.connection import ClientConnection
+from router.http.upstream import HttpClient
 from router.metrics import RouterMetrics
-from router.policies import Decision, Policy, RouteRequest
-from router.pool import ReplicaPool
-from router.prompt_key import Units
-from router.replica import Replica
-from router.retry_budget import RetryBudget
-from router.sessions import sticky_replica
-from router.sse import UsageTap
-from router.upstream_http import AnswerTooLarge, Connection, HttpClient
-from router.watchdog import Watchdog
-
-log = logging.getLogger("router.proxy")
-
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-NOT_REPLICA_FAULTS = frozenset({429})
-CLIENT_GONE_STATUS = 499
-_STATUS_TEXT: dict[int, str] = {}
-
-
-def status_text(status: int) -> str:
-    text = _STATUS_TEXT.get(status)
-    if text is None:
-        text = _STATUS_TEXT[status] = str(status)
-    return text
-
-
-class NoReplica(Exception):
-    """No routable replica is left for this request (none at all, or all already tried)."""
-
-
-class ClientGone(Exception):
-    """The client left while a retry was waiting on its attempt."""
-
-
-class Retryable(Exception):
-    """This attempt failed before anything reached the client; another replica may serve it."""
-
-    def __init__(self, reason: str, status: int = 502, detail: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.detail = detail
+from router.plan import Plan
+from router.routing.policies import Policy
 
 
 class Proxy:
-    """What every exchange shares: replicas, policy, upstream connections, metrics, limits."""
-
     def __init__(
         self,
         pool: ReplicaPool,
         policy: Policy,
         metrics: RouterMetrics,
+        on_end: Callable[[Exchange], None],
         *,
         connect_timeout_s: float,
         ttfb_timeout_s: float,
@@ -95,9 +35,11 @@ class Proxy:
         budget: RetryBudget,
         max_answer_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        """`on_end` hears every exchange's end, once (router.accounting)."""
         self.pool = pool
         self.policy = policy
         self.metrics = metrics
+        self.on_end = on_end
         headers = [("Content-Type", "application/json")]  # keys per replica: Replica.request_host
         self.client = HttpClient(
             connect_timeout_s, headers, max_answer_bytes=max_answer_bytes, tls=pool.tls
@@ -108,404 +50,12 @@ class Proxy:
         self.budget = budget
         self.watchdog = Watchdog()
 
-    def exchange(
-        self, route: str, path: str, conn: ClientConnection, on_end: Callable[[Exchange], None]
-    ) -> Exchange:
-        ex = Exchange(self, route, path, conn, on_end)
-        conn.on_disconnect = ex.client_left
+    def start(self, plan: Plan, conn: ClientConnection, started: float) -> Exchange:
+        """Carry `plan` out for the client on `conn`: the exchange answers it from callbacks."""
+        ex = Exchange(self, plan, conn, started)
+        ex.start()
         return ex
-
-    def pick(self, request: RouteRequest, exclude: tuple[str, ...]) -> Decision | None:
-        candidates = self.pool.routable(request.model, exclude)
-        if not candidates:
-            return None
-        if request.session_id:
-            replica = sticky_replica(request.session_id, candidates)
-            decision = self.policy.place(request, replica, "session")
-        else:
-            decision = self.policy.choose(request, candidates)
-        self.metrics.decided(self.policy.name, decision.outcome)
-        return decision
 
     async def close(self) -> None:
         await self.watchdog.stop()
         self.client.close()
-
-
-class Exchange:
-    """One client request on its way through the router, and what it leaves behind for
-    accounting (`status`, `model`, `replica_id`, the answer's usage).
-
-    Most fields start at their class-level defaults and are set on the instance only when a
-    request needs them: this object is built for every request."""
-
-    model = ""
-    stream = False
-    tap: UsageTap | None = None
-    units: Units = ""
-    learn = False
-    ticket: Ticket | None = None
-    request: RouteRequest | None = None
-    body = b""
-    method = "POST"
-    pinned: Replica | None = None
-    tried: tuple[str, ...] = ()  # replica ids: membership may re-create a replica's object
-    replica: Replica | None = None  # of the attempt in progress
-    replica_id = ""
-    prefill = 0
-    judged = False
-    upstream: Connection | None = None
-    status = 0
-    head_sent = False
-    delivered = False  # the replica's answer (whole or the start of a stream) reached the client
-    streamed = False
-    client_stalled = False  # the client stopped reading; `deadline` is its grace
-    body_out = b""
-    deadline = 0.0
-    idle_phase = False
-    ended = False
-    waiter: asyncio.Future | None = None
-    end_waiter: asyncio.Future | None = None
-    retrying: asyncio.Task | None = None
-
-    def __init__(
-        self,
-        proxy: Proxy,
-        route: str,
-        path: str,
-        conn: ClientConnection,
-        on_end: Callable[[Exchange], None],
-    ) -> None:
-        self.proxy = proxy
-        self.route = route
-        self.path = path
-        self.conn = conn
-        self.on_end = on_end
-        self.started = time.perf_counter()
-
-    # -- starting and ending
-
-    def start(
-        self,
-        request: RouteRequest,
-        body: bytes,
-        method: str = "POST",
-        pinned: Replica | None = None,
-    ) -> None:
-        """Send the request to a replica; the rest happens in the callbacks below."""
-        if self.ended:  # the client left while the request was being admitted
-            return
-        self.request = request
-        self.body = body
-        if method != "POST":
-            self.method = method
-        if pinned is not None:
-            self.pinned = pinned
-        self.proxy.budget.deposit()
-        self.proxy.watchdog.watched.add(self)
-        try:
-            self._attempt()
-        except NoReplica:
-            self.refuse(
-                APIError(
-                    503,
-                    f"No replica is available for model '{self.model}'; retry shortly.",
-                    code="no_replica_available",
-                    headers={"Retry-After": "1"},
-                )
-            )
-
-    def refuse(self, err: APIError) -> None:
-        """Answer with an error (if nothing was sent yet) and end."""
-        if self.ended:
-            return
-        self.status = err.status
-        if not self.head_sent:
-            self.head_sent = True
-            self.conn.respond_error(err)
-        self._end()
-
-    async def wait_end(self) -> None:
-        """For handlers that have more to do once the answer is out (settling a fleet key)."""
-        if not self.ended:
-            self.end_waiter = asyncio.get_running_loop().create_future()
-            await self.end_waiter
-
-    def _end(self) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        self.deadline = 0.0
-        self.proxy.watchdog.watched.discard(self)
-        self.on_end(self)
-        if self.end_waiter is not None and not self.end_waiter.done():
-            self.end_waiter.set_result(None)
-
-    # -- one attempt at one replica
-
-    def _attempt(self) -> None:
-        if self.pinned is None:
-            assert self.request is not None
-            decision = self.proxy.pick(self.request, self.tried)
-            if decision is None:
-                raise NoReplica
-        else:
-            decision = Decision(self.pinned, "pinned")
-        replica = self.replica = decision.replica
-        self.tried += (replica.id,)
-        self.replica_id = replica.id
-        self.prefill = max(self.request.prompt_tokens - decision.cached_tokens, 0)  # type: ignore[union-attr]
-        self.judged = False
-        replica.in_flight += 1
-        replica.pending_prefill += self.prefill
-        replica.requests += 1
-        replica.breaker.dispatched()
-        self.idle_phase = False
-        self.deadline = time.monotonic() + self.proxy.ttfb_timeout_s
-        self.upstream = self.proxy.client.send(
-            replica.host, replica.port, replica.tls, replica.request_host, self.method,
-            replica.base_path + self.path, self.body, self, self.stream,
-        )  # fmt: skip
-
-    def _answered(self) -> None:
-        """The replica answered this attempt: its prefill is done, and it counts as healthy."""
-        replica = self.replica
-        assert replica is not None
-        replica.pending_prefill -= self.prefill
-        self.prefill = 0
-        self.judged = True
-        self.proxy.pool.succeeded(replica)
-
-    def _failed_replica(self) -> None:
-        self.judged = True
-        self.proxy.pool.failed(self.replica)  # type: ignore[arg-type]
-
-    def _close_attempt(self) -> None:
-        """Give back what the attempt holds on its replica (once per attempt)."""
-        replica, self.replica = self.replica, None
-        if replica is None:
-            return
-        replica.in_flight -= 1
-        replica.pending_prefill -= self.prefill
-        self.prefill = 0
-        if not self.judged:
-            replica.breaker.released()
-        self.upstream = None
-        self.deadline = 0.0
-
-    # -- callbacks from the replica's connection (router.upstream_http.Listener)
-
-    def upstream_body(self, data: bytes) -> None:
-        if self.head_sent:
-            self._forward(data)
-        else:
-            self._start_stream(data)
-
-    def upstream_done(self, conn: Connection) -> None:
-        status = conn.status
-        if status in RETRY_STATUSES:
-            detail = conn.body()[:200].decode(errors="replace")
-            if status not in NOT_REPLICA_FAULTS:
-                self._failed_replica()
-            self._attempt_failed(
-                Retryable(f"status {status}", 503 if status == 429 else status, detail)
-            )
-        elif not conn.streaming:
-            self._send_whole(conn)
-        elif not self.head_sent:
-            self._attempt_failed(Retryable("stream ended before its first byte"))
-        else:
-            self._end_stream(None)
-
-    def upstream_failed(self, exc: OSError) -> None:
-        if isinstance(exc, AnswerTooLarge):  # the request's shape, not the replica's health
-            self._close_attempt()
-            self.refuse(APIError(502, str(exc), code="answer_too_large"))
-            return
-        self._failed_replica()
-        if self.head_sent:
-            log.warning("replica %s: stream broke: %r", self.replica_id, exc)
-            self._end_stream(APIError(502, "The replica's stream broke.", code="upstream_error"))
-        else:
-            self._attempt_failed(Retryable("connection failed", 502, repr(exc)[:200]))
-
-    # -- callbacks from the client's connection and the watchdog
-
-    def client_left(self) -> None:
-        if self.ended:
-            return
-        if self.upstream is not None:
-            self.upstream.abort()
-        self._close_attempt()
-        self.status = CLIENT_GONE_STATUS
-        self._end()
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ClientGone())
-
-    def timed_out(self) -> None:
-        if self.replica is None:
-            return
-        if self.client_stalled:
-            self._cut_stalled_client()
-            return
-        if self.upstream is not None:
-            self.upstream.abort()
-        if self.idle_phase:
-            self._failed_replica()
-            idle = self.proxy.idle_timeout_s
-            self._end_stream(
-                APIError(504, f"The replica sent nothing for {idle:g} s.", code="upstream_idle")
-            )
-        else:
-            self._close_attempt()
-            self._give_up(
-                Retryable("no first byte in time", 504),
-                f"not retried: the replica accepted the request and ran past "
-                f"{self.proxy.ttfb_timeout_s:g} s",
-            )
-
-    def client_caught_up(self) -> None:
-        """The client's buffer drained: read the replica's stream again."""
-        self.conn.on_writable = None
-        self.client_stalled = False
-        if self.upstream is not None and not self.ended:
-            self.deadline = time.monotonic() + self.proxy.idle_timeout_s
-            self.upstream.resume_reading()
-
-    def _cut_stalled_client(self) -> None:
-        """The client read nothing for the idle timeout: it holds a replica's slot and its key's
-        concurrency for nothing. Cut it as if it had left (what it was sent is still charged)."""
-        self.conn.close()
-        self.client_left()
-
-    # -- answering the client
-
-    def _send_whole(self, upstream: Connection) -> None:
-        self.delivered = True
-        self.judged = True
-        self.proxy.pool.succeeded(self.replica)  # type: ignore[arg-type]
-        payload = upstream.body()
-        self.status = upstream.status
-        headers = [
-            (b"content-type", upstream.header(b"content-type") or b"application/json"),
-            (b"x-fleet-replica", self.replica.id_header),  # type: ignore[union-attr]
-        ]
-        self.head_sent = True
-        self.conn.respond(self.status, headers, payload)
-        self.proxy.metrics.first_byte(self.route, self.model, time.perf_counter() - self.started)
-        self.body_out = payload
-        self._close_attempt()
-        self._committed()
-        self._end()
-
-    def _start_stream(self, first: bytes) -> None:
-        self._answered()
-        self.delivered = self.streamed = True
-        self.status = 200
-        headers = [
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache"),
-            (b"x-fleet-replica", self.replica.id_header),  # type: ignore[union-attr]
-        ]
-        self.conn.start_stream(200, headers)
-        self.head_sent = True
-        self.proxy.metrics.first_byte(self.route, self.model, time.perf_counter() - self.started)
-        self.idle_phase = True
-        self._forward(first)
-        self._committed()
-
-    def _forward(self, data: bytes) -> None:
-        conn = self.conn
-        conn.send_chunk(self.tap.feed(data) if self.tap is not None else data)
-        if conn.writing_paused and self.upstream is not None:
-            # A slow client is not the replica's fault; a client that reads nothing for the
-            # idle timeout is cut (see timed_out).
-            self.client_stalled = True
-            self.deadline = time.monotonic() + self.proxy.idle_timeout_s
-            self.upstream.pause_reading()
-            conn.on_writable = self.client_caught_up
-        else:
-            self.deadline = time.monotonic() + self.proxy.idle_timeout_s
-
-    def _end_stream(self, failure: APIError | None) -> None:
-        self._close_attempt()
-        if failure is not None:
-            self.status = failure.status
-            self.conn.end_stream(failure.sse_frames())
-        else:
-            self.conn.end_stream(self.tap.flush() if self.tap is not None else b"")
-        self._end()
-
-    # -- failures before the first byte, and retries
-
-    def _attempt_failed(self, exc: Retryable) -> None:
-        self._close_attempt()
-        if self.waiter is not None:
-            if not self.waiter.done():
-                self.waiter.set_exception(exc)
-        elif self.pinned is not None or self.proxy.max_attempts <= 1:
-            self._give_up(exc)
-        else:
-            self.retrying = asyncio.get_running_loop().create_task(self._retry(exc))
-
-    def _committed(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def _retry(self, first: Retryable) -> None:
-        """Further attempts, on other replicas, as tenacity allows: one at a time, each waiting
-        for its outcome (answered, or failed before the first byte)."""
-        last = first
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.proxy.max_attempts - 1),
-            retry=retry_if_exception_type(Retryable),
-            wait=wait_none(),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if not self.proxy.budget.withdraw():
-                        self._give_up(last, "the retry budget is spent")
-                        return
-                    self.proxy.metrics.retried(self.model, last.reason)
-                    try:
-                        await self._attempt_once()
-                    except Retryable as exc:
-                        last = exc
-                        raise
-        except Retryable as exc:
-            self._give_up(exc)
-        except NoReplica:
-            self._give_up(last, "no other replica to try")
-        except ClientGone:
-            pass
-        except Exception:  # a bug must not leave the client waiting for ever
-            log.exception("retrying %s failed", self.path)
-            self.refuse(APIError(500, "The router failed to serve this request."))
-
-    async def _attempt_once(self) -> None:
-        if self.ended:
-            raise ClientGone
-        self.waiter = asyncio.get_running_loop().create_future()
-        try:
-            self._attempt()
-            await self.waiter
-        finally:
-            self.waiter = None
-
-    def _give_up(self, exc: Retryable, why: str = "") -> None:
-        """The client learns what happened and how many replicas were tried; which ones, and
-        their own words, go to the log (replica ids and exception names are not the client's)."""
-        tried = len(self.tried)
-        log.warning(
-            "gave up on %s after %s (%s)%s; tried %s",
-            self.path, exc.reason, exc.detail, f"; {why}" if why else "", ", ".join(self.tried),
-        )  # fmt: skip
-        note = f"; {why}" if why else ""
-        plural = "s" if tried != 1 else ""
-        message = (
-            f"The upstream replica failed to answer ({exc.reason}); "
-            f"tried {tried} replica{plural}{note}."
-        )
-        self.refuse(APIError(exc.status, message, code="upstream_error"))

@@ -18,9 +18,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from router.backends.backend import Replica
+from router.backends.pool import ReplicaPool
 from router.metrics import LATENCY_BUCKETS, RouterMetrics
-from router.pool import ReplicaPool
-from router.replica import Replica
 
 log = logging.getLogger("router.dashboard")
 

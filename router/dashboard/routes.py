@@ -41,7 +41,7 @@ from router.dashboard.snapshot import (
 
 if TYPE_CHECKING:
     from router.app import RouterApp
-    from router.replica import Replica
+    from router.backends.backend import Replica
 
 STATIC = Path(__file__).with_name("static")
 MAX_LOGIN_BODY = 4096

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from fleet.control.keys import KeyNotFound, KeyRecord, KeyStore, KeyUsage
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS
+from router.backends.backend import Replica
 from router.dashboard.history import FleetHistory
-from router.replica import Replica
 
 if TYPE_CHECKING:
     from router.app import RouterApp

@@ -126,7 +126,7 @@ def test_server_help_is_rich_like_every_other_command(
 def test_importing_the_entry_points_loads_no_server() -> None:
     code = (
         "import sys, replica.__main__, router.__main__; from replica import LLM; "
-        "print(sorted(m for m in ('uvicorn', 'replica.http_api.app', 'router.server', 'router.app') "
+        "print(sorted(m for m in ('uvicorn', 'replica.http_api.app', 'router.serve', 'router.app') "
         "if m in sys.modules))"
     )
     result = run("-c", code)

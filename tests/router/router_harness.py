@@ -19,10 +19,10 @@ import httpx
 
 from fleet.embedded_redis import free_port
 from router.app import RouterApp
+from router.backends.pool import PoolSettings
 from router.config import RouterConfig
-from router.http_server import HttpServer
-from router.pool import PoolSettings
-from router.server import http_server
+from router.http.server import HttpServer
+from router.serve import http_server
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "loadtests" / "fake_replica.py"

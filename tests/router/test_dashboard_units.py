@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from router.backends.backend import LoadReport
+from router.backends.load_signals import from_load_json, from_prometheus_text
+from router.backends.pool import ReplicaPool
 from router.dashboard.history import FleetHistory, quantile
-from router.load_signals import from_load_json, from_prometheus_text
 from router.metrics import LATENCY_BUCKETS, RouterMetrics
-from router.pool import ReplicaPool
-from router.replica import LoadReport
 
 
 def history(replicas: int = 2, **kwargs) -> FleetHistory:

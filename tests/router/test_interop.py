@@ -14,7 +14,7 @@ import openai
 import pytest
 from router_harness import MODEL, FakeReplica, fake_replicas, fresh, router_config, run_router
 
-from router.load_signals import from_prometheus_text
+from router.backends.load_signals import from_prometheus_text
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,8 @@ from sim_fleet import (
     tenant_prompts,
 )
 
-from router.policies import PrefixPolicy, RouteRequest
-from router.policies.prefix import MAX_INDEX_CHUNKS, SATURATED
+from router.routing.policies import PrefixPolicy, RouteRequest
+from router.routing.policies.prefix import MAX_INDEX_CHUNKS, SATURATED
 
 SEEDS = range(20)
 QUESTION_TOKENS = 32

@@ -12,7 +12,7 @@ import httpx
 import orjson
 from router_harness import ADMIN, MODEL, chat, router_config, run_router, sse_events
 
-from router.pool import PoolSettings
+from router.backends.pool import PoolSettings
 
 COMPLETION = {"model": MODEL, "prompt": "hello"}
 

@@ -14,7 +14,10 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from router.http_server import Connection, HttpServer, Request, asgi_bridge
+from router.http.asgi import asgi_bridge
+from router.http.connection import ClientConnection
+from router.http.messages import Request
+from router.http.server import HttpServer
 
 
 class Echo:
@@ -25,7 +28,7 @@ class Echo:
         self.disconnects = 0
         self.web = Starlette(routes=[Route("/web", lambda r: JSONResponse({"web": True}))])
 
-    async def __call__(self, request: Request, conn: Connection) -> None:
+    async def __call__(self, request: Request, conn: ClientConnection) -> None:
         if request.path == "/echo":
             body = orjson.dumps({"method": request.method, "body": request.body.decode(),
                                  "query": request.query.decode()})  # fmt: skip

@@ -24,8 +24,8 @@ from router_harness import ADMIN, RunningRouter, run_router, sse_events, wait_ht
 from fleet.control.internal import INTERNAL_SECRET_ENV
 from fleet.control.keys import KeyStore
 from fleet.embedded_redis import EmbeddedRedis, free_port
+from router.backends.pool import PoolSettings
 from router.config import RouterConfig
-from router.pool import PoolSettings
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("replica.__main__") is None,

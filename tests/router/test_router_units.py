@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import orjson
 
-from router.breaker import CircuitBreaker
-from router.load_signals import from_load_json, from_prometheus_text
-from router.policies import LeastLoadPolicy, PrefixPolicy, RoundRobinPolicy, RouteRequest
-from router.prefix_index import PrefixIndex
-from router.prompt_key import chat_units, chunk_hashes, completion_units
-from router.replica import LoadReport, Replica
-from router.retry_budget import RetryBudget
-from router.sessions import sticky_replica
-from router.sse import UsageTap
+from router.backends.backend import LoadReport, Replica
+from router.backends.breaker import CircuitBreaker
+from router.backends.load_signals import from_load_json, from_prometheus_text
+from router.backends.retry_budget import RetryBudget
+from router.routing.policies import LeastLoadPolicy, PrefixPolicy, RoundRobinPolicy, RouteRequest
+from router.routing.prefix_index import PrefixIndex
+from router.routing.prompt_key import chat_units, chunk_hashes, completion_units
+from router.routing.sessions import sticky_replica
+from router.usage_tap import UsageTap
 
 
 def replicas(n: int = 3, capacity: int = 100_000) -> list[Replica]:

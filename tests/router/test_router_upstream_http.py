@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from router.upstream_http import Connection, HttpClient, UpstreamConnectionError
+from router.http.upstream import HttpClient, UpstreamConnection, UpstreamConnectionError
 
 
 class Server:
@@ -69,7 +69,7 @@ class Collector:
         self.status = 0
         self.content_type: bytes | None = None
         self.pieces: list[bytes] = []
-        self.conn: Connection | None = None
+        self.conn: UpstreamConnection | None = None
         self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def upstream_body(self, data: bytes) -> None:
@@ -78,12 +78,12 @@ class Collector:
             self.conn.pause_reading()
             asyncio.get_running_loop().call_soon(self.conn.resume_reading)
 
-    def head(self, conn: Connection | None) -> None:
+    def head(self, conn: UpstreamConnection | None) -> None:
         assert conn is not None
         self.status = conn.status
         self.content_type = conn.header(b"content-type")
 
-    def upstream_done(self, conn: Connection) -> None:
+    def upstream_done(self, conn: UpstreamConnection) -> None:
         self.head(conn)
         if not conn.streaming:
             self.pieces.append(conn.body())
@@ -106,7 +106,7 @@ def send(
     listener: Collector,
     method: str = "POST",
     body: bytes = b"{}",
-) -> Connection:
+) -> UpstreamConnection:
     listener.conn = client.send(
         "127.0.0.1", server.port, False, b"x", method, "/p", body, listener, listener.stream
     )

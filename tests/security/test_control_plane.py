@@ -50,9 +50,9 @@ from fleet.launch.status import collect_status
 from fleet.spec import FleetSpec
 from replica.http_api.auth import Auth
 from router.app import RouterApp
+from router.backends.pool import PoolSettings
 from router.config import RouterConfig
-from router.pool import PoolSettings
-from router.server import http_server
+from router.serve import http_server
 
 # ----------------------------------------------------------------------------- fixtures
 

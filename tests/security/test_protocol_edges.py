@@ -15,7 +15,7 @@ import pytest
 from live_replica import API_KEY, LiveReplica, serve
 from router_harness import MODEL, FakeReplica, fake_replicas, router_config, run_router
 
-from router.prompt_key import chat_units
+from router.routing.prompt_key import chat_units
 
 
 def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:

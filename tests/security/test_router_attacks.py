@@ -26,9 +26,9 @@ from router_harness import (
 )
 
 from fleet.control.errors import APIError
-from router.paths import canonical, pinned_target
-from router.replica import Replica
-from router.tokens import TokenEstimator
+from router.backends.backend import Replica
+from router.http.paths import canonical, pinned_target
+from router.routing.tokens import TokenEstimator
 from router.usage import usage_of_answer
 
 OTHER_MODEL = "other-model"

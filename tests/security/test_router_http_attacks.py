@@ -1,4 +1,4 @@
-"""Attacks on the router's own HTTP/1.1 server (router.http_server), with raw sockets against a
+"""Attacks on the router's own HTTP/1.1 server (router.http.server), with raw sockets against a
 real server on loopback: heads that never end, too many headers, huge declared bodies, pipelined
 bodies, HEAD framing, `100 Continue` ordering, clients that stop reading, connection floods."""
 
@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from router.http_server import Connection, HttpServer, Request
+from router.http.connection import ClientConnection
+from router.http.messages import Request
+from router.http.server import HttpServer
 
 MIB = 1024 * 1024
 
@@ -27,7 +29,7 @@ class Handler:
         self.big = b"b" * big
         self.disconnects = 0
 
-    async def __call__(self, request: Request, conn: Connection) -> None:
+    async def __call__(self, request: Request, conn: ClientConnection) -> None:
         path = request.path
         if path == "/echo":
             conn.respond(200, [(b"content-type", b"text/plain")], b"echo:" + request.body)
@@ -49,7 +51,7 @@ class Handler:
         else:
             conn.respond(404, [], b"")
 
-    async def _flood(self, conn: Connection) -> None:
+    async def _flood(self, conn: ClientConnection) -> None:
         gone = asyncio.Event()
 
         def left() -> None:

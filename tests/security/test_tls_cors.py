@@ -26,9 +26,9 @@ from replica.http_api.app import build_app
 from replica.http_api.runtime import ReplicaSettings
 from replica.http_api.uvicorn_runner import add_cors, uvicorn_config
 from router.app import RouterApp
+from router.backends.pool import PoolSettings
 from router.config import RouterConfig
-from router.pool import PoolSettings
-from router.server import http_server
+from router.serve import http_server
 
 MODEL = "tiny-tls"
 ORIGIN = "https://app.example"

@@ -9,7 +9,7 @@ model's shared ratio learns from requests without a fleet key.
 
 from __future__ import annotations
 
-from router.prompt_key import Units
+from router.routing.prompt_key import Units
 
 INITIAL_CHARS_PER_TOKEN = 4.0
 SMOOTHING = 0.05

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from router.policies.base import Decision, Policy, RouteRequest
-from router.policies.least_load import LeastLoadPolicy
-from router.policies.prefix import PrefixPolicy
-from router.policies.round_robin import RoundRobinPolicy
+from router.routing.policies.base import Decision, Policy, RouteRequest
+from router.routing.policies.least_load import LeastLoadPolicy
+from router.routing.policies.prefix import PrefixPolicy
+from router.routing.policies.round_robin import RoundRobinPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     "prefix": PrefixPolicy,

@@ -1,11 +1,9 @@
-"""The router's HTTP/1.1 server: an asyncio protocol over httptools (llhttp) on uvloop.
+"""One client connection to the router: an asyncio protocol over httptools (llhttp) that parses
+requests, serves them one at a time in order, and carries the answer of the one being served.
 
 Why not uvicorn: README, "Why our own HTTP server and clients" (loadtests/bare_proxy.py).
-Here a request is parsed whole (the router needs the body before it can route),
-handed to the handler as one `Request`, and answered through its `Connection`. A handler either
-answers later from callbacks (it returns None: the proxy's data path, which spends no task or
-future per request) or returns an awaitable, which is run as a task (everything that waits on
-Redis or on starlette):
+
+Its response API is what handlers (router.app) and exchanges (router.exchange) answer through:
 
 - `respond(status, headers, body)`: a whole response in one `send`;
 - `start_stream(status, headers)`, `send_chunk(data)`, `end_stream(tail)`: chunked transfer
@@ -14,85 +12,40 @@ Redis or on starlette):
   sets, called once the client has read enough);
 - `on_disconnect`: a callable the handler sets, called once if the client leaves mid-request.
 
-Everything else (the starlette app for /health, /metrics, /v1/models, /admin) is reached through
-`asgi_bridge`. Keep-alive, pipelined requests (answered in order), `Expect: 100-continue`, HEAD
-(the head of the answer, never its body), malformed requests (400), idle connection reaping,
-graceful shutdown, TLS (an `ssl.SSLContext`) and CORS (router.cors) are here, and so are the
-limits that keep one client from taking the router's memory:
-
-- the request head: counted as it arrives, so a head that never ends is cut at MAX_HEAD_BYTES
-  (431), as is one with more than MAX_HEADERS headers;
-- the body: a declared Content-Length over the limit is a 413 at once; a chunked body is counted;
-- pipelined requests waiting behind the one being served: reading pauses once their bodies pass
-  the body limit (or MAX_PIPELINED of them wait), and the next one is not served while the client
-  has not read the previous answer (the write buffer pauses past WRITE_BUFFER_HIGH);
-- a client that reads nothing for `send_timeout_s` while an answer waits for it is disconnected
-  (nginx's `send_timeout`), which also ends its request upstream (`on_disconnect`);
-- connections beyond `max_connections` get a 503 and are closed before anything is read.
+The per-connection limits (head size and header count, body size, pipelining, lingering close
+after a refusal) are enforced here; see router.http.server for the whole list and why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from http import HTTPStatus
-from urllib.parse import unquote
+from typing import TYPE_CHECKING
 
 import httptools
 import orjson
 
 from fleet.control.errors import APIError
-from router.cors import CorsPolicy
+from router.http.messages import Request, error_bytes, response_head
+
+if TYPE_CHECKING:
+    from router.http.server import HttpServer
 
 log = logging.getLogger("router.http")
 
 MAX_PIPELINED = 16
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
-MAX_CONNECTIONS = 10_000
 WRITE_BUFFER_HIGH = 256 * 1024
 WRITE_BUFFER_LOW = 64 * 1024
 LINGER_BYTES = 1024 * 1024
 LINGER_S = 2.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH")}
-
-
-@dataclass(slots=True, eq=False)
-class Request:
-    method: str
-    path: str
-    query: bytes
-    headers: list[tuple[bytes, bytes]]  # names in lower case
-    body: bytes
-
-
-Handler = Callable[[Request, "Connection"], Awaitable[None] | None]
-
-
-def _head(status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
-    for name, value in headers:
-        lines.append(b"%s: %s\r\n" % (name, value))
-    lines.append(framing)
-    return b"".join(lines)
-
-
-def _error_bytes(err: APIError) -> bytes:
-    """A whole error response that closes the connection."""
-    body = orjson.dumps(err.body())
-    headers = [(b"content-type", b"application/json")]
-    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    framing = b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-    return _head(err.status, headers, framing) + body
 
 
 def _head_too_large(what: str) -> APIError:
@@ -102,29 +55,11 @@ def _head_too_large(what: str) -> APIError:
     )  # fmt: skip
 
 
-_TOO_MANY_CONNECTIONS = _error_bytes(
-    APIError(
-        503,
-        "The router has too many open connections; retry shortly.",
-        code="too_many_connections",
-        headers={"Retry-After": "1"},
-    )
-)
-
-
-class _Refused(asyncio.Protocol):
-    """A connection over the limit: a prepared 503, then closed, nothing read or parsed."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(_TOO_MANY_CONNECTIONS)  # type: ignore[attr-defined]
-        transport.close()
-
-
 class _Discard:
     """The parser of a refused connection that lingers: drops what the client still sends, and
     aborts past LINGER_BYTES."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
         self.left = LINGER_BYTES
 
@@ -134,7 +69,7 @@ class _Discard:
             self.conn.abort()
 
 
-class Connection(asyncio.Protocol):
+class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests and carries the answer of the one being served."""
 
     def __init__(self, server: HttpServer) -> None:
@@ -413,7 +348,7 @@ class Connection(asyncio.Protocol):
             len(body),
             b"" if self.keep_alive else b"connection: close\r\n",
         )
-        head = _head(status, headers, framing)
+        head = response_head(status, headers, framing)
         self._write(head if self.head_only else head + body)
         self._finished()
 
@@ -435,7 +370,7 @@ class Connection(asyncio.Protocol):
             framing = b"transfer-encoding: chunked\r\n%s\r\n" % (
                 b"" if self.keep_alive else b"connection: close\r\n"
             )
-        self._held = _head(status, headers, framing)
+        self._held = response_head(status, headers, framing)
         self._chunked = True
 
     def send_chunk(self, data: bytes) -> None:
@@ -481,7 +416,7 @@ class Connection(asyncio.Protocol):
             self._read_no_more()
             self.queue.append((Request("GET", "/", b"", [], b""), False, err))
             return
-        self._write(_error_bytes(err))
+        self._write(error_bytes(err))
         self._linger()
 
     def _read_no_more(self) -> None:
@@ -509,155 +444,3 @@ class Connection(asyncio.Protocol):
         if self.reading_paused:
             transport.resume_reading()
         self.loop.call_later(LINGER_S, self.abort)
-
-
-class HttpServer:
-    """Listens, serves, reaps idle keep-alive connections and clients that stopped reading, and
-    stops gracefully."""
-
-    def __init__(
-        self,
-        handler: Handler,
-        host: str,
-        port: int,
-        *,
-        max_body_bytes: int,
-        keep_alive_s: float = 60.0,
-        send_timeout_s: float = 60.0,
-        max_connections: int = MAX_CONNECTIONS,
-        backlog: int = 4096,
-        tls: ssl.SSLContext | None = None,
-        cors: CorsPolicy | None = None,
-    ) -> None:
-        self.handler = handler
-        self.host = host
-        self.port = port
-        self.max_body_bytes = max_body_bytes
-        self.keep_alive_s = keep_alive_s
-        self.send_timeout_s = send_timeout_s
-        self.max_connections = max_connections
-        self.backlog = backlog
-        self.tls = tls
-        self.cors = cors
-        self.connections: set[Connection] = set()
-        self.tasks: set[asyncio.Task] = set()
-        self.stopping = False
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self._server: asyncio.AbstractServer | None = None
-        self._reaper: asyncio.Task | None = None
-
-    @property
-    def scheme(self) -> str:
-        return "https" if self.tls is not None else "http"
-
-    async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(
-            self._protocol, self.host, self.port, backlog=self.backlog, ssl=self.tls
-        )
-        if self.port == 0:
-            self.port = self._server.sockets[0].getsockname()[1]
-        self._reaper = self.loop.create_task(self._reap_idle())
-
-    def _protocol(self) -> asyncio.Protocol:
-        if len(self.connections) >= self.max_connections:
-            return _Refused()
-        return Connection(self)
-
-    async def stop(self, grace_s: float = 30.0) -> None:
-        """Stop listening, close idle connections, let requests in flight finish (up to
-        `grace_s`), then close the rest."""
-        self.stopping = True
-        if self._server is not None:
-            self._server.close()
-        if self._reaper is not None:
-            self._reaper.cancel()
-        deadline = time.monotonic() + grace_s
-        while True:
-            for conn in list(self.connections):
-                if not conn.active:
-                    conn.close()
-            if not self.connections or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.close()
-
-    async def _reap_idle(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.keep_alive_s / 4, self.send_timeout_s / 4, 5.0))
-            now = time.monotonic()
-            idle_cutoff = now - self.keep_alive_s
-            send_cutoff = now - self.send_timeout_s
-            for conn in list(self.connections):
-                if conn.writing_paused and conn.paused_since < send_cutoff:
-                    conn.abort()  # the client read nothing for send_timeout_s
-                elif not conn.active and conn.idle_since < idle_cutoff:
-                    conn.close()
-
-
-async def run_until_signalled(
-    server: HttpServer,
-    startup: Callable[[], Awaitable[None]],
-    shutdown: Callable[[], Awaitable[None]],
-    grace_s: float = 30.0,
-) -> None:
-    """Start the app and the server, serve until SIGTERM or SIGINT, then stop both gracefully."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await startup()
-    try:
-        await server.start()
-        log.info("listening on %s://%s:%d", server.scheme, server.host, server.port)
-        await stop.wait()
-        log.info("shutting down: finishing requests in flight (up to %g s)", grace_s)
-        await server.stop(grace_s)
-    finally:
-        await shutdown()
-
-
-async def asgi_bridge(app: Callable, request: Request, conn: Connection) -> None:
-    """Serve `request` with an ASGI application (the router's starlette app for its local
-    routes); the response is collected and sent whole."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": request.method,
-        "scheme": conn.server.scheme,
-        "path": unquote(request.path),
-        "raw_path": request.path.encode("latin-1"),
-        "query_string": request.query,
-        "root_path": "",
-        "headers": request.headers,
-        "client": conn.transport.get_extra_info("peername") if conn.transport else None,
-        "server": (conn.server.host, conn.server.port),
-    }
-    delivered = False
-    status = 500
-    headers: list[tuple[bytes, bytes]] = []
-    parts: list[bytes] = []
-
-    async def receive() -> dict:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": request.body, "more_body": False}
-        gone = conn.loop.create_future()
-        conn.on_disconnect = lambda: gone.done() or gone.set_result(None)
-        await gone
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        nonlocal status, headers
-        if message["type"] == "http.response.start":
-            status = message["status"]
-            headers = [(k, v) for k, v in message.get("headers", []) if k != b"content-length"]
-        elif message["type"] == "http.response.body":
-            parts.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                conn.respond(status, headers, b"".join(parts))
-
-    await app(scope, receive, send)

@@ -22,11 +22,11 @@ from fleet.control.errors import APIError
 from fleet.control.internal import replica_key
 from fleet.control.membership import MembershipEvent, MembershipWatcher, ReplicaInfo
 from fleet.web_security import client_context
-from router.breaker import CircuitBreaker
-from router.load_signals import from_load_json, from_prometheus_text
-from router.replica import Replica
+from router.backends.backend import Replica
+from router.backends.breaker import CircuitBreaker
+from router.backends.load_signals import from_load_json, from_prometheus_text
 
-log = logging.getLogger("router.pool")
+log = logging.getLogger("router.backends.pool")
 
 
 @dataclass

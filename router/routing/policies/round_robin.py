@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from router.policies.base import Decision, Policy, RouteRequest
-from router.replica import Replica
+from router.backends.backend import Replica
+from router.routing.policies.base import Decision, Policy, RouteRequest
 
 
 class RoundRobinPolicy(Policy):

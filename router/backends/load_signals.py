@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from router.replica import LoadReport
+from router.backends.backend import LoadReport
 
 _METRIC_NAMES = {
     "vllm:num_requests_running": "running",

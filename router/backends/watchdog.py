@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Protocol
 
-log = logging.getLogger("router.watchdog")
+log = logging.getLogger("router.backends.watchdog")
 
 
 class Timed(Protocol):

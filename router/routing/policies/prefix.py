@@ -10,7 +10,7 @@ queued request; then the emptier cache; then a rendezvous score.
 A new prefix goes where it fits. A replica's fill is the share of its KV cache that live prefixes
 claim: what the replica reports (`kv_usage`, a fact every router sees, so several routers behind a
 TCP balancer place a new prefix alike without talking), or, where higher, what this router has
-placed there itself (prefixes it sent since the last poll; see router/prefix_index.py). A full
+placed there itself (prefixes it sent since the last poll; see routing/prefix_index.py). A full
 cache's report says nothing about which of its blocks anyone still wants, so there only this
 router's claims count. Replicas are compared by fill with the prompt added, in sixteenths of the
 cache (worst fit: the emptiest first, keeping room everywhere for what each prefix's requests add
@@ -35,10 +35,10 @@ import heapq
 from bisect import bisect_left
 from dataclasses import dataclass
 
-from router.policies.base import Decision, Policy, RouteRequest, rotated
-from router.prefix_index import PrefixIndex
-from router.prompt_key import chunk_hashes, stable_anchor
-from router.replica import Replica
+from router.backends.backend import Replica
+from router.routing.policies.base import Decision, Policy, RouteRequest, rotated
+from router.routing.prefix_index import PrefixIndex
+from router.routing.prompt_key import chunk_hashes, stable_anchor
 
 TEXT_CHUNK_CHARS = 128
 ID_CHUNK_TOKENS = 32

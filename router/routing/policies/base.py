@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from router.prompt_key import Units
-from router.replica import Replica
+from router.backends.backend import Replica
+from router.routing.prompt_key import Units
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""Run the router: its own HTTP server (router.http_server) on uvloop, until SIGTERM or SIGINT,
+"""Run the router: its own HTTP server (router.http.server) on uvloop, until SIGTERM or SIGINT,
 then a graceful stop (no new connections, requests in flight finish, up to 30 s).
 
 Once started, the objects that live as long as the process are moved out of the garbage
@@ -15,8 +15,8 @@ import uvloop
 
 from router.app import RouterApp
 from router.config import RouterConfig
-from router.cors import CorsPolicy
-from router.http_server import HttpServer, run_until_signalled
+from router.http.cors import CorsPolicy
+from router.http.server import HttpServer, run_until_signalled
 
 GRACE_S = 30.0
 GC_YOUNG_THRESHOLD = 20_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from router.replica import Replica
+from router.backends.backend import Replica
 
 
 def _score(session_id: str, replica_id: str) -> int:

@@ -3,7 +3,7 @@ time per connection, responses parsed by httptools (llhttp, the parser uvicorn u
 answer delivered by callbacks to a `Listener` (the router's Exchange).
 
 Why callbacks, not `await`, aiohttp or httpx: README, "Why our own HTTP server and clients".
-Timeouts are the caller's (router.watchdog).
+Timeouts are the caller's (router.backends.watchdog).
 
 A request sent with `stream=True` whose answer is a 200 has its body passed on as it arrives
 (`upstream_body`, once per read from the socket, so frames that arrived together leave together);
@@ -37,11 +37,11 @@ class AnswerTooLarge(UpstreamConnectionError):
 
 class Listener(Protocol):
     def upstream_body(self, data: bytes) -> None: ...
-    def upstream_done(self, conn: Connection) -> None: ...
+    def upstream_done(self, conn: UpstreamConnection) -> None: ...
     def upstream_failed(self, exc: OSError) -> None: ...
 
 
-class Connection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection, and the request currently on it."""
 
     def __init__(self, pool: HostPool) -> None:
@@ -228,26 +228,26 @@ class HostPool:
         self.max_idle = max_idle
         self.connect_timeout_s = connect_timeout_s
         self.max_answer_bytes = max_answer_bytes
-        self.idle: list[Connection] = []
+        self.idle: list[UpstreamConnection] = []
         self.connecting: set[asyncio.Task] = set()
 
-    def put(self, conn: Connection) -> None:
+    def put(self, conn: UpstreamConnection) -> None:
         if len(self.idle) < self.max_idle:
             self.idle.append(conn)
         else:
             conn.abort()
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, conn: UpstreamConnection) -> None:
         if conn in self.idle:
             self.idle.remove(conn)
 
-    def open(self, conn: Connection) -> None:
+    def open(self, conn: UpstreamConnection) -> None:
         """Connect `conn` (it writes its request once connected); failures go to its listener."""
         task = self.loop.create_task(self._connect(conn))
         self.connecting.add(task)
         task.add_done_callback(self.connecting.discard)
 
-    async def _connect(self, conn: Connection) -> None:
+    async def _connect(self, conn: UpstreamConnection) -> None:
         timeout = self.connect_timeout_s
         connecting = self.loop.create_connection(lambda: conn, self.host, self.port, ssl=self.tls)
         try:
@@ -305,7 +305,7 @@ class HttpClient:
         body: bytes,
         listener: Listener,
         stream: bool = False,
-    ) -> Connection:
+    ) -> UpstreamConnection:
         """Send one request; its answer goes to `listener`, never before this returns. The
         connection returned is the handle to abort the request with."""
         pool = self._pool(host, port, tls)
@@ -319,7 +319,7 @@ class HttpClient:
             if not conn.closed:
                 conn.send(request, listener, stream)
                 return conn
-        conn = Connection(pool)
+        conn = UpstreamConnection(pool)
         conn.request = request
         conn.listener = listener
         conn.stream = stream

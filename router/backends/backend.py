@@ -1,4 +1,10 @@
-"""What the router knows about one replica: where it is, what it serves, how busy and healthy it is."""
+"""What the router knows about one backend replica: where it is, what it serves, how busy and
+healthy it is.
+
+The module is `backend` so that it is not mistaken for the `replica` package (the engine); the
+class keeps the name `Replica`, the word the admin API, the metrics' labels, pinned routes
+(`/replicas/{id}/...`) and the fleet's membership all use for the same thing.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from router.breaker import CircuitBreaker
+from router.backends.breaker import CircuitBreaker
 
 DEFAULT_KV_CAPACITY_TOKENS = 65536
 

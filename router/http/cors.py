@@ -1,4 +1,4 @@
-"""CORS on the router's own server (router.http_server): preflights are answered there, and the
+"""CORS on the router's own server (router.http.connection): preflights are answered there, and the
 Access-Control headers join every answer to an allowed origin, proxied ones included. The rules
 are starlette's CORSMiddleware's (what the replica runs), so a browser sees the same answers from
 either; only a refused preflight differs, as an OpenAI-style error. With CORS off the server
@@ -15,7 +15,7 @@ from fleet.control.errors import APIError
 from fleet.web_security import CORSSettings
 
 if TYPE_CHECKING:
-    from router.http_server import Request
+    from router.http.messages import Request
 
 ALL_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 SAFELISTED_HEADERS = frozenset({"accept", "accept-language", "content-language", "content-type"})

@@ -1,0 +1,102 @@
+"""The end of every proxied request, in one place: count it, learn from its usage, settle its key.
+
+Every exchange reports its end here (`ended`), and so does a request refused before it had one
+(`refused`). Usage comes from the replica's own answer: a whole answer's `usage`
+(router.usage) or the usage frame a stream's tap picked out (router.usage_tap). A fleet key's
+request is then settled against its key's limits (`settle`), after the answer is out, by the
+handler that admitted it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fleet.control.keys import Ticket
+from router.auth import Gate
+from router.backends.pool import ReplicaPool
+from router.exchange import Exchange
+from router.metrics import RouterMetrics
+from router.plan import GENERATION_KINDS, Plan
+from router.routing.tokens import TokenEstimator
+from router.usage import usage_of_answer
+
+_STATUS_TEXT: dict[int, str] = {}
+
+
+def status_text(status: int) -> str:
+    text = _STATUS_TEXT.get(status)
+    if text is None:
+        text = _STATUS_TEXT[status] = str(status)
+    return text
+
+
+class Accounting:
+    def __init__(
+        self, pool: ReplicaPool, metrics: RouterMetrics, tokens: TokenEstimator, gate: Gate
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.tokens = tokens
+        self.gate = gate
+
+    def ended(self, ex: Exchange) -> None:
+        """Every exchange's last word: learn the token ratio from sampled answers, count it."""
+        plan = ex.plan
+        if plan.learn and ex.status == 200:
+            self._learn(plan, usage_of(ex))
+        model = plan.model if plan.model in self.pool.by_model else "unknown"
+        self.metrics.request_done(
+            plan.route,
+            model,
+            ex.replica_id or "none",
+            status_text(ex.status),
+            time.perf_counter() - ex.started,
+        )
+
+    def refused(self, route: str, model: str, status: int, started: float) -> None:
+        """A request that ended before it had an exchange: refused, or its client left while
+        its key was checked."""
+        model = model if model in self.pool.by_model else "unknown"
+        self.metrics.request_done(
+            route, model, "none", status_text(status), time.perf_counter() - started
+        )
+
+    async def settle(self, ex: Exchange, ticket: Ticket) -> None:
+        """Charge what the replica reports it used. A stream cut short (by the client, a stalled
+        reader or the replica) has no report: charge the prompt's estimate and the chunks that
+        reached the client. Nothing is charged when no answer reached the client."""
+        plan = ex.plan
+        if (
+            not ex.delivered
+            or plan.route not in GENERATION_KINDS
+            or (ex.status != 200 and not ex.streamed)
+        ):
+            await self.gate.release(ticket)
+            return
+        usage = usage_of(ex)
+        if usage is not None:
+            self._learn(plan, usage, ticket.key_id)
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+        else:
+            prompt = self.tokens.estimate(plan.model, plan.routing.units, ticket.key_id)
+            completion = plan.tap.frames if plan.tap is not None else 0
+        await self.gate.settle(ticket, prompt, completion)
+
+    async def release(self, ticket: Ticket | None) -> None:
+        """Give back a key's hold when its request never reached a replica."""
+        await self.gate.release(ticket)
+
+    def _learn(self, plan: Plan, usage: dict | None, key: str | None = None) -> None:
+        if usage is not None and isinstance(usage.get("prompt_tokens"), int):
+            self.tokens.observe(plan.model, plan.routing.units, usage["prompt_tokens"], key)
+
+
+def usage_of(ex: Exchange) -> dict | None:
+    """The replica's report of what the answer used, if it sent one."""
+    if ex.plan.stream:
+        tap = ex.plan.tap
+        return tap.usage if tap is not None else None
+    if ex.status != 200 or not ex.body_out:
+        return None
+    return usage_of_answer(ex.body_out)
