@@ -184,7 +184,7 @@ def test_grafana_dashboard_uses_metrics_the_servers_export() -> None:
     )
     root = DEPLOY.parent
     sources = (root / "router" / "metrics.py").read_text() + (
-        root / "replica" / "server" / "metrics.py"
+        root / "replica" / "http_api" / "metrics.py"
     ).read_text()
     for name in sorted(used):  # exported as written, or built as fleetserve_{name}
         short = name.removeprefix("fleetserve_")
