@@ -103,7 +103,7 @@ def test_sigterm_drains_and_exits_zero(tiny_model: Path, redis_url: str) -> None
         sys.executable, "-m", "replica", "--model", str(tiny_model), "--port", str(port),
         "--served-model-name", "tiny-drain", "--device", "cpu", "--dtype", "float32",
         "--max-model-len", "2048", "--kv-cache-tokens", "16384", "--redis-url", redis_url,
-        "--drain-grace", "60", "--log-level", "warning", "--api-key", DRAIN_KEY,
+        "--drain-grace", "240", "--log-level", "warning", "--api-key", DRAIN_KEY,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -129,7 +129,7 @@ def test_sigterm_drains_and_exits_zero(tiny_model: Path, redis_url: str) -> None
         assert [e.state for e in entry] == ["draining"]
         assert all(t.is_alive() for t in threads), "requests ended before the drain began"
         for t in threads:
-            t.join(120)
+            t.join(240)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
