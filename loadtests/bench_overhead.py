@@ -164,7 +164,7 @@ def start_fakes(started: list[subprocess.Popen], cpus: set[int] | None, workdir:
         port = free_port()
         cmd = [
             PY,
-            "loadtests/fake_replica.py",
+            "tests/support/fake_replica.py",
             "--port",
             str(port),
             "--chunks",

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="count-router-") as tmp, processes() as started:
         workdir = Path(tmp)
         fake_port = free_port()
-        fake_cmd = [PY, "loadtests/fake_replica.py", "--port", str(fake_port), "--chunks", "64"]
+        fake_cmd = [PY, "tests/support/fake_replica.py", "--port", str(fake_port), "--chunks", "64"]
         started.append(spawn(fake_cmd, None, workdir / "fake.log"))
         fake_url = f"http://127.0.0.1:{fake_port}"
         wait_ready(fake_url + "/health", started[0])

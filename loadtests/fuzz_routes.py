@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "security")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]
 
 from fuzz_cases import (  # noqa: E402
     ROUTES,

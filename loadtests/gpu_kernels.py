@@ -22,7 +22,7 @@ from gpu_timing import Bench, Row, fmt_time
 
 from replica.kernels import reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from kernel_cases import PagedBatch, make_paged_batch
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+# Helpers the test areas share (harnesses, the fake replica, cases) import by module name.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

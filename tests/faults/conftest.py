@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from scenarios import CliFleet, FakeFleet, RealFleet, cli_fleet, fake_fleet, real_fleet
+from fault_scenarios import CliFleet, FakeFleet, RealFleet, cli_fleet, fake_fleet, real_fleet
 
 
 @pytest.fixture(scope="module")

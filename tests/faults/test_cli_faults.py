@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from scenarios import CI, CLI_SCENARIOS, CliFleet
+from fault_scenarios import CI, CLI_SCENARIOS, CliFleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

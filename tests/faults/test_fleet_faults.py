@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from scenarios import CI, REAL_SCENARIOS, RealFleet
+from fault_scenarios import CI, REAL_SCENARIOS, RealFleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from scenarios import CI, FAKE_SCENARIOS, FakeFleet
+from fault_scenarios import CI, FAKE_SCENARIOS, FakeFleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

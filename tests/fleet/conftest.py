@@ -1,4 +1,4 @@
-"""Fleet test fixtures (helpers live in fleet_harness.py)."""
+"""Fleet test fixtures (helpers live in tests/support/fleet_harness.py)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from fleet.launch.status import collect_status, requests_served
 from fleet.launch.teardown import teardown
 from fleet.launch.view import fleet_view
 
-FLAKY = Path(__file__).with_name("flaky_server.py")
+FLAKY = Path(__file__).resolve().parents[1] / "support" / "flaky_server.py"
 
 
 async def test_control_socket_progress_results_and_errors(tmp_path: Path) -> None:

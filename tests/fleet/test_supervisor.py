@@ -17,7 +17,7 @@ from fleet.embedded_redis import free_port
 from fleet.launch.process import ProcessSpec
 from fleet.launch.supervisor import RestartPolicy, Supervisor, SupervisorEvent
 
-FLAKY = Path(__file__).with_name("flaky_server.py")
+FLAKY = Path(__file__).resolve().parents[1] / "support" / "flaky_server.py"
 FAST = RestartPolicy(
     max_restarts=2, backoff_initial_s=0.05, backoff_max_s=0.2, ready_timeout_s=20, drain_timeout_s=5
 )

@@ -11,7 +11,6 @@ import pytest
 
 LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
 sys.path.insert(0, str(LOADTESTS))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scripted_server import ScriptedServer  # noqa: E402
 

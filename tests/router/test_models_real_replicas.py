@@ -6,7 +6,6 @@ key's model list applies to the name the request used (issue #16 item 4)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -14,13 +13,11 @@ from pathlib import Path
 
 import openai
 import pytest
+from live_replica import LiveReplica, serve
 from router_harness import FAST_POOL, RunningRouter, run_router
 
 from fleet.control.keys import KeyStore
 from router.config import RouterConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from live_replica import LiveReplica, serve
 
 PRIMARY = "tiny-a"
 ALIAS = "org/tiny-b"

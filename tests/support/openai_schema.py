@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.yaml"
+SPEC_PATH = Path(__file__).resolve().parents[3] / "shared" / "openai-openapi" / "openapi.yaml"
 
 
 def require_spec() -> None:

@@ -29,7 +29,7 @@ from fleet.control.redis_conn import async_client
 from fleet.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKE = ROOT / "loadtests" / "fake_replica.py"
+FAKE = ROOT / "tests" / "support" / "fake_replica.py"
 ADMIN_KEY = "sk-admin-faults"
 INTERNAL_SECRET = "fleet-internal-secret-for-fault-tests"
 INTERNAL_KEY = "sk-internal-faults"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from harness import (
+from fault_harness import (
     FleetKey,
     Leaks,
     Load,

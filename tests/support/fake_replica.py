@@ -20,7 +20,7 @@ connection after that many frames), `healthy`, `hang` (accept but never answer),
 reports counters (requests, active, completed, aborted, per-path counts, last request body);
 `POST /fake/reset` restores the command-line behaviour and zeroes the counters and the cache.
 
-    python loadtests/fake_replica.py --port 8101 --model tiny --chunks 64
+    python tests/support/fake_replica.py --port 8101 --model tiny --chunks 64
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fixtures of the replica-server tests (helpers live in live_replica.py)."""
+"""Fixtures of the replica-server tests (helpers live in tests/support/live_replica.py)."""
 
 from __future__ import annotations
 

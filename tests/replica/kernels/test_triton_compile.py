@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import triton
 
-SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
+SCRIPT = Path(__file__).resolve().parents[2] / "support" / "compile_for_gpu.py"
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 

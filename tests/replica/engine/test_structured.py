@@ -14,7 +14,7 @@ from replica import SamplingParams
 from replica.engine.sampling_params import SamplingParamsError
 from replica.engine.structured import GrammarError, StructuredOutput
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "loadtests"))
 from structured_schemas import MAX_TOKENS, SCHEMAS
 
 PROMPT = [5, 17, 42, 99, 7]

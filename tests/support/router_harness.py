@@ -25,7 +25,7 @@ from router.http.server import HttpServer
 from router.serve import http_server
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKE = ROOT / "loadtests" / "fake_replica.py"
+FAKE = ROOT / "tests" / "support" / "fake_replica.py"
 MODEL = "fake-model"
 
 

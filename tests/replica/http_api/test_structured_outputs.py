@@ -14,7 +14,7 @@ import openai
 import pytest
 from live_replica import MODEL_NAME, LiveReplica
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "loadtests"))
 from structured_schemas import MAX_TOKENS, SCHEMAS, response_format
 
 NAMES = list(SCHEMAS)
