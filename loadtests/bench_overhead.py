@@ -1,6 +1,6 @@
 """Router benchmark, part 1: what the router costs (run it through bench_router.py).
 
-Fake replicas (loadtests/fake_replica.py, answering instantly) get the same requests directly and
+Fake replicas (tests/support/fake_replica.py, answering instantly) get the same requests directly and
 through `python -m router` (prefix policy, metrics on, auth on: once with the control plane's
 Redis KeyStore, once with a static key), and through loadtests/bare_proxy.py (HTTP in and out and
 nothing else: the floor), at concurrency 1 and 64, non-streaming and 64-chunk streams. The bare

@@ -10,7 +10,7 @@
 
 Nothing is downloaded: the model is built from a LlamaConfig with random weights and saved once
 as a Hugging Face folder that both the engine and transformers load. Imports only torch,
-transformers, tokenizers, `replica` and tests/kernels/kernel_cases.py (no server packages).
+transformers, tokenizers, `replica` and tests/support/kernel_cases.py (no server packages).
 Parts 1 and 2 are gpu_kernels.py, part 3 gpu_engine.py. Run from the repository root:
 
     PYTHONPATH=. python loadtests/gpu_check.py            # on the GPU box

@@ -2,7 +2,7 @@
 in float32), its time and achieved bandwidth against the device's copy bandwidth, next to the
 reference's time.
 
-The paged-attention batches are the test suite's (tests/kernels/kernel_cases.py: random data in
+The paged-attention batches are the test suite's (tests/support/kernel_cases.py: random data in
 every unused cache slot, -1 past each block table's end, q strided in a fused QKV buffer), so the
 GPU sees the cases CI checks. Import this after setting TRITON_INTERPRET (gpu_check.py does).
 """

@@ -5,7 +5,7 @@ request: a prefix cache of 16-token blocks keyed by chained hashes and evicted l
 (vLLM's and fleetserve's automatic prefix caching: a finished request's blocks stay cached until
 something else needs the room, tail blocks first), and a single FIFO server whose service time is
 the prefill it could not take from the cache plus a fixed decode. Its `LoadReport` is written
-from the model the way `loadtests/fake_replica.py` reports `/load`: running, waiting, cached
+from the model the way `tests/support/fake_replica.py` reports `/load`: running, waiting, cached
 blocks over capacity as `kv_usage`, and the prefix-cache token counters.
 
 `SimFleet.route` does what router/proxy.py does around `Policy.choose` (in-flight count and
