@@ -223,3 +223,25 @@ async def test_a_burst_of_ten_times_capacity_from_one_key_does_not_starve_anothe
     assert fivexx == 0
     assert statuses == [200] * (big_n + small_n)
     assert p99_small <= 2 * service_s
+
+
+async def test_fleet_status_shows_the_router_queue(replicas, redis_url) -> None:
+    from rich.console import Console
+
+    from fleet.launch.status import collect_status
+    from fleet.launch.view import fleet_view
+
+    replicas[0].configure(delay=0.6)
+    config = router_config(replicas[:1], queue=QueueSettings(replica_max_in_flight=1))
+    async with run_router(config) as router:
+        sent = [asyncio.create_task(router.client.post(PATH, json=chat(f"{i}"))) for i in range(3)]
+        await asyncio.sleep(0.2)
+        status = await collect_status(
+            redis_url=redis_url, router_url=router.url, admin_key="admin-secret"
+        )
+        await asyncio.gather(*sent)
+    assert status["router"]["view"]["queue"]["depth"] == 2
+    console = Console(record=True, width=160)
+    console.print(fleet_view({**status, "fleet": {"name": "t", "events": []}}))
+    text = console.export_text()
+    assert "queue" in text and "2 waiting" in text
