@@ -34,7 +34,10 @@ from router.routing.policies import Decision
 if TYPE_CHECKING:
     from router.exchange import Exchange
 
-RETRY_AFTER = {"Retry-After": "1"}
+
+def retry_after() -> dict[str, str]:
+    """Fresh each time: an error's headers are its own."""
+    return {"Retry-After": "1"}
 
 
 @dataclass
@@ -62,7 +65,7 @@ class RequestQueue:
                     503,
                     f"No replica is available for model '{ex.plan.model}'; retry shortly.",
                     code="no_replica_available",
-                    headers=RETRY_AFTER,
+                    headers=retry_after(),
                 )
             )
             return
@@ -75,7 +78,7 @@ class RequestQueue:
                     "Every replica is busy and the router's queue is full"
                     f"{' for this key' if self.depth < settings.size else ''}; retry shortly.",
                     code="queue_full",
-                    headers=RETRY_AFTER,
+                    headers=retry_after(),
                 )
             )
             return
@@ -138,7 +141,7 @@ class RequestQueue:
                 f"No replica could take this request within {self.settings.timeout_s:g} s; "
                 "retry shortly.",
                 code="queue_timeout",
-                headers=RETRY_AFTER,
+                headers=retry_after(),
             )
         )
 
