@@ -385,7 +385,9 @@ class FakeReplica:
 
     def _waiting_full(self) -> bool:
         limit, cap = self.behaviour.max_waiting, self.behaviour.max_running
-        return bool(cap) and limit is not None and self.running >= cap and len(self.slots) >= limit
+        return (
+            bool(cap) and limit is not None and self.running >= cap and self.stats.waiting >= limit
+        )
 
     async def _take_slot(self) -> None:
         """One of `max_running` slots, in arrival order; a freed slot is handed over as is."""
