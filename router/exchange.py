@@ -7,7 +7,7 @@ accounting (router.accounting). Nothing awaits on the way: the client's connecti
 the exchange's methods as things happen, and each method moves it on. This keeps the CPU per
 proxied request near that of a bare proxy (see router.http.upstream for the measurement).
 
-    start ─ _attempt ─ (replica) ─┬─ upstream_done ────────── _send_whole ─ _end
+    start ─ dispatch ─ (replica) ─┬─ upstream_done ────────── _send_whole ─ _end
                                   └─ upstream_body (first) ── _start_stream
                                        ... upstream_body ... upstream_done ─ _end_stream ─ _end
 
@@ -109,7 +109,7 @@ class Exchange:
         self.proxy.budget.deposit()
         self.proxy.watchdog.watched.add(self)
         try:
-            self._attempt()
+            self.dispatch()
         except NoReplica:
             self.proxy.queue.hold(self)
 
@@ -142,13 +142,12 @@ class Exchange:
 
     # -- one attempt at one replica
 
-    def _attempt(self) -> None:
+    def dispatch(self, decision: Decision | None = None) -> None:
+        """Send this attempt to `decision`'s replica (the router queue's choice), or to the
+        replica the policy picks now (NoReplica when none has room)."""
         plan = self.plan
-        self.dispatch(self.pick() if plan.pinned is None else Decision(plan.pinned, "pinned"))
-
-    def dispatch(self, decision: Decision) -> None:
-        """Send this attempt to the decision's replica."""
-        plan = self.plan
+        if decision is None:
+            decision = self.pick() if plan.pinned is None else Decision(plan.pinned, "pinned")
         replica = self.replica = decision.replica
         self.tried += (replica.id,)
         self.replica_id = replica.id
@@ -416,7 +415,7 @@ class Exchange:
             return
         self.waiter = asyncio.get_running_loop().create_future()
         try:
-            self._attempt()
+            self.dispatch()
             await self.waiter
         finally:
             self.waiter = None
