@@ -24,6 +24,8 @@ The folders are the design:
                         estimates, sticky sessions
     router/backends/    the replicas: pool (membership, probes), backend state, load reports,
                         circuit breaker, watchdog (timeouts), retry budget
+    router/queueing/    requests no replica can take now wait here (bounded, with a deadline),
+                        per-key sub-queues served round-robin, instead of a 503
 
 One chat request, in order (each file entered once):
 
@@ -33,7 +35,8 @@ One chat request, in order (each file entered once):
                         estimate -> Plan (a fleet key: check its model, admit it against its
                         limits, back in app.py)
     proxy.py            Proxy.start builds the exchange from the plan; Proxy.pick asks
-    routing/policies/   the policy for a replica among the pool's routable ones
+    routing/policies/   the policy for a replica among the pool's routable ones with room
+                        (none: queueing/ holds the exchange until one has)
     exchange.py         Exchange sends the request and relays the answer from callbacks
     http/upstream.py    HttpClient: a keep-alive connection to the replica, the answer parsed
     accounting.py       Accounting.ended: counted, token ratio learnt; a fleet key settled

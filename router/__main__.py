@@ -16,13 +16,14 @@ from fleet.control.keys import ADMIN_KEY_ENV
 from fleet.web_security import cors_from_args, tls_from_args
 from router.backends.pool import PoolSettings
 from router.config import RouterConfig
+from router.queueing.request_queue import QueueSettings
 from router.routing.policies import POLICIES
 
 PROG = "fleet router"
 UPSTREAM_KEY_ENV = "FLEET_UPSTREAM_API_KEY"
 METRICS_KEY_ENV = "FLEET_METRICS_KEY"
 Policy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
-LIMITS, UPSTREAM = "Limits and timeouts", "Replicas"
+LIMITS, UPSTREAM, QUEUE = "Limits and timeouts", "Replicas", "Queue"
 
 app = flags.server_app("One OpenAI-compatible endpoint in front of the fleet's replicas.")
 
@@ -109,6 +110,32 @@ def router(
     load_interval: float = typer.Option(
         1.0, min=0, rich_help_panel=UPSTREAM, help="Seconds between /load polls."
     ),
+    queue_size: int = typer.Option(
+        1024,
+        min=0,
+        rich_help_panel=QUEUE,
+        help="Requests that may wait for a replica when none can take them now (429 beyond); "
+        "0 answers those with a 503 at once.",
+    ),
+    queue_timeout: float = typer.Option(
+        30.0,
+        min=0,
+        rich_help_panel=QUEUE,
+        help="Seconds a request may wait in the queue (then 503 with Retry-After).",
+    ),
+    queue_per_key: int = typer.Option(
+        0,
+        min=0,
+        rich_help_panel=QUEUE,
+        help="Queued requests one API key may have (429 beyond); 0: only --queue-size bounds it.",
+    ),
+    replica_max_in_flight: int = typer.Option(
+        0,
+        min=0,
+        rich_help_panel=QUEUE,
+        help="Requests this router sends one replica at a time; more wait in the queue "
+        "(e.g. the replicas' --max-num-seqs divided by the number of routers). 0: no cap.",
+    ),
     log_level: flags.LogLevel = flags.LOG_LEVEL,
     max_connections: int = typer.Option(
         10_000,
@@ -165,6 +192,12 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
             probe_interval_s=args.probe_interval,
             load_interval_s=args.load_interval,
             ca_certs=args.upstream_ca_certs,
+        ),
+        queue=QueueSettings(
+            size=args.queue_size,
+            timeout_s=args.queue_timeout,
+            per_key=args.queue_per_key,
+            replica_max_in_flight=args.replica_max_in_flight,
         ),
         max_connections=args.max_connections,
         tls=tls_from_args(args),

@@ -69,13 +69,14 @@ class RouterApp:
             watcher = watcher or MembershipWatcher(config.redis_url, prefix=config.redis_prefix)
         self.key_store = key_store
         self.policy = make_policy(config.policy, queue_weight=config.prefix_queue_weight)
-        self.metrics = RouterMetrics(lambda: self.pool.gauges())
+        self.metrics = RouterMetrics(lambda: self.pool.gauges(), lambda: self.proxy.queue.depth)
         self.pool = ReplicaPool(
             config.replicas,
             config.pool,
             watcher,
             on_eject=lambda replica: self.metrics.ejected(replica.id),
             on_leave=lambda replica: self.policy.forget(replica.id),
+            on_change=lambda: self.proxy.queue.wake(),
             internal_secret=config.internal_secret,
             static_key=config.upstream_api_key,
         )
@@ -94,6 +95,7 @@ class RouterApp:
             max_attempts=config.max_attempts,
             budget=RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s),
             max_answer_bytes=config.max_answer_bytes,
+            queue=config.queue,
         )
         self.dashboard = Dashboard(self)
         self.web = side_app(
@@ -218,7 +220,7 @@ class RouterApp:
             conn.respond_error(err)
             self.accounting.refused(route, "", err.status, started)
             return None
-        self.proxy.start(plan, conn, started)
+        self.proxy.start(plan, conn, started, authorization or "")
         return None
 
     async def _proxied_with_key(
@@ -259,7 +261,7 @@ class RouterApp:
             self.accounting.refused(route, plan.model, CLIENT_CLOSED, started)
             await self.accounting.release(ticket)
             return
-        ex = self.proxy.start(plan, conn, started)
+        ex = self.proxy.start(plan, conn, started, key_id or "")
         await ex.wait_end()  # the server expects the answer out when this task returns
         if ticket is not None:
             await self.accounting.settle(ex, ticket)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from fleet.control.redis_conn import DEFAULT_PREFIX
 from fleet.web_security import CORSSettings, TLSSettings
 from router.backends.pool import PoolSettings
+from router.queueing.request_queue import QueueSettings
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RouterConfig:
     metrics_key: str | None = None
     prefix_queue_weight: float = 64.0
     pool: PoolSettings = field(default_factory=PoolSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
     max_connections: int = 10_000
     tls: TLSSettings | None = None  # HTTPS for clients
     cors: CORSSettings | None = None  # off unless origins are given

@@ -7,7 +7,7 @@ accounting (router.accounting). Nothing awaits on the way: the client's connecti
 the exchange's methods as things happen, and each method moves it on. This keeps the CPU per
 proxied request near that of a bare proxy (see router.http.upstream for the measurement).
 
-    start ─ _attempt ─ (replica) ─┬─ upstream_done ────────── _send_whole ─ _end
+    start ─ dispatch ─ (replica) ─┬─ upstream_done ────────── _send_whole ─ _end
                                   └─ upstream_body (first) ── _start_stream
                                        ... upstream_body ... upstream_done ─ _end_stream ─ _end
 
@@ -73,6 +73,8 @@ class Exchange:
     Most fields start at their class-level defaults and are set on the instance only when a
     request needs them: this object is built for every request."""
 
+    key = ""  # whose request: its sub-queue in the router queue (router.queueing)
+    queued_at = 0.0  # while it waits in the router queue for a replica with room
     tried: tuple[str, ...] = ()  # replica ids: membership may re-create a replica's object
     replica: Replica | None = None  # of the attempt in progress
     replica_id = ""
@@ -102,20 +104,14 @@ class Exchange:
     # -- starting and ending
 
     def start(self) -> None:
-        """Send the request to a replica; the rest happens in the callbacks below."""
+        """Send the request to a replica, or wait in the router queue for one with room; the
+        rest happens in the callbacks below."""
         self.proxy.budget.deposit()
         self.proxy.watchdog.watched.add(self)
         try:
-            self._attempt()
+            self.dispatch()
         except NoReplica:
-            self.refuse(
-                APIError(
-                    503,
-                    f"No replica is available for model '{self.plan.model}'; retry shortly.",
-                    code="no_replica_available",
-                    headers={"Retry-After": "1"},
-                )
-            )
+            self.proxy.queue.hold(self)
 
     def refuse(self, err: APIError) -> None:
         """Answer with an error (if nothing was sent yet) and end."""
@@ -146,9 +142,12 @@ class Exchange:
 
     # -- one attempt at one replica
 
-    def _attempt(self) -> None:
+    def dispatch(self, decision: Decision | None = None) -> None:
+        """Send this attempt to `decision`'s replica (the router queue's choice), or to the
+        replica the policy picks now (NoReplica when none has room)."""
         plan = self.plan
-        decision = self._pick(plan) if plan.pinned is None else Decision(plan.pinned, "pinned")
+        if decision is None:
+            decision = self.pick() if plan.pinned is None else Decision(plan.pinned, "pinned")
         replica = self.replica = decision.replica
         self.tried += (replica.id,)
         self.replica_id = replica.id
@@ -165,11 +164,14 @@ class Exchange:
             replica.base_path + plan.path, plan.body, self, plan.stream,
         )  # fmt: skip
 
-    def _pick(self, plan: Plan) -> Decision:
-        """The policy's choice among the model's routable replicas not yet tried (a session
-        sticks to its replica), or NoReplica."""
-        proxy = self.proxy
+    def pick(self) -> Decision:
+        """The policy's choice among the model's routable replicas with room, not yet tried (a
+        session sticks to its replica), or NoReplica."""
+        proxy, plan = self.proxy, self.plan
         candidates = proxy.pool.routable(plan.model, self.tried)
+        cap = proxy.replica_max_in_flight
+        if cap:
+            candidates = [r for r in candidates if r.in_flight < cap]
         if not candidates:
             raise NoReplica
         request = plan.routing
@@ -200,6 +202,8 @@ class Exchange:
         if replica is None:
             return
         replica.in_flight -= 1
+        if self.proxy.queue.depth:
+            self.proxy.queue.wake()
         replica.pending_prefill -= self.prefill
         self.prefill = 0
         if not self.judged:
@@ -248,6 +252,8 @@ class Exchange:
     def client_left(self) -> None:
         if self.ended:
             return
+        if self.queued_at:
+            self.proxy.queue.abandon(self)
         if self.upstream is not None:
             self.upstream.abort()
         self._close_attempt()
@@ -256,6 +262,9 @@ class Exchange:
         self._committed()  # a retry waiting on this attempt has nothing more to do
 
     def timed_out(self) -> None:
+        if self.queued_at:
+            self.proxy.queue.expire(self)
+            return
         if self.replica is None:
             return
         if self.client_stalled:
@@ -406,7 +415,7 @@ class Exchange:
             return
         self.waiter = asyncio.get_running_loop().create_future()
         try:
-            self._attempt()
+            self.dispatch()
             await self.waiter
         finally:
             self.waiter = None

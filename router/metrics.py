@@ -10,6 +10,9 @@ Exposed names:
   fleet_router_ejections_total{replica}
   fleet_router_policy_decisions_total{policy,outcome}   prefix_hit / prefix_miss / load_fallback / ...
   fleet_router_replica_in_flight{replica}, fleet_router_replica_routable{replica}
+  fleet_router_queue_depth                          requests waiting for a replica with room
+  fleet_router_queue_wait_seconds                   time a request waited before it was sent
+  fleet_router_queue_rejections_total{reason}       left the queue unsent: full / timeout / client_left
 """
 
 from __future__ import annotations
@@ -60,14 +63,21 @@ class Histogram:
 
 
 class RouterMetrics:
-    def __init__(self, replica_gauges: Callable[[], list[tuple[str, int, bool]]] = list) -> None:
+    def __init__(
+        self,
+        replica_gauges: Callable[[], list[tuple[str, int, bool]]] = list,
+        queue_depth: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.requests: dict[tuple[str, str, str, str], int] = {}
         self.ttft: dict[tuple[str, str], Histogram] = {}
         self.e2e: dict[tuple[str, str], Histogram] = {}
         self.retries: dict[tuple[str, str], int] = {}
         self.ejections: dict[str, int] = {}
         self.decisions: dict[tuple[str, str], int] = {}
+        self.queue_waits = Histogram()
+        self.queue_rejections: dict[str, int] = {}
         self._replica_gauges = replica_gauges
+        self._queue_depth = queue_depth
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -94,6 +104,12 @@ class RouterMetrics:
     def decided(self, policy: str, outcome: str) -> None:
         key = (policy, outcome)
         self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def queue_waited(self, seconds: float) -> None:
+        self.queue_waits.observe(seconds)
+
+    def queue_rejected(self, reason: str) -> None:
+        self.queue_rejections[reason] = self.queue_rejections.get(reason, 0) + 1
 
     def collect(self) -> Iterator:
         family = CounterMetricFamily(
@@ -149,6 +165,24 @@ class RouterMetrics:
             routable.add_metric([replica_id], 1 if ok else 0)
         yield in_flight
         yield routable
+        yield GaugeMetricFamily(
+            "fleet_router_queue_depth",
+            "Requests waiting in the router queue for a replica with room",
+            value=self._queue_depth(),
+        )
+        waits = HistogramMetricFamily(
+            "fleet_router_queue_wait_seconds", "Time a request waited in the router queue"
+        )
+        waits.add_metric([], self.queue_waits.cumulative(), self.queue_waits.sum)
+        yield waits
+        rejections = CounterMetricFamily(
+            "fleet_router_queue_rejections",
+            "Requests that left the router queue without being sent",
+            labels=["reason"],
+        )
+        for reason, value in list(self.queue_rejections.items()):
+            rejections.add_metric([reason], value)
+        yield rejections
 
     def exposition(self) -> bytes:
         """Ours plus the process-wide registry (the control plane's Redis health lives there)."""
@@ -165,4 +199,15 @@ class RouterMetrics:
             "retries": sum(self.retries.values()),
             "ejections": dict(self.ejections),
             "policy_decisions": {f"{p}:{o}": v for (p, o), v in self.decisions.items()},
+            "queue": self.queue_snapshot(),
+        }
+
+    def queue_snapshot(self) -> dict[str, object]:
+        waits = self.queue_waits
+        waited = sum(waits.counts)
+        return {
+            "depth": self._queue_depth(),
+            "waited": waited,
+            "mean_wait_s": round(waits.sum / waited, 4) if waited else 0.0,
+            "rejections": dict(self.queue_rejections),
         }

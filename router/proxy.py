@@ -1,5 +1,6 @@
 """What every exchange shares: the replicas, the policy that picks one, the upstream client, the
-watchdog, the retry budget, and the one place exchanges report their end to.
+watchdog, the retry budget, the queue requests wait in when no replica has room, and the one
+place exchanges report their end to.
 
 A handler hands a plan (router.plan) to `Proxy.start`, which builds the request's exchange
 (router.exchange) and sends it.
@@ -17,6 +18,7 @@ from router.http.connection import ClientConnection
 from router.http.upstream import HttpClient
 from router.metrics import RouterMetrics
 from router.plan import Plan
+from router.queueing.request_queue import QueueSettings, RequestQueue
 from router.routing.policies import Policy
 
 
@@ -34,6 +36,7 @@ class Proxy:
         max_attempts: int,
         budget: RetryBudget,
         max_answer_bytes: int = 64 * 1024 * 1024,
+        queue: QueueSettings | None = None,
     ) -> None:
         """`on_end` hears every exchange's end, once (router.accounting)."""
         self.pool = pool
@@ -49,10 +52,15 @@ class Proxy:
         self.max_attempts = max_attempts
         self.budget = budget
         self.watchdog = Watchdog()
+        self.queue = RequestQueue(queue or QueueSettings(), metrics)
+        self.replica_max_in_flight = self.queue.settings.replica_max_in_flight
 
-    def start(self, plan: Plan, conn: ClientConnection, started: float) -> Exchange:
-        """Carry `plan` out for the client on `conn`: the exchange answers it from callbacks."""
+    def start(self, plan: Plan, conn: ClientConnection, started: float, key: str = "") -> Exchange:
+        """Carry `plan` out for the client on `conn`: the exchange answers it from callbacks.
+        `key` names the caller for the queue's fairness (a fleet key's id, a static key)."""
         ex = Exchange(self, plan, conn, started)
+        if key:
+            ex.key = key
         ex.start()
         return ex
 

@@ -100,6 +100,10 @@ async def _router_view(client: httpx.AsyncClient, url: str, admin_key: str | Non
             response = await client.get(f"{url}/admin/replicas", headers=headers)
             if response.status_code == 200:
                 view["replicas"] = response.json()
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            response = await client.get(f"{url}/admin/stats", headers=headers)
+            if response.status_code == 200:
+                view["queue"] = response.json().get("queue")
     return view
 
 

@@ -80,6 +80,9 @@ def router_table(status: dict) -> Table:
     healthy = view.get("healthy")
     table.add_row("url", _num(router.get("url")))
     table.add_row("health", Text("ok" if healthy else "down", style="green" if healthy else "red"))
+    queue = view.get("queue")
+    if isinstance(queue, dict):
+        table.add_row("queue", _queue_line(queue))
     entries = view.get("replicas")
     if isinstance(entries, dict):
         entries = entries.get("replicas", entries.get("data"))
@@ -90,6 +93,16 @@ def router_table(status: dict) -> Table:
             if isinstance(entry, dict):
                 table.add_row(f"  {entry.get('id', '?')}", _router_entry(entry))
     return table
+
+
+def _queue_line(queue: dict) -> str:
+    """The router queue: requests waiting now, how long those sent so far waited, refusals."""
+    rejections = queue.get("rejections") or {}
+    refused = ", ".join(f"{k}={v}" for k, v in rejections.items()) if rejections else "none"
+    return (
+        f"{_num(queue.get('depth'))} waiting; {_num(queue.get('waited'))} waited "
+        f"(mean {_num(queue.get('mean_wait_s'))} s); left unsent: {refused}"
+    )
 
 
 def _routable(entry: dict) -> bool:

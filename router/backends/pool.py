@@ -58,12 +58,14 @@ class ReplicaPool:
         watcher: MembershipWatcher | None = None,
         on_eject: Callable[[Replica], None] = lambda replica: None,
         on_leave: Callable[[Replica], None] = lambda replica: None,
+        on_change: Callable[[], None] = lambda: None,
         *,
         internal_secret: str | None = None,
         static_key: str | None = None,
     ) -> None:
         """`internal_secret` keys the fleet's own replicas (one key each, see
-        fleet.control.internal); `static_key` goes to `--replica` URLs only."""
+        fleet.control.internal); `static_key` goes to `--replica` URLs only. `on_change` hears
+        that a replica may have become able to take requests (probes, loads, membership, drains)."""
         self.settings = settings or PoolSettings()
         self._internal_secret = internal_secret
         self.tls = client_context(self.settings.ca_certs)  # probes and the data path share it
@@ -74,6 +76,7 @@ class ReplicaPool:
         self._watcher = watcher
         self._on_eject = on_eject
         self._on_leave = on_leave
+        self._on_change = on_change
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task] = []
         self._uses_metrics: set[str] = set()
@@ -124,6 +127,10 @@ class ReplicaPool:
     # -- membership
 
     def _on_membership(self, event: MembershipEvent) -> None:
+        self._apply_membership(event)
+        self._on_change()
+
+    def _apply_membership(self, event: MembershipEvent) -> None:
         info = event.replica
         if event.kind == "leave":
             replica = self.replicas.get(info.id)
@@ -166,6 +173,7 @@ class ReplicaPool:
         """An operator's drain: fleet-wide (through membership) for replicas that came from it,
         this router only for `--replica` ones. Returns the scope: "fleet" or "router"."""
         replica.admin_drained = drained
+        self._on_change()
         if replica.source != "redis" or self._watcher is None:
             return "router"
         if not await self._watcher.set_admin_drained(replica.id, drained):
@@ -247,6 +255,7 @@ class ReplicaPool:
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values())))
+        self._on_change()
 
     async def _probe(self, replica: Replica) -> None:
         assert self._client is not None
@@ -287,6 +296,7 @@ class ReplicaPool:
         await asyncio.gather(
             *(self._poll_load(r) for r in list(self.replicas.values()) if r.healthy)
         )
+        self._on_change()
 
     async def _poll_load(self, replica: Replica) -> None:
         assert self._client is not None

@@ -10,6 +10,7 @@ import orjson
 from router_harness import ADMIN, MODEL, chat, router_config, run_router, sse_events
 
 from fleet.control.membership import MembershipLease, MembershipWatcher, ReplicaInfo
+from router.queueing.request_queue import QueueSettings
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -113,7 +114,8 @@ async def test_replicas_join_and_leave_through_redis_membership(replicas, redis_
     watcher = MembershipWatcher(redis_url, prefix=prefix, resync_interval=0.2)
     fake = replicas[0]
     info = ReplicaInfo(id="lease-1", url=fake.url, model=MODEL, max_model_len=2048)
-    async with run_router(router_config([]), watcher=watcher) as router:
+    no_queue = QueueSettings(size=0)  # a draining fleet is answered at once, not waited out
+    async with run_router(router_config([], queue=no_queue), watcher=watcher) as router:
         before = await router.client.post("/v1/chat/completions", json=chat())
         lease = MembershipLease(info, redis_url, prefix=prefix, heartbeat_interval=0.5)
         await lease.register()

@@ -16,7 +16,10 @@ in its own Prometheus names on `/metrics`; SGLang's also answers `/server_info` 
 Tests steer it at run time: `POST /fake/config` with any of `delay`, `chunk_delay`, `chunks`,
 `status` (answer generation requests with this HTTP error), `fail_after_chunks` (drop the
 connection after that many frames), `healthy`, `hang` (accept but never answer), `waiting`
-(requests it reports queued) and `kv_usage` (the KV usage it reports); `GET /fake/stats`
+(requests it reports queued beyond its own), `kv_usage` (the KV usage it reports),
+`max_running` (answer that many at a time, the rest wait in arrival order, as an engine's
+`max_num_seqs`; 0: no limit) and `max_waiting` (503 beyond that many waiting, as a replica's
+`--max-waiting`; null: no limit); `GET /fake/stats`
 reports counters (requests, active, completed, aborted, per-path counts, last request body);
 `POST /fake/reset` restores the command-line behaviour and zeroes the counters and the cache.
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,12 +54,15 @@ class Behaviour:
     prefill_us_per_token: float = 0.0
     waiting: int = 0
     kv_usage: float | None = None  # None: the simulated prefix cache's usage
+    max_running: int = 0
+    max_waiting: int | None = None
 
 
 @dataclass
 class Stats:
     requests: int = 0
-    active: int = 0
+    active: int = 0  # running or waiting for a slot (`max_running`)
+    waiting: int = 0
     completed: int = 0
     aborted: int = 0
     generation_tokens: int = 0
@@ -141,6 +147,8 @@ class FakeReplica:
         self.kv_cache_tokens = args.kv_cache_tokens
         self.block_size = args.block_size
         self.counter = 0
+        self.running = 0
+        self.slots: deque[asyncio.Future] = deque()  # waiting for a `max_running` slot, in order
         self.routes = {
             ("POST", "/v1/completions"): self.generate,
             ("POST", "/v1/chat/completions"): self.generate,
@@ -245,8 +253,8 @@ class FakeReplica:
         num_blocks = self.kv_cache_tokens // self.block_size if self.kv_cache_tokens else 0
         used = self.cache.used_blocks
         report = {
-            "running": self.stats.active,
-            "waiting": self.behaviour.waiting,
+            "running": self.stats.active - self.stats.waiting,
+            "waiting": self.behaviour.waiting + self.stats.waiting,
             "kv_usage": self.kv_usage(),
             "num_blocks": num_blocks,
             "free_blocks": num_blocks - used,
@@ -342,9 +350,13 @@ class FakeReplica:
         if behaviour.status:
             await respond(send, behaviour.status, error_body("injected failure", "api_error"))
             return
+        if self._waiting_full():
+            await respond(send, 503, error_body("too many requests waiting", "api_error"))
+            return
         self.stats.active += 1
         task = asyncio.current_task()
         finished = False
+        slot = False
 
         async def watch() -> None:
             message = await receive()
@@ -353,6 +365,8 @@ class FakeReplica:
 
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
+            await self._take_slot()
+            slot = True
             if behaviour.hang:
                 await asyncio.Event().wait()
             await self._answer(scope["path"] == "/v1/chat/completions", request, send)
@@ -364,8 +378,42 @@ class FakeReplica:
             pass
         finally:
             self.stats.active -= 1
+            if slot:
+                self._free_slot()
             if not watcher.done():
                 watcher.cancel()
+
+    def _waiting_full(self) -> bool:
+        limit, cap = self.behaviour.max_waiting, self.behaviour.max_running
+        return (
+            bool(cap) and limit is not None and self.running >= cap and self.stats.waiting >= limit
+        )
+
+    async def _take_slot(self) -> None:
+        """One of `max_running` slots, in arrival order; a freed slot is handed over as is."""
+        cap = self.behaviour.max_running
+        if not cap or self.running < cap:
+            self.running += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self.slots.append(turn)
+        self.stats.waiting += 1
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._free_slot()  # handed over just as the client left: pass it on
+            raise
+        finally:
+            self.stats.waiting -= 1
+
+    def _free_slot(self) -> None:
+        while self.slots:
+            turn = self.slots.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.running -= 1
 
     async def _answer(self, chat: bool, request: dict, send: Any) -> None:
         behaviour = self.behaviour

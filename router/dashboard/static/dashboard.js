@@ -74,7 +74,8 @@
     $("requests-per-s").textContent = num(router.requests_per_s, 1);
     $("errors-per-s").textContent = num(router.errors_per_s, 1);
     $("requests-total").textContent = num(router.requests);
-    $("queue").textContent = `${num(router.queue.in_flight)} · ${num(router.queue.waiting)}`;
+    $("queue").textContent =
+      `${num(router.queue.in_flight)} · ${num(router.queue.waiting)} · ${num(router.queue.queued)}`;
     $("retries").textContent = `${num(router.retries)} · ${num(router.retry_budget, 1)}`;
     const pairs = (obj) => Object.entries(obj).sort().map(([id, count]) => ({ id, count }));
     for (const [table, data] of [["routing", router.routing], ["statuses", router.requests_by_status]]) {
