@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from fleet.control.errors import APIError
 from fleet.control.keys import require_admin
-from router.backends.backend import Replica
+from router.backends.backend import Replica, ReplicaView
 from router.backends.pool import ReplicaPool
 from router.backends.retry_budget import RetryBudget
 from router.metrics import RouterMetrics
@@ -50,7 +50,7 @@ def routes(
             raise APIError(404, f"No replica with id '{replica_id}'.", code="replica_not_found")
         return replica
 
-    def describe(replica: Replica) -> dict:
+    def describe(replica: Replica) -> ReplicaView:
         view = replica.describe()
         indexed = getattr(policy, "indexed_chunks", None)
         if indexed is not None:
