@@ -9,6 +9,7 @@ itself (SIGTERM) is seen by every router through membership.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import orjson
 from starlette.requests import Request
@@ -52,7 +53,7 @@ def routes(
 
     def describe(replica: Replica) -> ReplicaView:
         view = replica.describe()
-        indexed = getattr(policy, "indexed_chunks", None)
+        indexed: Callable[[str], int] | None = getattr(policy, "indexed_chunks", None)  # prefix
         if indexed is not None:
             view["prefix_index_chunks"] = indexed(replica.id)
         return view
