@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Literal
 
 import typer
 
@@ -17,12 +16,11 @@ from fleet.web_security import cors_from_args, tls_from_args
 from router.backends.pool import PoolSettings
 from router.config import RouterConfig
 from router.queueing.request_queue import QueueSettings
-from router.routing.policies import POLICIES
+from router.routing.policies import PolicyName
 
 PROG = "fleet router"
 UPSTREAM_KEY_ENV = "FLEET_UPSTREAM_API_KEY"
 METRICS_KEY_ENV = "FLEET_METRICS_KEY"
-Policy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
 LIMITS, UPSTREAM, QUEUE = "Limits and timeouts", "Replicas", "Queue"
 
 app = flags.server_app("One OpenAI-compatible endpoint in front of the fleet's replicas.")
@@ -35,7 +33,7 @@ def router(
     port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
     redis_url: str = flags.REDIS_URL,
     redis_prefix: str = flags.REDIS_PREFIX,
-    policy: Policy = typer.Option("prefix", help="How a request picks its replica."),
+    policy: PolicyName = typer.Option("prefix", help="How a request picks its replica."),
     replica: list[str] = typer.Option(
         [],
         metavar="[ID=]URL",

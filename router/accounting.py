@@ -18,7 +18,7 @@ from router.exchange import Exchange
 from router.metrics import RouterMetrics
 from router.plan import GENERATION_KINDS, Plan
 from router.routing.tokens import TokenEstimator
-from router.usage import usage_of_answer
+from router.usage import Usage, usage_of_answer
 
 _STATUS_TEXT: dict[int, str] = {}
 
@@ -87,12 +87,12 @@ class Accounting:
         """Give back a key's hold when its request never reached a replica."""
         await self.gate.release(ticket)
 
-    def _learn(self, plan: Plan, usage: dict | None, key: str | None = None) -> None:
+    def _learn(self, plan: Plan, usage: Usage | None, key: str | None = None) -> None:
         if usage is not None and isinstance(usage.get("prompt_tokens"), int):
             self.tokens.observe(plan.model, plan.routing.units, usage["prompt_tokens"], key)
 
 
-def usage_of(ex: Exchange) -> dict | None:
+def usage_of(ex: Exchange) -> Usage | None:
     """The replica's report of what the answer used, if it sent one."""
     if ex.plan.stream:
         tap = ex.plan.tap

@@ -9,6 +9,7 @@ itself (SIGTERM) is seen by every router through membership.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import orjson
 from starlette.requests import Request
@@ -17,7 +18,7 @@ from starlette.routing import Route
 
 from fleet.control.errors import APIError
 from fleet.control.keys import require_admin
-from router.backends.backend import Replica
+from router.backends.backend import Replica, ReplicaView
 from router.backends.pool import ReplicaPool
 from router.backends.retry_budget import RetryBudget
 from router.metrics import RouterMetrics
@@ -50,9 +51,9 @@ def routes(
             raise APIError(404, f"No replica with id '{replica_id}'.", code="replica_not_found")
         return replica
 
-    def describe(replica: Replica) -> dict:
+    def describe(replica: Replica) -> ReplicaView:
         view = replica.describe()
-        indexed = getattr(policy, "indexed_chunks", None)
+        indexed: Callable[[str], int] | None = getattr(policy, "indexed_chunks", None)  # prefix
         if indexed is not None:
             view["prefix_index_chunks"] = indexed(replica.id)
         return view

@@ -14,7 +14,9 @@ class Gate:
     which takes the same time whichever key (if any) it matches; Authorization headers that
     matched are remembered so that clients reusing a key skip parsing and hashing."""
 
-    def __init__(self, store: KeyStore | None = None, static_keys: list[str] | tuple = ()) -> None:
+    def __init__(
+        self, store: KeyStore | None = None, static_keys: list[str] | tuple[str, ...] = ()
+    ) -> None:
         self.store = store
         self.static_keys = frozenset(hash_secret(k) for k in static_keys)
         self._verified: set[str] = set()

@@ -90,9 +90,9 @@ class Exchange:
     deadline = 0.0
     idle_phase = False
     ended = False
-    waiter: asyncio.Future | None = None
-    end_waiter: asyncio.Future | None = None
-    retrying: asyncio.Task | None = None
+    waiter: asyncio.Future[None] | None = None
+    end_waiter: asyncio.Future[None] | None = None
+    retrying: asyncio.Task[None] | None = None
 
     def __init__(self, proxy: Proxy, plan: Plan, conn: ClientConnection, started: float) -> None:
         self.proxy = proxy

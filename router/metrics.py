@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import TypedDict
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (
     0.001,
@@ -43,6 +45,16 @@ LATENCY_BUCKETS = (
 )
 
 
+class MetricsSnapshot(TypedDict):
+    """The totals the admin stats endpoint and the dashboard show."""
+
+    requests: int
+    requests_by_status: dict[str, int]
+    retries: int
+    ejections: dict[str, int]
+    policy_decisions: dict[str, int]  # "policy:outcome" -> decisions
+
+
 class Histogram:
     __slots__ = ("counts", "sum")
 
@@ -55,7 +67,8 @@ class Histogram:
         self.sum += value
 
     def cumulative(self) -> list[tuple[str, float]]:
-        total, out = 0, []
+        total = 0
+        out: list[tuple[str, float]] = []
         for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
             total += count
             out.append(("+Inf" if bound == float("inf") else repr(bound), total))
@@ -111,45 +124,45 @@ class RouterMetrics:
     def queue_rejected(self, reason: str) -> None:
         self.queue_rejections[reason] = self.queue_rejections.get(reason, 0) + 1
 
-    def collect(self) -> Iterator:
-        family = CounterMetricFamily(
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
             "fleet_router_requests",
             "Requests by route, model, replica and status",
             labels=["route", "model", "replica", "status"],
         )
-        for labels, value in list(self.requests.items()):
-            family.add_metric(list(labels), value)
-        yield family
+        for request_labels, value in list(self.requests.items()):
+            requests.add_metric(list(request_labels), value)
+        yield requests
         for name, doc, hists in (
             ("fleet_router_ttft_seconds", "Time to the first byte sent to the client", self.ttft),
             ("fleet_router_e2e_seconds", "Whole-request latency seen by the router", self.e2e),
         ):
-            family = HistogramMetricFamily(name, doc, labels=["route", "model"])
+            latency = HistogramMetricFamily(name, doc, labels=["route", "model"])
             for labels, hist in list(hists.items()):
-                family.add_metric(list(labels), hist.cumulative(), hist.sum)
-            yield family
-        family = CounterMetricFamily(
+                latency.add_metric(list(labels), hist.cumulative(), hist.sum)
+            yield latency
+        retries = CounterMetricFamily(
             "fleet_router_retries",
             "Requests retried on another replica",
             labels=["model", "reason"],
         )
         for labels, value in list(self.retries.items()):
-            family.add_metric(list(labels), value)
-        yield family
-        family = CounterMetricFamily(
+            retries.add_metric(list(labels), value)
+        yield retries
+        ejections = CounterMetricFamily(
             "fleet_router_ejections", "Replicas ejected by the circuit breaker", labels=["replica"]
         )
         for replica, value in list(self.ejections.items()):
-            family.add_metric([replica], value)
-        yield family
-        family = CounterMetricFamily(
+            ejections.add_metric([replica], value)
+        yield ejections
+        decisions = CounterMetricFamily(
             "fleet_router_policy_decisions",
             "Routing decisions by outcome",
             labels=["policy", "outcome"],
         )
         for labels, value in list(self.decisions.items()):
-            family.add_metric(list(labels), value)
-        yield family
+            decisions.add_metric(list(labels), value)
+        yield decisions
         in_flight = GaugeMetricFamily(
             "fleet_router_replica_in_flight",
             "Requests this router has open on each replica",
@@ -188,7 +201,7 @@ class RouterMetrics:
         """Ours plus the process-wide registry (the control plane's Redis health lives there)."""
         return generate_latest(self.registry) + generate_latest(REGISTRY)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> MetricsSnapshot:
         """Totals for the admin stats endpoint."""
         by_status: dict[str, int] = {}
         for (_route, _model, _replica, status), value in list(self.requests.items()):

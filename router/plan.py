@@ -77,9 +77,10 @@ class Planner:
             model = pinned.model or ""  # the key's models are checked against what it serves
             max_model_len = pinned.max_model_len
         else:
-            model = request.get("model")
-            if not isinstance(model, str) or not model:
+            named = request.get("model")
+            if not isinstance(named, str) or not named:
                 raise APIError(400, "You must provide a model parameter.", param="model")
+            model = named
             replicas = self.pool.by_model.get(model)
             if replicas is None:
                 raise model_not_found(model)
@@ -124,11 +125,13 @@ class Planner:
         routing = RouteRequest(model, "", 0)
         return Plan(route, path, method, model, body, routing, pinned, False, None, False, 0)
 
-    def _model_of(self, request: dict) -> str:
+    def _model_of(self, request: dict[str, object]) -> str:
         """The request's model; it may be left out when the fleet serves only one."""
         model = request.get("model")
-        if model is None and self.pool.only_model() is not None:
-            return self.pool.only_model()  # type: ignore[return-value]
+        if model is None:
+            only = self.pool.only_model()
+            if only is not None:
+                return only
         if not isinstance(model, str) or not model:
             raise APIError(400, "You must provide a model parameter.", param="model")
         if model not in self.pool.by_model:
@@ -136,7 +139,7 @@ class Planner:
         return model
 
 
-def ask_for_usage(request: dict, body: bytes) -> tuple[UsageTap | None, bytes]:
+def ask_for_usage(request: dict[str, object], body: bytes) -> tuple[UsageTap | None, bytes]:
     """Usage settles a fleet key (and teaches the token estimator): ask the replica for it, and
     tap the stream to strip it again if the client did not ask. Returns (tap, body to send)."""
     options = request.get("stream_options")
@@ -151,7 +154,7 @@ def ask_for_usage(request: dict, body: bytes) -> tuple[UsageTap | None, bytes]:
 
 
 def completion_budget(
-    request: dict, route: str, prompt_tokens: int, max_model_len: int | None
+    request: dict[str, object], route: str, prompt_tokens: int, max_model_len: int | None
 ) -> int:
     """Tokens the answers may take, to reserve against the key's tpm before dispatch: every
     prompt of a completions batch times `n` choices each."""
@@ -166,7 +169,7 @@ def completion_budget(
     return max((max_model_len or 0) - prompt_tokens, 0) * sequences
 
 
-def prompt_count(request: dict, route: str) -> int:
+def prompt_count(request: dict[str, object], route: str) -> int:
     """Prompts in one request: a completions `prompt` may be a list of texts or of id lists."""
     prompt = request.get("prompt") if route == "completions" else None
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -174,7 +177,8 @@ def prompt_count(request: dict, route: str) -> int:
     return 1
 
 
-def parse_object(body: bytes) -> dict:
+def parse_object(body: bytes) -> dict[str, object]:
+    """A client's JSON object, unchecked: readers check each member's type."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:

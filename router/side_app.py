@@ -8,6 +8,7 @@ do not proxy. It is built from the parts it reads, never from the RouterApp.
 from __future__ import annotations
 
 import time
+from typing import TypedDict
 
 import orjson
 from starlette.applications import Starlette
@@ -25,6 +26,22 @@ from router.backends.pool import ReplicaPool
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.plan import model_not_found
+
+
+class ReplicaCard(TypedDict):
+    id: str
+    state: str
+
+
+class ModelCard(TypedDict):
+    """OpenAI's model object, with vLLM's `max_model_len` and the replicas behind the name."""
+
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    max_model_len: int | None
+    replicas: list[ReplicaCard]
 
 
 def side_app(
@@ -101,7 +118,7 @@ class InfoRoutes:
         card = self._model_card(name, models[name])
         return Response(orjson.dumps(card), media_type="application/json")
 
-    def _model_card(self, name: str, max_model_len: int | None) -> dict:
+    def _model_card(self, name: str, max_model_len: int | None) -> ModelCard:
         """OpenAI's model object plus vLLM's `max_model_len` and the replicas serving it: their
         ids and states, which a user may see (pinned routes take the id), never their URLs."""
         now = time.monotonic()

@@ -8,13 +8,24 @@ generated text is escaped as `\\"usage\\"` and cannot match); only that object i
 
 from __future__ import annotations
 
+from typing import TypedDict, cast
+
 import orjson
 
 _KEY = b'"usage"'
 _MAX_NESTING = 4  # usage holds at most one nested object (prompt_tokens_details) today
 
 
-def usage_of_answer(body: bytes) -> dict | None:
+class Usage(TypedDict, total=False):
+    """OpenAI's `usage` object, the fields the router reads. It comes from a replica unchecked,
+    so readers still treat a missing or null field as 0 and check a count is an int."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def usage_of_answer(body: bytes) -> Usage | None:
     at = body.rfind(_KEY)
     if at < 0:
         return None
@@ -31,5 +42,5 @@ def usage_of_answer(body: bytes) -> dict | None:
                 usage = orjson.loads(body[start : end + 1])
             except orjson.JSONDecodeError:
                 return None
-            return usage if isinstance(usage, dict) else None
+            return cast(Usage, usage) if isinstance(usage, dict) else None
     return None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import orjson
 
+from router.usage import Usage
+
 _NULLS = (b',"usage":null', b', "usage": null')
 
 
@@ -18,7 +20,7 @@ class UsageTap:
 
     def __init__(self, strip: bool) -> None:
         self.strip = strip
-        self.usage: dict | None = None
+        self.usage: Usage | None = None
         self.tail = b""
         self.sep = b"\n\n"
         self.frames = 0

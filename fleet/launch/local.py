@@ -91,6 +91,9 @@ class LocalBackend:
     def gpu_count(self) -> int:
         return len(self._gpus)
 
+    def head_address(self) -> str:
+        return "127.0.0.1"  # a local fleet is one host
+
     def create(self, launch: ReplicaLaunch) -> LocalReplica:
         gpu = None
         if launch.device != "cpu" and self._gpus:

@@ -34,7 +34,7 @@ from fleet.launch.local import LocalBackend
 from fleet.launch.manager_socket import ManagerSocket
 from fleet.launch.operations import FleetOperations
 from fleet.launch.process import ProcessSpec
-from fleet.launch.replicas import ReplicaHandle, ReplicaLaunch
+from fleet.launch.replicas import ReplicaBackend, ReplicaHandle, ReplicaLaunch
 from fleet.launch.scrape import write_scrape_targets
 from fleet.launch.state import SCRAPE_TARGETS, FleetState, ProcessRecord
 from fleet.launch.supervisor import RestartPolicy, Supervisor, SupervisorEvent
@@ -64,7 +64,7 @@ class FleetManager:
         self.replicas: dict[str, ReplicaHandle] = {}
         self.model_names: list[str] = []  # served name of each spec model, in spec order
         self.model_paths: dict[str, str] = {}
-        self.backend = None
+        self._backend: ReplicaBackend | None = None  # made first by `start`
         self.state: FleetState | None = None
         self.socket: ManagerSocket | None = None
         self._stop = asyncio.Event()
@@ -112,7 +112,7 @@ class FleetManager:
             for line in await asyncio.to_thread(lambda: list(teardown(existing, 30.0))):
                 self.note(f"left by a previous fleet: {line}")
         _check_port_free(self.spec.router.host, self.spec.router.port)
-        self.backend = await self._make_backend()
+        self._backend = await self._make_backend()
         await self.start_redis()
         if not self.admin_key:
             self.admin_key = new_admin_key()
@@ -136,7 +136,13 @@ class FleetManager:
                 await self.add_replica(index)
         self.save()
 
-    async def _make_backend(self):
+    @property
+    def backend(self) -> ReplicaBackend:
+        if self._backend is None:
+            raise RuntimeError("the fleet manager has not started")
+        return self._backend
+
+    async def _make_backend(self) -> ReplicaBackend:
         if self.spec.backend == "ray":
             from fleet.launch.ray_backend import RayBackend
 
@@ -152,7 +158,7 @@ class FleetManager:
         if self.spec.redis.url:
             self.note(f"using Redis at {mask_redis_url(self.spec.redis.url)}")
             return
-        host = "127.0.0.1" if self.spec.backend == "local" else self.backend.head_address()
+        host = "127.0.0.1" if self._backend is None else self._backend.head_address()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.redis = EmbeddedRedis(
             host=host, data_dir=self.run_dir / "redis", password=secrets.token_urlsafe(32)
@@ -312,8 +318,8 @@ class FleetManager:
         if self.router is not None:
             await self.router.stop()
         await self._remove_stale_members()
-        if self.backend is not None:
-            await self.backend.close()
+        if self._backend is not None:
+            await self._backend.close()
         if self.socket is not None:
             await self.socket.close()
         if self.redis is not None:
@@ -373,6 +379,6 @@ def _check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             raise FleetStartError(
-                f"the router cannot listen on {host} port {port}: {exc.strerror.lower()} "
+                f"the router cannot listen on {host} port {port}: {(exc.strerror or str(exc)).lower()} "
                 "(port in use? pick another with --port)"
             ) from None

@@ -69,16 +69,16 @@ class FleetOperations:
         replicas, router = self.manager.replicas, self.manager.router
         lines = int(args.get("lines") or 100)
         name = args.get("replica")
-        if name in (None, "", "router"):
+        if name is None or name in ("", "router"):
             targets = {"router": router.log_tail(lines) if router else ""}
             if name is None:
                 for replica, handle in replicas.items():
                     targets[replica] = await handle.logs(lines)
             return targets
-        handle = replicas.get(name) or self._by_member_id(name)
-        if handle is None:
+        found = replicas.get(name) or self._by_member_id(name)
+        if found is None:
             raise ManagerError(f"no replica {name!r}; known: {', '.join(replicas) or 'none'}")
-        return {handle.name: await handle.logs(lines)}
+        return {found.name: await found.logs(lines)}
 
     def _by_member_id(self, name: str) -> ReplicaHandle | None:
         return next(

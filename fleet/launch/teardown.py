@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from fleet.control import membership
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS, async_client
@@ -59,7 +59,7 @@ def teardown(state: FleetState, timeout: float = 120.0) -> Iterator[str]:
     FleetState.remove(Path(state.run_dir))
 
 
-def _wait_gone(pids: list[int | None], timeout: float) -> bool:
+def _wait_gone(pids: Sequence[int | None], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while any(pid_alive(pid) for pid in pids):
         if time.monotonic() > deadline:

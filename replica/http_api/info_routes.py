@@ -45,7 +45,7 @@ async def load(request: Request) -> Response:
     """Everything a router weighs in one cheap call."""
     check_info_access(request)
     runtime = runtime_of(request)
-    counter = runtime.metrics.generation_tokens.collect()[0]  # this counter only: ~5 us
+    counter = next(iter(runtime.metrics.generation_tokens.collect()))  # this counter only: ~5 us
     generated = next(s.value for s in counter.samples if s.name.endswith("_total"))
     return json_response(
         {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import TypedDict
 from urllib.parse import urlsplit
 
 from router.backends.breaker import CircuitBreaker
@@ -30,6 +31,41 @@ class LoadReport:
     prefix_cache_hits: int = 0
     generation_tokens: int = 0  # generated since the replica started (the dashboard's tokens/s)
     updated_at: float = 0.0
+
+
+class LoadView(TypedDict):
+    running: int
+    waiting: int
+    kv_usage: float
+    kv_capacity_tokens: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    age_s: float | None  # since the last load report; None before the first
+
+
+class _PolicyView(TypedDict, total=False):
+    prefix_index_chunks: int  # added by the admin API when the routing policy indexes prefixes
+
+
+class ReplicaView(_PolicyView):
+    """The admin API's JSON for one replica."""
+
+    id: str
+    url: str
+    model: str | None
+    engine: str
+    source: str
+    state: str
+    admin_drained: bool
+    healthy: bool
+    routable: bool
+    breaker: str
+    ejections: int
+    in_flight: int
+    pending_prefill_tokens: int
+    requests: int
+    failures: int
+    load: LoadView
 
 
 @dataclass(eq=False)
@@ -101,7 +137,7 @@ class Replica:
     def capacity_tokens(self) -> int:
         return self.kv_capacity_tokens or self.load.kv_capacity_tokens or DEFAULT_KV_CAPACITY_TOKENS
 
-    def describe(self) -> dict:
+    def describe(self) -> ReplicaView:
         """The admin API's view of this replica."""
         now = time.monotonic()
         return {

@@ -6,6 +6,7 @@ counts add up over them; KV usage is a fraction of each one's cache, so it is th
 from __future__ import annotations
 
 import time
+from typing import TypedDict
 
 from router.backends.backend import LoadReport
 
@@ -27,7 +28,22 @@ _METRIC_NAMES = {
 _FRACTIONS = frozenset({"kv_usage"})
 
 
-def from_load_json(data: dict) -> LoadReport:
+class LoadJSON(TypedDict, total=False):
+    """A fleetserve replica's `/load` answer (replica.http_api.info_routes.load), the fields
+    read here; each is read defensively, a missing or null one counting as 0."""
+
+    running: int
+    waiting: int
+    kv_usage: float
+    kv_capacity_tokens: int
+    block_size: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    generation_tokens: int
+
+
+def from_load_json(data: LoadJSON) -> LoadReport:
     block_size = int(data.get("block_size") or 0)
     num_blocks = int(data.get("num_blocks") or 0)
     return LoadReport(

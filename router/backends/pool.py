@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -78,7 +78,7 @@ class ReplicaPool:
         self._on_leave = on_leave
         self._on_change = on_change
         self._client: httpx.AsyncClient | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._uses_metrics: set[str] = set()
         for spec in static:
             replica_id, url = static_replica_id(spec)
@@ -116,7 +116,7 @@ class ReplicaPool:
         if self._client is not None:
             await self._client.aclose()
 
-    async def _every(self, interval: float, job: Callable) -> None:
+    async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
@@ -202,7 +202,7 @@ class ReplicaPool:
                 by_model.setdefault(name, []).append(replica)
         self.by_model = by_model
 
-    def _set_aliases(self, replica: Replica, aliases: list) -> None:
+    def _set_aliases(self, replica: Replica, aliases: Sequence[object]) -> None:
         names = [a for a in aliases if isinstance(a, str) and a and a != replica.model]
         self.aliases[replica.id] = tuple(dict.fromkeys(names))
 

@@ -27,7 +27,7 @@ class Watchdog:
     def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
         self.watched: set[Timed] = set()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="router-watchdog")

@@ -87,7 +87,7 @@ class FleetHistory:
         self.restarts: dict[str, int] = {}
         self._seen: dict[str, _Seen] = {}
         self._totals: deque[tuple[float, _Totals]] = deque(maxlen=TTFT_WINDOW + 1)
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from fleet.control.keys import KeyNotFound, KeyRecord, KeyStore, KeyUsage
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS
@@ -22,7 +22,83 @@ KEYS_TTL_S = 2.0  # several open pages share one Redis read
 KEYS_TIMEOUT_S = 2.0
 
 
-def replica_view(replica: Replica, history: FleetHistory, now: float) -> dict:
+class ReplicaRow(TypedDict):
+    id: str
+    model: str | None
+    engine: str
+    source: str
+    state: str
+    admin_drained: bool
+    breaker: str
+    in_flight: int
+    running: int
+    waiting: int
+    kv_usage: float
+    prefix_hit_rate: float | None
+    requests: int
+    failures: int
+    tokens_per_s: float
+    restarts: int
+    ejections: int
+
+
+class QueueTotals(TypedDict):
+    in_flight: int
+    running: int
+    waiting: int
+
+
+class RouterRow(TypedDict):
+    policy: str
+    uptime_s: float
+    auth: str
+    models: list[str]
+    requests: int
+    requests_by_status: dict[str, int]
+    requests_per_s: float
+    errors_per_s: float
+    retries: int
+    retry_budget: float
+    routing: dict[str, int]
+    queue: QueueTotals
+
+
+class Series(TypedDict):
+    t: list[float]
+    ttft_p50_ms: list[float | None]
+    ttft_p99_ms: list[float | None]
+    requests_per_s: list[float]
+    errors_per_s: list[float]
+    tokens_per_s: dict[str, list[float | None]]
+
+
+class Use(TypedDict):
+    used: int
+    limit: int | None
+
+
+class KeyRow(TypedDict):
+    id: str
+    name: str
+    status: str
+    models: list[str]
+    expires_at: float | None
+    rpm: Use
+    tpm: Use
+    concurrent: Use
+    requests: int
+    tokens: int
+    last_used_at: float | None
+
+
+class KeysPage(TypedDict):
+    mode: str  # keystore, static or none
+    static_keys: int
+    data: list[KeyRow]
+    error: str | None
+
+
+def replica_view(replica: Replica, history: FleetHistory, now: float) -> ReplicaRow:
     load = replica.load
     hit_rate = (
         load.prefix_cache_hits / load.prefix_cache_queries if load.prefix_cache_queries else None
@@ -56,7 +132,7 @@ def replica_view(replica: Replica, history: FleetHistory, now: float) -> dict:
     }
 
 
-def router_view(app: RouterApp, history: FleetHistory) -> dict:
+def router_view(app: RouterApp, history: FleetHistory) -> RouterRow:
     replicas = list(app.pool.replicas.values())
     stats = app.metrics.snapshot()
     latest = history.latest()
@@ -81,7 +157,7 @@ def router_view(app: RouterApp, history: FleetHistory) -> dict:
     }
 
 
-def series_view(history: FleetHistory) -> dict:
+def series_view(history: FleetHistory) -> Series:
     """Column-wise, as the page's plots take them; a replica's missing samples are null."""
     samples = list(history.samples)
     replica_ids = sorted({rid for s in samples for rid in s.tokens_per_s})
@@ -97,7 +173,7 @@ def series_view(history: FleetHistory) -> dict:
     }
 
 
-def events_view(history: FleetHistory) -> list[dict]:
+def events_view(history: FleetHistory) -> list[dict[str, object]]:
     return [asdict(e) for e in reversed(list(history.events)[-MAX_EVENTS_SHOWN:])]
 
 
@@ -107,14 +183,14 @@ class KeysView:
     def __init__(self, store: KeyStore | None, static_keys: int) -> None:
         self.store = store
         self.static_keys = static_keys
-        self._cached: dict | None = None
+        self._cached: KeysPage | None = None
         self._cached_at = 0.0
         self._lock = asyncio.Lock()
 
     def forget(self) -> None:
         self._cached = None
 
-    async def view(self) -> dict:
+    async def view(self) -> KeysPage:
         if self.store is None:
             return {"mode": "static" if self.static_keys else "none",
                     "static_keys": self.static_keys, "data": [], "error": None}  # fmt: skip
@@ -124,7 +200,7 @@ class KeysView:
                 self._cached_at = time.monotonic()
             return self._cached
 
-    async def _read(self, store: KeyStore) -> dict:
+    async def _read(self, store: KeyStore) -> KeysPage:
         try:
             pairs = await asyncio.wait_for(_keys_with_usage(store), KEYS_TIMEOUT_S)
         except REDIS_DOWN_ERRORS:
@@ -154,7 +230,7 @@ async def _keys_with_usage(store: KeyStore) -> list[tuple[KeyRecord, KeyUsage]]:
     return pairs
 
 
-def key_view(record: KeyRecord, usage: KeyUsage) -> dict:
+def key_view(record: KeyRecord, usage: KeyUsage) -> KeyRow:
     return {
         "id": record.id,
         "name": record.name,

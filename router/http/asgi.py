@@ -5,17 +5,19 @@ is collected and sent whole.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
 from urllib.parse import unquote
+
+from starlette.types import ASGIApp, Message, Scope
 
 from router.http.connection import ClientConnection
 from router.http.messages import Request
 
 
-async def asgi_bridge(app: Callable, request: Request, conn: ClientConnection) -> None:
+async def asgi_bridge(app: ASGIApp, request: Request, conn: ClientConnection) -> None:
     """Serve `request` with an ASGI application (the router's starlette app for its local
     routes); the response is collected and sent whole."""
-    scope = {
+    scope: Scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
@@ -34,17 +36,22 @@ async def asgi_bridge(app: Callable, request: Request, conn: ClientConnection) -
     headers: list[tuple[bytes, bytes]] = []
     parts: list[bytes] = []
 
-    async def receive() -> dict:
+    async def receive() -> Message:
         nonlocal delivered
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": request.body, "more_body": False}
-        gone = conn.loop.create_future()
-        conn.on_disconnect = lambda: gone.done() or gone.set_result(None)
+        gone: asyncio.Future[None] = conn.loop.create_future()
+
+        def disconnected() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        conn.on_disconnect = disconnected
         await gone
         return {"type": "http.disconnect"}
 
-    async def send(message: dict) -> None:
+    async def send(message: Message) -> None:
         nonlocal status, headers
         if message["type"] == "http.response.start":
             status = message["status"]

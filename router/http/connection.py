@@ -24,7 +24,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 import orjson
@@ -55,6 +55,12 @@ def _head_too_large(what: str) -> APIError:
     )  # fmt: skip
 
 
+class _Reader(Protocol):
+    """What a connection feeds the bytes it reads to: the request parser, or a `_Discard`."""
+
+    def feed_data(self, data: bytes) -> None: ...
+
+
 class _Discard:
     """The parser of a refused connection that lingers: drops what the client still sends, and
     aborts past LINGER_BYTES."""
@@ -76,7 +82,8 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
-        self.parser: httptools.HttpRequestParser | _Discard = httptools.HttpRequestParser(self)
+        self.http = httptools.HttpRequestParser(self)  # method, version, keep-alive of a request
+        self.parser: _Reader = self.http  # becomes a `_Discard` once nothing more is read
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
@@ -109,8 +116,8 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)  # type: ignore[attr-defined]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's are Transports
+        self.transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -219,7 +226,7 @@ class ClientConnection(asyncio.Protocol):
         self.continue_due = False  # the body came without it
         path, _, query = self.url.partition(b"?")
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        method = self.parser.get_method()
+        method = self.http.get_method()
         request = Request(
             _METHODS.get(method) or method.decode(),
             path.partition(b"#")[0].decode("latin-1"),
@@ -227,10 +234,11 @@ class ClientConnection(asyncio.Protocol):
             self.headers,
             body,
         )
+        item: tuple[Request, bool, APIError | None]
         if self.too_large:
             item = (request, False, self._body_too_large())
         else:
-            item = (request, self.parser.should_keep_alive(), None)
+            item = (request, self.http.should_keep_alive(), None)
         if not self.active and not self.queue and not self.writing_paused and not self.closed:
             self._serve_now(*item)
             return
@@ -362,7 +370,7 @@ class ClientConnection(asyncio.Protocol):
         """A streamed response: the head is held until the first chunk (or the end)."""
         if self.cors:
             headers = headers + self.cors
-        self._raw = self.parser.get_http_version() == "1.0"
+        self._raw = self.http.get_http_version() == "1.0"
         if self._raw:
             self.keep_alive = False
             framing = b"connection: close\r\n\r\n"

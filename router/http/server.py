@@ -36,6 +36,7 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from fleet.control.errors import APIError
 from router.http.connection import ClientConnection
@@ -60,8 +61,9 @@ class _Refused(asyncio.Protocol):
     """A connection over the limit: a prepared 503, then closed, nothing read or parsed."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(_TOO_MANY_CONNECTIONS)  # type: ignore[attr-defined]
-        transport.close()
+        stream = cast(asyncio.Transport, transport)  # a stream server's
+        stream.write(_TOO_MANY_CONNECTIONS)
+        stream.close()
 
 
 class HttpServer:
@@ -93,11 +95,11 @@ class HttpServer:
         self.tls = tls
         self.cors = cors
         self.connections: set[ClientConnection] = set()
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.AbstractServer | None = None
-        self._reaper: asyncio.Task | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     @property
     def scheme(self) -> str:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 
@@ -102,11 +102,12 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        transport = cast(asyncio.Transport, transport)  # create_connection's: a stream's
+        self.transport = transport
         if self.closed:  # aborted while connecting
             transport.abort()
         else:
-            self.transport.write(self.request)
+            transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
@@ -229,7 +230,7 @@ class HostPool:
         self.connect_timeout_s = connect_timeout_s
         self.max_answer_bytes = max_answer_bytes
         self.idle: list[UpstreamConnection] = []
-        self.connecting: set[asyncio.Task] = set()
+        self.connecting: set[asyncio.Task[None]] = set()
 
     def put(self, conn: UpstreamConnection) -> None:
         if len(self.idle) < self.max_idle:

@@ -3,13 +3,22 @@ SSE usage tap, load signal parsing."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import orjson
 
 from router.backends.backend import LoadReport, Replica
 from router.backends.breaker import CircuitBreaker
 from router.backends.load_signals import from_load_json, from_prometheus_text
 from router.backends.retry_budget import RetryBudget
-from router.routing.policies import LeastLoadPolicy, PrefixPolicy, RoundRobinPolicy, RouteRequest
+from router.routing.policies import (
+    POLICIES,
+    LeastLoadPolicy,
+    PolicyName,
+    PrefixPolicy,
+    RoundRobinPolicy,
+    RouteRequest,
+)
 from router.routing.prefix_index import PrefixIndex
 from router.routing.prompt_key import chat_units, chunk_hashes, completion_units
 from router.routing.sessions import sticky_replica
@@ -243,3 +252,8 @@ def test_retry_budget_earns_a_fraction_of_the_requests() -> None:
     for _ in range(100):
         budget.deposit()
     assert sum(budget.withdraw() for _ in range(10)) == 3  # never more than the burst
+
+
+def test_policy_choices_name_every_policy():
+    """`--policy` takes a static Literal (so mypy checks the CLI); it must match POLICIES."""
+    assert get_args(PolicyName) == tuple(POLICIES)

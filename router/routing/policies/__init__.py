@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from router.routing.policies.base import Decision, Policy, RouteRequest
 from router.routing.policies.least_load import LeastLoadPolicy
 from router.routing.policies.prefix import PrefixPolicy
 from router.routing.policies.round_robin import RoundRobinPolicy
 
+PolicyName = Literal["prefix", "least-load", "round-robin"]  # `--policy`: the keys of POLICIES
 POLICIES: dict[str, type[Policy]] = {
     "prefix": PrefixPolicy,
     "least-load": LeastLoadPolicy,
@@ -22,4 +25,4 @@ def make_policy(name: str, queue_weight: float | None = None) -> Policy:
     return POLICIES[name]()
 
 
-__all__ = ["POLICIES", "Decision", "Policy", "RouteRequest", "make_policy"]
+__all__ = ["POLICIES", "Decision", "Policy", "PolicyName", "RouteRequest", "make_policy"]

@@ -173,13 +173,13 @@ class PrefixPolicy(Policy):
         self._turn += 1
         if not hashes:
             # Shorter than one chunk: nothing to match, so the least loaded (in rotation) wins.
-            best = candidates[0]
-            best_cost = -1
+            least = candidates[0]
+            least_load = -1
             for replica in rotated(candidates, self._turn):
-                cost = int(self._queued(replica) // step)
-                if best_cost < 0 or cost < best_cost:
-                    best, best_cost = replica, cost
-            return Decision(best, "prefix_miss")
+                load = int(self._queued(replica) // step)
+                if least_load < 0 or load < least_load:
+                    least, least_load = replica, load
+            return Decision(least, "prefix_miss")
         unit = self._chunk_size(request)
         per_token = request.units_per_token if isinstance(request.units, str) else 1.0
         tokens_per_chunk = unit / per_token
