@@ -45,6 +45,15 @@ LATENCY_BUCKETS = (
 )
 
 
+class QueueSnapshot(TypedDict):
+    """The router queue's totals (router.queueing)."""
+
+    depth: int
+    waited: int
+    mean_wait_s: float
+    rejections: dict[str, int]
+
+
 class MetricsSnapshot(TypedDict):
     """The totals the admin stats endpoint and the dashboard show."""
 
@@ -53,6 +62,7 @@ class MetricsSnapshot(TypedDict):
     retries: int
     ejections: dict[str, int]
     policy_decisions: dict[str, int]  # "policy:outcome" -> decisions
+    queue: QueueSnapshot
 
 
 class Histogram:
@@ -215,7 +225,7 @@ class RouterMetrics:
             "queue": self.queue_snapshot(),
         }
 
-    def queue_snapshot(self) -> dict[str, object]:
+    def queue_snapshot(self) -> QueueSnapshot:
         waits = self.queue_waits
         waited = sum(waits.counts)
         return {

@@ -46,6 +46,7 @@ class QueueTotals(TypedDict):
     in_flight: int
     running: int
     waiting: int
+    queued: int
 
 
 class RouterRow(TypedDict):
