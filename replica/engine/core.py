@@ -138,7 +138,7 @@ class EngineCore:
                 "length of the prompt or the completion.",
                 code="context_length_exceeded",
             )
-        if resumed:
+        if generated_ids is not None:
             check_resumable(params, resumed)
         for name, tokens in (
             ("prompt", prompt_ids),

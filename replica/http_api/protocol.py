@@ -66,7 +66,7 @@ class ResponseFormat(_Body):
 class FleetResume(_Body):
     """A fleet router's continuation of a stream whose replica died (see resume.py)."""
 
-    token_ids: TokenIds  # generated so far, all of them already sent to the client
+    token_ids: list[NonNegative]  # generated so far, all already sent (none: only the role chunk)
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")] | None = None
     created: NonNegative | None = None
 

@@ -82,7 +82,7 @@ def test_bad_continuations_are_400s(replica: LiveReplica) -> None:
             {"fleet_resume": {"token_ids": [5] * 40}},  # nothing left to generate
             {"fleet_resume": {"token_ids": [5]}, "n": 2},
             {"fleet_resume": {"token_ids": [5]}, "stream": False, "stream_options": None},
-            {"fleet_resume": {"token_ids": []}},
+            {"fleet_resume": {"token_ids": [-1]}},
             {"fleet_resume": {"token_ids": [5], "id": "bad id\n"}},
         ):
             response = http.post("/v1/completions", json=_body("completions", **extra))
