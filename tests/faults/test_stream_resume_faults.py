@@ -1,11 +1,12 @@
 """Streams that survive their replica (issue #15 item 4), with real processes: three tiny-model
 replicas behind a router, 50 concurrent streams (half greedy, half seeded), and the replica
-serving the most of them killed with SIGKILL mid-way. Every stream must end normally ([DONE], no
+serving the most of them killed with SIGKILL (or frozen with SIGSTOP) mid-way. Every stream must end normally ([DONE], no
 error event) with the text and usage of an undisturbed run of the same requests."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -50,7 +51,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_factory) -> Iterator[F
     replicas = [real_replica(f"resume-{i}", model, redis.url, work) for i in range(3)]
     for replica in replicas:
         replica.env["OMP_NUM_THREADS"] = "1"  # three engines on a small box: no oversubscription
-    front = router("router", redis.url, work, "--policy", "least-load")
+    # A frozen replica is found by the idle timeout (the last --idle-timeout given wins).
+    front = router("router", redis.url, work, "--policy", "least-load", "--idle-timeout", "5")
     try:
         for replica in replicas:
             replica.start(wait=0)
@@ -123,9 +125,10 @@ async def _stream(client: httpx.AsyncClient, url: str, i: int, seen: Stream) -> 
         assert not pending.strip(), pending
 
 
-async def _run(fleet: Fleet, kill: bool) -> tuple[list[Stream], str]:
-    """All streams at once; with `kill`, SIGKILL the replica that started the most of them once
-    each of its streams is KILL_AFTER_CHUNKS chunks in. Returns the streams and the victim."""
+async def _run(fleet: Fleet, fault: str = "") -> tuple[list[Stream], str]:
+    """All streams at once; with a `fault` ("kill": SIGKILL, "freeze": SIGSTOP), inflict it on
+    the replica that started the most of them once each of its streams is KILL_AFTER_CHUNKS
+    chunks in. Returns the streams and the victim."""
     headers = {"Authorization": f"Bearer {fleet.key.secret}"}
     limits = httpx.Limits(max_connections=STREAMS, max_keepalive_connections=STREAMS)
     seen = [Stream() for _ in range(STREAMS)]
@@ -135,14 +138,17 @@ async def _run(fleet: Fleet, kill: bool) -> tuple[list[Stream], str]:
             asyncio.create_task(_stream(client, fleet.front.url, i, seen[i]))
             for i in range(STREAMS)
         ]
-        if kill:
+        if fault:
             await _wait(lambda: all(s.replica for s in seen), 120)
             victim = Counter(s.replica for s in seen).most_common(1)[0][0]
             on_victim = [s for s in seen if s.replica == victim]
             await _wait(lambda: min(s.chunks for s in on_victim) >= KILL_AFTER_CHUNKS, 120)
-            assert all(not s.usage for s in on_victim), "killed too late"
+            assert all(not s.usage for s in on_victim), "the fault came too late"
             [proc] = [p for p in fleet.replicas if p.name == victim]
-            proc.kill()  # SIGKILL
+            if fault == "kill":
+                proc.kill()
+            else:
+                proc.signal(signal.SIGSTOP)
         await asyncio.gather(*tasks)
     return seen, victim
 
@@ -169,15 +175,28 @@ def _counts(usage: dict | None) -> tuple[int, int] | None:
 
 
 def test_streams_survive_a_replica_killed_mid_stream(fleet: Fleet) -> None:
+    _check(fleet, "kill")
+
+
+def test_streams_survive_a_replica_frozen_mid_stream(fleet: Fleet) -> None:
+    """SIGSTOP: the connection stays open; the router's idle timeout finds the replica silent."""
+    _check(fleet, "freeze")
+
+
+def _check(fleet: Fleet, fault: str) -> None:
+    """An undisturbed run, then the same streams with `fault`: compare them."""
+    assert sum(p.alive for p in fleet.replicas) >= 2, "the fault needs a replica left to resume on"
+    resumed_before = _resumed_count(fleet.front.url)
+    charged_before = _charged(fleet)
     began = time.monotonic()
-    undisturbed, _ = asyncio.run(_run(fleet, kill=False))
+    undisturbed, _ = asyncio.run(_run(fleet))
     for s in undisturbed:
         assert s.done and not s.error and s.usage["completion_tokens"] == MAX_TOKENS, s
     middle = time.monotonic()
-    disturbed, victim = asyncio.run(_run(fleet, kill=True))
-    print(
-        f"\nundisturbed run {middle - began:.1f} s, disturbed run {time.monotonic() - middle:.1f} s"
-    )
+    disturbed, victim = asyncio.run(_run(fleet, fault))
+    took = time.monotonic() - middle
+    resumed_by_router = _resumed_count(fleet.front.url) - resumed_before
+    charged = _charged(fleet) - charged_before
 
     resumed = [i for i, s in enumerate(disturbed) if s.replica == victim]
     ended = sum(s.done and not s.error for s in disturbed)
@@ -187,28 +206,29 @@ def test_streams_survive_a_replica_killed_mid_stream(fleet: Fleet) -> None:
         for i, (s, u) in enumerate(zip(disturbed, undisturbed, strict=True))
         if s.text == u.text and _counts(s.usage) == _counts(u.usage)
     ]
-    greedy_same = sum(i % 2 == 0 for i in same)
-    seeded_same = sum(i % 2 == 1 for i in same)
-    on_victim_same = sum(i in same for i in resumed)
     print(
-        f"\nresume: {STREAMS} streams ({STREAMS // 2} greedy, {STREAMS // 2} seeded), "
-        f"max_tokens {MAX_TOKENS}; killed {victim} (SIGKILL) with {len(resumed)} streams on it, "
-        f"each >= {KILL_AFTER_CHUNKS} chunks in; router resumed {_resumed_count(fleet.front.url)}"
-        f"; ended normally {ended}/{STREAMS}; error events {len(errors)}; equal to the "
-        f"undisturbed run (text, prompt and completion tokens): {len(same)}/{STREAMS} (greedy {greedy_same}/"
-        f"{STREAMS // 2}, seeded {seeded_same}/{STREAMS // 2}; resumed ones {on_victim_same}/"
-        f"{len(resumed)})"
+        f"\nresume ({fault}): {STREAMS} streams ({STREAMS // 2} greedy, {STREAMS // 2} seeded), "
+        f"max_tokens {MAX_TOKENS}; {victim} had {len(resumed)} streams, each >= "
+        f"{KILL_AFTER_CHUNKS} chunks in; router resumed {resumed_by_router}; ended normally "
+        f"{ended}/{STREAMS}; error events {len(errors)}; equal to the undisturbed run (text, "
+        f"prompt and completion tokens): {len(same)}/{STREAMS} (greedy "
+        f"{sum(i % 2 == 0 for i in same)}/{STREAMS // 2}, seeded {sum(i % 2 for i in same)}/"
+        f"{STREAMS // 2}; resumed {sum(i in same for i in resumed)}/{len(resumed)}); key charged "
+        f"{charged} completion tokens for 2 x {STREAMS} streams; runs {middle - began:.1f} s "
+        f"undisturbed, {took:.1f} s disturbed"
     )
     assert resumed, "the victim served no stream"
     assert not errors, errors[:3]
     assert ended == STREAMS
-    assert _resumed_count(fleet.front.url) == len(resumed)
+    assert resumed_by_router == len(resumed)
     for i, s in enumerate(disturbed):
         assert s.roles == 1 and len(s.ids) == 1 and len(s.created) == 1, (i, s)
         assert s.usage is not None and s.usage["completion_tokens"] == MAX_TOKENS, (i, s.usage)
-    # The key is charged once per stream, the total (both runs): nothing twice, nothing lost.
-    charged = asyncio.run(key_usage(fleet.redis.url, [fleet.key]))[fleet.key.id]
-    print(f"key charged {charged.completion_tokens} completion tokens for 2 x {STREAMS} streams")
-    assert charged.completion_tokens == 2 * STREAMS * MAX_TOKENS
-    assert charged.concurrent == 0
+    # The key is charged once per stream, the total: nothing twice, nothing lost.
+    assert charged == 2 * STREAMS * MAX_TOKENS
+    assert asyncio.run(key_usage(fleet.redis.url, [fleet.key]))[fleet.key.id].concurrent == 0
     assert len(same) == STREAMS, [i for i in range(STREAMS) if i not in same]
+
+
+def _charged(fleet: Fleet) -> int:
+    return asyncio.run(key_usage(fleet.redis.url, [fleet.key]))[fleet.key.id].completion_tokens
