@@ -23,8 +23,9 @@ after a failure, a task runs tenacity's retry loop, each attempt awaiting the ou
 callback machinery. Once the first byte is out, a stream from one of our own replicas that dies
 (connection lost, or silent past the idle timeout) is carried on by another replica of the model
 (router.stream_resume), at most MAX_RESUMES times and within the retry budget; any other upstream
-failure after the first byte becomes one SSE error event and `[DONE]`. The client leaving aborts the upstream request at once and releases every counter;
-so does a client that stops reading for the idle timeout (its connection is cut).
+failure after the first byte becomes one SSE error event and `[DONE]`. The client leaving aborts
+the upstream request at once and releases every counter; so does a client that stops reading for
+the idle timeout (its connection is cut).
 """
 
 from __future__ import annotations

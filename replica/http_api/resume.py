@@ -3,8 +3,8 @@
 - `X-Fleet-Token-Ids: 1` (a header): every chunk of the stream carries the ids of the tokens it
   covers as its last member, `"fleet_token_ids":[...]` (tokens whose text is still held back ride
   on the next chunk sent). The router strips the member before forwarding, and remembers the ids.
-- `"fleet_resume": {"token_ids": [...], "id": ..., "created": ...}` (a body field, vLLM-style extra):
-  the original request continued after those tokens, under the original response's id and
+- `"fleet_resume": {"token_ids": [...], "id": ..., "created": ...}` (a vLLM-style extra body
+  field): the original request continued after those tokens, under the original response's id and
   `created`. The continuation streams only new text, sends no second role chunk, and its usage
   counts every generated token (router.stream_resume is the other side).
 

@@ -1,7 +1,8 @@
 """Streams that survive their replica (issue #15 item 4), with real processes: three tiny-model
 replicas behind a router, 50 concurrent streams (half greedy, half seeded), and the replica
-serving the most of them killed with SIGKILL (or frozen with SIGSTOP) mid-way. Every stream must end normally ([DONE], no
-error event) with the text and usage of an undisturbed run of the same requests."""
+serving the most of them killed with SIGKILL (or frozen with SIGSTOP) mid-way. Every stream must
+end normally ([DONE], no error event) with the text and usage of an undisturbed run of the same
+requests."""
 
 from __future__ import annotations
 

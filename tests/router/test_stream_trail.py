@@ -1,4 +1,4 @@
-"""router.stream_resume: what a stream leaves behind to be resumed, and what the client sees of it."""
+"""router.stream_resume: what a stream leaves behind to be resumed, and what its client sees."""
 
 from __future__ import annotations
 
