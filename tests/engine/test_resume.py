@@ -7,6 +7,7 @@ import pytest
 from engine_helpers import random_prompts
 
 from replica import SamplingParams, SamplingParamsError
+from replica.engine.structured import StructuredOutput
 
 
 def _run(llm, prompt: list[int], params: SamplingParams, generated: list[int] | None = None):
@@ -44,8 +45,11 @@ def _streamed(llm, prompt, params):
         SamplingParams(temperature=1.0, top_p=0.9, seed=4321, max_tokens=30, ignore_eos=True),
         SamplingParams(temperature=0.8, seed=7, max_tokens=30, ignore_eos=True,
                        frequency_penalty=0.5, min_tokens=12),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True,
+                       structured=StructuredOutput.json_schema(
+                           {"type": "array", "items": {"type": "integer"}, "minItems": 40})),
     ],
-    ids=["greedy", "seeded", "seeded-penalised-min-tokens"],
+    ids=["greedy", "seeded", "seeded-penalised-min-tokens", "seeded-json-schema"],
 )  # fmt: skip
 def test_continuing_from_k_tokens_equals_the_uninterrupted_run(llama_llm, params) -> None:
     prompt = random_prompts([11], seed=60)[0]
