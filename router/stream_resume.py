@@ -54,12 +54,18 @@ class StreamTrail:
         self.blind = False  # a chunk came without ids: the replica is not one of ours
 
     def feed(self, data: bytes) -> bytes:
-        """The whole frames of `data` (a partial one waits for its end), without their ids."""
+        """The whole frames of `data` (a partial one waits for its end), without their ids. A
+        stream that turns out not to be one of ours passes through untouched from then on."""
         if self.tail:
             data, self.tail = self.tail + data, b""
+        if self.blind:
+            return data
         if not data.endswith(_FRAME_END):
             cut = data.rfind(_FRAME_END)
             if cut < 0:
+                if b"\r\n\r\n" in data:  # another server's framing: not ours
+                    self.blind = True
+                    return data
                 self.tail = data
                 return b""
             cut += len(_FRAME_END)

@@ -55,6 +55,10 @@ def test_streams_without_ids_or_already_finished_are_not_resumable() -> None:
     done = StreamTrail()
     done.feed(_chunk("a", [1]) + _chunk("", [], finish="length"))
     assert not done.resumable
+    crlf = StreamTrail()
+    framed = b'data: {"id":"x","choices":[{"index":0}]}\r\n\r\n'
+    assert crlf.feed(framed) == framed and not crlf.resumable  # passed on, never held
+    assert crlf.feed(b"data: {") == b"data: {"
     usage_only = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3}}\n\n'
     fine = StreamTrail()
     fine.feed(_chunk("a", [1]) + usage_only)
