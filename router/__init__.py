@@ -13,6 +13,7 @@ The folders are the design:
       plan.py             what a proxied request is (model, body, prompt units, reservation)
       proxy.py            what every exchange shares; picks a replica through the policy
       exchange.py         one request's state machine, replica to client, retries included
+      stream_resume.py    a stream whose replica died, carried on by another of ours
       accounting.py       where every request ends: metrics, token learning, key settlement
       usage.py, usage_tap.py   the replica's `usage`, from a whole answer or a stream
       auth.py             which keys may call (static keys or the fleet's KeyStore)

@@ -20,9 +20,12 @@ at it, so the request (not the replica) is the likely cause, and sending it
 on would let one request stall every replica of its model; a replica that is really stuck fails
 its health probes. The first attempt runs on callbacks alone;
 after a failure, a task runs tenacity's retry loop, each attempt awaiting the outcome of the same
-callback machinery. Once the first byte is out, an upstream failure becomes one SSE error event
-and `[DONE]`. The client leaving aborts the upstream request at once and releases every counter;
-so does a client that stops reading for the idle timeout (its connection is cut).
+callback machinery. Once the first byte is out, a stream from one of our own replicas that dies
+(connection lost, or silent past the idle timeout) is carried on by another replica of the model
+(router.stream_resume), at most MAX_RESUMES times and within the retry budget; any other upstream
+failure after the first byte becomes one SSE error event and `[DONE]`. The client leaving aborts
+the upstream request at once and releases every counter; so does a client that stops reading for
+the idle timeout (its connection is cut).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from router.http.upstream import AnswerTooLarge, UpstreamConnection
 from router.plan import Plan
 from router.routing.policies import Decision
 from router.routing.sessions import sticky_replica
+from router.stream_resume import MAX_RESUMES, TOKEN_IDS_HEADER, StreamTrail
 
 if TYPE_CHECKING:
     from router.proxy import Proxy
@@ -93,6 +97,8 @@ class Exchange:
     waiter: asyncio.Future[None] | None = None
     end_waiter: asyncio.Future[None] | None = None
     retrying: asyncio.Task[None] | None = None
+    trail: StreamTrail | None = None  # a stream another replica could carry on
+    resumes = 0
 
     def __init__(self, proxy: Proxy, plan: Plan, conn: ClientConnection, started: float) -> None:
         self.proxy = proxy
@@ -142,12 +148,17 @@ class Exchange:
 
     # -- one attempt at one replica
 
-    def dispatch(self, decision: Decision | None = None) -> None:
+    def dispatch(self, decision: Decision | None = None, continuation: bytes | None = None) -> None:
         """Send this attempt to `decision`'s replica (the router queue's choice), or to the
-        replica the policy picks now (NoReplica when none has room)."""
+        replica the policy picks now (NoReplica when none has room); `continuation` (a resumed
+        stream) goes to one of our own replicas."""
         plan = self.plan
         if decision is None:
-            decision = self.pick() if plan.pinned is None else Decision(plan.pinned, "pinned")
+            decision = (
+                self.pick(ours_only=continuation is not None)
+                if plan.pinned is None
+                else Decision(plan.pinned, "pinned")
+            )
         replica = self.replica = decision.replica
         self.tried += (replica.id,)
         self.replica_id = replica.id
@@ -157,21 +168,27 @@ class Exchange:
         replica.pending_prefill += self.prefill
         replica.requests += 1
         replica.breaker.dispatched()
-        self.idle_phase = False
+        self.idle_phase = continuation is not None  # a resumed stream's client waits already
         self.deadline = time.monotonic() + self.proxy.ttfb_timeout_s
+        if not self.head_sent:
+            ours = plan.resumable and replica.engine == "fleetserve"
+            self.trail = StreamTrail() if ours else None
         self.upstream = self.proxy.client.send(
             replica.host, replica.port, replica.tls, replica.request_host, plan.method,
-            replica.base_path + plan.path, plan.body, self, plan.stream,
+            replica.base_path + plan.path, continuation or plan.body, self, plan.stream,
+            TOKEN_IDS_HEADER if self.trail is not None else b"",
         )  # fmt: skip
 
-    def pick(self) -> Decision:
+    def pick(self, ours_only: bool = False) -> Decision:
         """The policy's choice among the model's routable replicas with room, not yet tried (a
-        session sticks to its replica), or NoReplica."""
+        session sticks to its replica), or NoReplica. `ours_only`: fleetserve replicas only."""
         proxy, plan = self.proxy, self.plan
         candidates = proxy.pool.routable(plan.model, self.tried)
         cap = proxy.replica_max_in_flight
         if cap:
             candidates = [r for r in candidates if r.in_flight < cap]
+        if ours_only:
+            candidates = [r for r in candidates if r.engine == "fleetserve"]
         if not candidates:
             raise NoReplica
         request = plan.routing
@@ -215,13 +232,21 @@ class Exchange:
 
     def upstream_body(self, data: bytes) -> None:
         if self.head_sent:
+            if not self.judged:  # a resumed stream's first bytes
+                self._answered()
             self._forward(data)
         else:
             self._start_stream(data)
 
     def upstream_done(self, conn: UpstreamConnection) -> None:
         status = conn.status
-        if status in RETRY_STATUSES:
+        if self.head_sent and not conn.streaming:  # a resumed stream's replica refused it
+            log.warning("replica %s refused a resumed stream: %d %r", self.replica_id, status,
+                        conn.body()[:200])  # fmt: skip
+            if status not in NOT_REPLICA_FAULTS:
+                self._failed_replica()
+            self._stream_broke(APIError(502, "The replica's stream broke.", code="upstream_error"))
+        elif status in RETRY_STATUSES:
             detail = conn.body()[:200].decode(errors="replace")
             if status not in NOT_REPLICA_FAULTS:
                 self._failed_replica()
@@ -243,7 +268,7 @@ class Exchange:
         self._failed_replica()
         if self.head_sent:
             log.warning("replica %s: stream broke: %r", self.replica_id, exc)
-            self._end_stream(APIError(502, "The replica's stream broke.", code="upstream_error"))
+            self._stream_broke(APIError(502, "The replica's stream broke.", code="upstream_error"))
         else:
             self._attempt_failed(Retryable("connection failed", 502, repr(exc)[:200]))
 
@@ -275,7 +300,7 @@ class Exchange:
         if self.idle_phase:
             self._failed_replica()
             idle = self.proxy.idle_timeout_s
-            self._end_stream(
+            self._stream_broke(
                 APIError(504, f"The replica sent nothing for {idle:g} s.", code="upstream_idle")
             )
         else:
@@ -342,6 +367,8 @@ class Exchange:
 
     def _forward(self, data: bytes) -> None:
         conn, tap = self.conn, self.plan.tap
+        if self.trail is not None:
+            data = self.trail.feed(data)
         conn.send_chunk(tap.feed(data) if tap is not None else data)
         if conn.writing_paused and self.upstream is not None:
             # A slow client is not the replica's fault; a client that reads nothing for the
@@ -359,9 +386,36 @@ class Exchange:
             self.status = failure.status
             self.conn.end_stream(failure.sse_frames())
         else:
+            tail = self.trail.flush() if self.trail is not None else b""
             tap = self.plan.tap
-            self.conn.end_stream(tap.flush() if tap is not None else b"")
+            self.conn.end_stream(tap.feed(tail) + tap.flush() if tap is not None else tail)
         self._end()
+
+    def _stream_broke(self, failure: APIError) -> None:
+        """The replica's stream broke after the client had its first byte: another of our
+        replicas carries it on where it can, else the client gets `failure` as its last event."""
+        self._close_attempt()
+        if not self._resume():
+            self._end_stream(failure)
+
+    def _resume(self) -> bool:
+        """Send the stream's continuation to another replica; False if it cannot be resumed."""
+        trail = self.trail
+        if trail is None or not trail.resumable or self.resumes >= MAX_RESUMES:
+            return False
+        if not self.proxy.budget.withdraw():
+            log.warning("not resuming a stream of %s: the retry budget is spent", self.plan.model)
+            return False
+        dead = self.replica_id
+        try:
+            self.dispatch(continuation=trail.continuation(self.plan.body))
+        except NoReplica:
+            return False
+        self.resumes += 1
+        self.proxy.metrics.retried(self.plan.model, "stream resumed")
+        log.warning("replica %s died mid-stream: resumed on %s after %d tokens",
+                    dead, self.replica_id, len(trail.ids))  # fmt: skip
+        return True
 
     # -- failures before the first byte, and retries
 

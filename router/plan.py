@@ -20,6 +20,7 @@ from router.backends.pool import ReplicaPool
 from router.routing.policies import RouteRequest
 from router.routing.prompt_key import chat_units, completion_units
 from router.routing.tokens import TokenEstimator
+from router.stream_resume import resumable
 from router.usage_tap import UsageTap
 
 GENERATION_KINDS = frozenset({"chat", "completions"})
@@ -47,6 +48,7 @@ class Plan:
     tap: UsageTap | None  # picks the usage out of a stream (and strips it if not asked for)
     learn: bool  # sample this answer's usage to learn the model's token ratio
     reserve: int  # tokens to reserve against a fleet key's limits
+    resumable: bool = False  # a stream another replica may carry on (router.stream_resume)
 
 
 class Planner:
@@ -105,6 +107,7 @@ class Planner:
         return Plan(
             route, path, method, model, body, routing, pinned, stream, tap,
             sample and key_id is None, reserve,
+            stream and pinned is None and resumable(request, route),
         )  # fmt: skip
 
     def _plain(

@@ -55,6 +55,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     cache_salt: str | None
+    generated_ids: list[int] | None = None  # a resumed stream's output so far
 
 
 @dataclass
@@ -94,18 +95,20 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        generated_ids: list[int] | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """A request's stream of outputs, one per step it advanced; the last has `finished` set.
 
         The request is checked now, on the caller's thread: SamplingParamsError (a ValueError with
         `.param`) for one the engine cannot serve, so a server refuses it before its response
         starts. It reaches the engine when the stream is first iterated (a stream never iterated
-        leaves nothing behind); leaving the iteration early aborts it.
+        leaves nothing behind); leaving the iteration early aborts it. `generated_ids` continues
+        a stream another replica started (see EngineCore.enqueue).
         """
         prompt_ids = self.core.tokenize(prompt)
-        self.core.validate(prompt_ids, params)
+        self.core.validate(prompt_ids, params, generated_ids)
         text = prompt if isinstance(prompt, str) else None
-        return self._stream(_Add(request_id, text, prompt_ids, params, cache_salt))
+        return self._stream(_Add(request_id, text, prompt_ids, params, cache_salt, generated_ids))
 
     async def _stream(self, add: _Add) -> AsyncGenerator[RequestOutput, None]:
         request_id = add.request_id
@@ -223,6 +226,7 @@ class AsyncEngine:
                 command.prompt_ids,
                 command.params,
                 command.cache_salt,
+                command.generated_ids,
             )
         except ValueError as exc:
             self._send([(command.request_id, exc)])

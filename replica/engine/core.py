@@ -113,19 +113,22 @@ class EngineCore:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(
+        self, prompt_ids: list[int], params: SamplingParams, generated_ids: list[int] | None = None
+    ) -> None:
         """Raise SamplingParamsError (param, message) for a request this engine cannot serve.
 
         The one check of a request against the model (its context, vocabulary and logprobs), with
         OpenAI's wording for the context rule; each front-end runs it once per request, where it
         can still refuse: LLM before adding any prompt of a batch, AsyncEngine before a server's
-        response starts."""
+        response starts. `generated_ids`: output tokens a resumed stream already has."""
         if not prompt_ids:
             raise SamplingParamsError(
                 "prompt", "the prompt is empty: it must contain at least one token"
             )
         # Without max_tokens the completion may run to the end of the context, but needs a token.
-        completion = 1 if params.max_tokens is None else params.max_tokens
+        resumed = len(generated_ids or ())
+        completion = resumed + 1 if params.max_tokens is None else params.max_tokens
         if len(prompt_ids) + completion > self.max_model_len:
             raise SamplingParamsError(
                 "prompt" if params.max_tokens is None else "max_tokens",
@@ -135,8 +138,11 @@ class EngineCore:
                 "length of the prompt or the completion.",
                 code="context_length_exceeded",
             )
+        if generated_ids is not None:
+            check_resumable(params, resumed)
         for name, tokens in (
             ("prompt", prompt_ids),
+            ("fleet_resume", generated_ids or []),
             ("logit_bias", params.logit_bias or {}),
             ("stop_token_ids", params.stop_token_ids),
         ):
@@ -182,8 +188,10 @@ class EngineCore:
         prompt_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        generated_ids: list[int] | None = None,
     ) -> Request:
-        """Queue a request `validate` has passed (`prompt`: its text, when it came as text)."""
+        """Queue a request `validate` has passed (`prompt`: its text, when it came as text;
+        `generated_ids`: the output it continues, for a stream resumed from another replica)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         grammar = self.compile_grammar(params)
@@ -192,6 +200,8 @@ class EngineCore:
         for seq in request.seqs:
             if grammar is not None:
                 seq.grammar = SequenceGrammar(grammar)
+            if generated_ids:
+                seq.resume(generated_ids)
             self.scheduler.add(seq)
         return request
 
@@ -358,6 +368,19 @@ class EngineCore:
             "prefix_cache_hits": blocks.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+def check_resumable(params: SamplingParams, generated: int) -> None:
+    """A continuation (`fleet_resume`) has one choice, no logprobs (the resumed tokens' are
+    gone) and something left to generate."""
+    if params.n != 1 or params.logprobs is not None or params.prompt_logprobs is not None:
+        raise SamplingParamsError(
+            "fleet_resume", "a resumed request must have n=1 and no logprobs or echo"
+        )
+    if params.max_tokens is not None and generated >= params.max_tokens:
+        raise SamplingParamsError(
+            "fleet_resume", f"{generated} tokens already reach max_tokens ({params.max_tokens})"
+        )
 
 
 def _context_limit(args: EngineArgs, cfg: ModelConfig) -> int:

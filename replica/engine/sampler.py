@@ -2,13 +2,16 @@
 
 Greedy batches without logit processing take a single argmax. Random rows draw with the
 exponential-race trick (argmax of p / Exp(1) noise), which lets a seeded row draw its noise from its
-own generator: the same seed gives the same tokens whatever else shares the batch.
+own generator, seeded per output position: the same seed gives the same tokens whatever else shares
+the batch, and a request continued from its first k tokens (elsewhere) gives the same token k+1.
 Logprobs come from the model's raw distribution (before penalties and temperature). Rows of
 grammar-constrained sequences are masked last (grammar_mask.py), after penalties and biases.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +131,17 @@ class Sampler:
             if seq.params.seed is not None:
                 if seq.generator is None:
                     seq.generator = torch.Generator(device=self.device)
-                    seq.generator.manual_seed(seq.params.seed + seq.index)
+                seq.generator.manual_seed(position_seed(seq.params.seed, seq.index, seq))
                 noise[j].exponential_(generator=seq.generator)
         tokens[index] = (probs / noise).argmax(dim=-1)
         return tokens
+
+
+def position_seed(seed: int, choice: int, seq: Sequence) -> int:
+    """The seed of one output token's noise: a function of (seed, choice, position) only, so a
+    stream resumed on another replica after k tokens draws what token k+1 would have drawn."""
+    data = struct.pack("<qqq", seed, choice, seq.num_output_tokens)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

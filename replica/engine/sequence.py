@@ -80,6 +80,21 @@ class Sequence:
         self.emitted_tokens = 0  # output tokens already handed out in a stream
         self.emitted_chars = 0
 
+    def resume(self, generated: list[int]) -> None:
+        """Continue after `generated` output tokens (a stream resumed from a replica that died).
+
+        They count as output (max_tokens, penalties, min_tokens, a seed's positions) and their
+        text is replayed through the detokenizer, so a stop string is matched across the boundary
+        and the text held back then is held back now; it is not streamed again."""
+        for token in generated:
+            self.token_ids.append(token)
+            if self.grammar is not None:
+                self.grammar.accept(token)
+            ended = self.num_output_tokens >= self.params.min_tokens
+            self.detokenizer.add_token(token, check_stop=ended)
+        self.emitted_tokens = self.num_output_tokens
+        self.emitted_chars = self.detokenizer.safe_length()
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

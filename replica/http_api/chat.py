@@ -35,6 +35,7 @@ from replica.http_api.responses import (
     usage,
     usage_chunk,
 )
+from replica.http_api.resume import StreamResume, stream_resume
 from replica.http_api.sse_response import frame
 
 
@@ -44,6 +45,7 @@ async def create_chat_completion(request: Request) -> Response:
     record = await runtime.auth.authenticate(request)
     engine = runtime.accept()
     body = parse_body(ChatCompletionRequest, await read_body(request))
+    resume = stream_resume(request, record, body)
     model = runtime.check_model(body.model)
     runtime.check_fanout(body.n or 1)
     prompt_ids = await runtime.prompts.run(
@@ -64,8 +66,8 @@ async def create_chat_completion(request: Request) -> Response:
     params = sampling_params(body, max_tokens, top_n)
     await build_stop_matcher(runtime, params)
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    head = ResponseHead.new("chatcmpl", model)
-    [outputs] = open_streams(runtime, head.id, [prompt_ids], params, param)
+    head = resume.head(body, "chatcmpl", model)
+    [outputs] = open_streams(runtime, head.id, [prompt_ids], params, param, resume.generated_ids)
     await build_grammar(runtime, params)
     runtime.check_queue(params.n)
     reserve = len(prompt_ids) + max_tokens * params.n
@@ -79,6 +81,7 @@ async def create_chat_completion(request: Request) -> Response:
         outputs,
         params,
         top_n,
+        resume,
     )
     return await answer(request, job, bool(body.stream))
 
@@ -92,6 +95,7 @@ class ChatJob:
     engine_stream: AsyncGenerator[RequestOutput, None]
     params: SamplingParams
     top_n: int | None  # None: no logprobs
+    resume: StreamResume
 
     def _outputs(self) -> AsyncIterator[RequestOutput]:
         return run_prompt(self.scope.runtime, self.engine_stream, self.scope.arrival)
@@ -124,21 +128,31 @@ class ChatJob:
     async def stream(self) -> AsyncGenerator[bytes, None]:
         include_usage = self.body.include_usage
         head = self.head
-        role = {"role": "assistant", "content": ""}
-        yield b"".join(
-            frame(orjson.dumps(chat_chunk(head, k, role, None, None, include_usage)))
-            for k in range(self.params.n)
-        )
+        resume = self.resume
+        if resume.generated_ids is None:  # a continuation's client already has its role chunk
+            role = {"role": "assistant", "content": ""}
+            yield b"".join(
+                frame(
+                    orjson.dumps(
+                        resume.tag(chat_chunk(head, k, role, None, None, include_usage), k, [])
+                    )
+                )
+                for k in range(self.params.n)
+            )
         done: set[int] = set()
         final = None
         async for out in self._outputs():
             self.scope.saw(0, out)
             final = out
-            frames = [
-                frame(orjson.dumps(chat_chunk(head, o.index, *self._delta(o), include_usage)))
-                for o in out.outputs
-                if o.index not in done and self._has_news(o)
-            ]
+            frames = []
+            for o in out.outputs:
+                if o.index in done:
+                    continue
+                if not self._has_news(o):
+                    resume.hold(o.index, o.delta_token_ids)
+                    continue
+                chunk = chat_chunk(head, o.index, *self._delta(o), include_usage)
+                frames.append(frame(orjson.dumps(resume.tag(chunk, o.index, o.delta_token_ids))))
             done.update(o.index for o in out.outputs if o.finished)
             if frames:
                 yield b"".join(frames)

@@ -36,6 +36,7 @@ from replica.http_api.responses import (
     usage,
     usage_chunk,
 )
+from replica.http_api.resume import StreamResume, stream_resume
 from replica.http_api.sse_response import frame
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
@@ -53,6 +54,7 @@ async def create_completion(request: Request) -> Response:
     record = await runtime.auth.authenticate(request)
     engine = runtime.accept()
     body = parse_body(CompletionRequest, await read_body(request))
+    resume = stream_resume(request, record, body)
     model = runtime.check_model(body.model)
     tokenizer = engine.tokenizer
     runtime.check_fanout(len(body.prompts) * (body.n or 1))
@@ -67,8 +69,8 @@ async def create_completion(request: Request) -> Response:
     # Echo with max_tokens=0 runs one token that is never shown (the engine needs at least one).
     params = sampling_params(body, max(max_tokens, 1), body.logprobs, echo_logprobs)
     await build_stop_matcher(runtime, params)
-    head = ResponseHead.new("cmpl", model)
-    streams = open_streams(runtime, head.id, prompt_ids, params)
+    head = resume.head(body, "cmpl", model)
+    streams = open_streams(runtime, head.id, prompt_ids, params, "max_tokens", resume.generated_ids)
     await build_grammar(runtime, params)
     prompts = [
         Prompt(
@@ -89,6 +91,7 @@ async def create_completion(request: Request) -> Response:
         prompts,
         streams,
         params,
+        resume,
         output_wanted=max_tokens > 0,
     )
     return await answer(request, job, bool(body.stream))
@@ -102,6 +105,7 @@ class CompletionJob:
     prompts: list[Prompt]
     engine_streams: list[AsyncGenerator[RequestOutput, None]]  # one per prompt
     params: SamplingParams
+    resume: StreamResume
     output_wanted: bool  # False for echo with max_tokens=0: the prompt (and its logprobs) only
 
     def _outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -187,13 +191,13 @@ class CompletionJob:
                 started.add(index)
                 text, lp_dict, finish = self._choice(i, out, o, logprobs[index], echo, delta=True)
                 if not text and not lp_dict and finish is None:
+                    self.resume.hold(index, o.delta_token_ids)
                     continue
                 if finish is not None:
                     done.add(index)
                 choice = completion_choice(index, text, lp_dict or None, finish)
-                frames.append(
-                    frame(orjson.dumps(completion_chunk(self.head, choice, include_usage)))
-                )
+                chunk = completion_chunk(self.head, choice, include_usage)
+                frames.append(frame(orjson.dumps(self.resume.tag(chunk, index, o.delta_token_ids))))
             if out.finished:
                 finals[i] = out
             if frames:

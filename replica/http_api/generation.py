@@ -105,17 +105,18 @@ def open_streams(
     prompts: Sequence[list[int]],
     params: SamplingParams,
     max_tokens_param: str = "max_tokens",
+    generated_ids: list[int] | None = None,
 ) -> list[AsyncGenerator[RequestOutput, None]]:
     """The engine's stream for each prompt (`request_id`, or `request_id-i` for several).
 
     The engine checks each request here, before any response starts, so that a stream never opens
     for a request it would refuse; a SamplingParamsError becomes a 400 naming the field (errors.py),
     `max_tokens_param` where the request set the limit under another name. Nothing reaches the
-    engine until a stream is iterated."""
+    engine until a stream is iterated. `generated_ids`: a resumed stream's output so far."""
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     try:
         return [
-            runtime.engine.generate(rid, prompt, params)
+            runtime.engine.generate(rid, prompt, params, generated_ids=generated_ids)
             for rid, prompt in zip(ids, prompts, strict=True)
         ]
     except SamplingParamsError as exc:

@@ -63,6 +63,14 @@ class ResponseFormat(_Body):
         return None
 
 
+class FleetResume(_Body):
+    """A fleet router's continuation of a stream whose replica died (see resume.py)."""
+
+    token_ids: list[NonNegative]  # generated so far, all already sent (none: only the role chunk)
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")] | None = None
+    created: NonNegative | None = None
+
+
 class SamplingFields(_Body):
     """Fields both generation routes share; the engine's SamplingParams is built from these."""
 
@@ -88,6 +96,8 @@ class SamplingFields(_Body):
     min_tokens: NonNegative | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # the fleet's own: a router resuming a stream on this replica (resume.py)
+    fleet_resume: FleetResume | None = None
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> SamplingFields:
