@@ -110,6 +110,7 @@ def router(
         1.0, min=0, rich_help_panel=UPSTREAM, help="Seconds between /load polls."
     ),
     log_level: flags.LogLevel = flags.LOG_LEVEL,
+    otlp_endpoint: str = flags.OTLP_ENDPOINT,
     max_connections: int = typer.Option(
         10_000,
         min=1,
@@ -169,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_connections=args.max_connections,
         tls=tls_from_args(args),
         cors=cors_from_args(args),
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 

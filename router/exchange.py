@@ -44,6 +44,7 @@ from router.routing.sessions import sticky_replica
 
 if TYPE_CHECKING:
     from router.proxy import Proxy
+    from router.tracing import RequestTrace
 
 log = logging.getLogger("router.proxy")
 
@@ -91,12 +92,25 @@ class Exchange:
     waiter: asyncio.Future | None = None
     end_waiter: asyncio.Future | None = None
     retrying: asyncio.Task | None = None
+    trace: RequestTrace | None = None  # with tracing on (router.tracing)
 
-    def __init__(self, proxy: Proxy, plan: Plan, conn: ClientConnection, started: float) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        plan: Plan,
+        conn: ClientConnection,
+        started: float,
+        forward: bytes,
+        trace: RequestTrace | None,
+    ) -> None:
+        """`forward`: head lines every attempt sends the replica (X-Request-Id, traceparent)."""
         self.proxy = proxy
         self.plan = plan
         self.conn = conn
         self.started = started  # time.perf_counter() when the request was read
+        self.forward = forward
+        if trace is not None:
+            self.trace = trace
         conn.on_disconnect = self.client_left
 
     # -- starting and ending
@@ -144,10 +158,16 @@ class Exchange:
         if self.end_waiter is not None and not self.end_waiter.done():
             self.end_waiter.set_result(None)
 
+    @property
+    def request_id(self) -> str:
+        """For log lines: the X-Request-Id the client was answered with."""
+        return self.conn.request_id.decode("latin-1")
+
     # -- one attempt at one replica
 
     def _attempt(self) -> None:
-        plan = self.plan
+        plan, trace = self.plan, self.trace
+        picking = time.time_ns() if trace is not None else 0
         decision = self._pick(plan) if plan.pinned is None else Decision(plan.pinned, "pinned")
         replica = self.replica = decision.replica
         self.tried += (replica.id,)
@@ -160,9 +180,14 @@ class Exchange:
         replica.breaker.dispatched()
         self.idle_phase = False
         self.deadline = time.monotonic() + self.proxy.ttfb_timeout_s
+        forward = self.forward
+        if trace is not None:
+            policy = self.proxy.policy.name if plan.pinned is None else "pinned"
+            trace.routed(picking, policy, decision.outcome, replica.id, decision.cached_tokens)
+            forward += trace.attempt_started(replica.id)
         self.upstream = self.proxy.client.send(
             replica.host, replica.port, replica.tls, replica.request_host, plan.method,
-            replica.base_path + plan.path, plan.body, self, plan.stream,
+            replica.base_path + plan.path, plan.body, self, plan.stream, forward,
         )  # fmt: skip
 
     def _pick(self, plan: Plan) -> Decision:
@@ -199,6 +224,8 @@ class Exchange:
         replica, self.replica = self.replica, None
         if replica is None:
             return
+        if self.trace is not None:
+            self.trace.attempt_ended(self.upstream.status if self.upstream is not None else 0)
         replica.in_flight -= 1
         replica.pending_prefill -= self.prefill
         self.prefill = 0
@@ -238,7 +265,9 @@ class Exchange:
             return
         self._failed_replica()
         if self.head_sent:
-            log.warning("replica %s: stream broke: %r", self.replica_id, exc)
+            log.warning(
+                "replica %s: stream broke: %r (request %s)", self.replica_id, exc, self.request_id
+            )
             self._end_stream(APIError(502, "The replica's stream broke.", code="upstream_error"))
         else:
             self._attempt_failed(Retryable("connection failed", 502, repr(exc)[:200]))
@@ -397,7 +426,7 @@ class Exchange:
         except NoReplica:
             self._give_up(last, "no other replica to try")
         except Exception:  # a bug must not leave the client waiting for ever
-            log.exception("retrying %s failed", self.plan.path)
+            log.exception("retrying %s failed (request %s)", self.plan.path, self.request_id)
             self.refuse(APIError(500, "The router failed to serve this request."))
 
     async def _attempt_once(self) -> None:
@@ -416,9 +445,9 @@ class Exchange:
         their own words, go to the log (replica ids and exception names are not the client's)."""
         tried = len(self.tried)
         log.warning(
-            "gave up on %s after %s (%s)%s; tried %s",
+            "gave up on %s after %s (%s)%s; tried %s (request %s)",
             self.plan.path, exc.reason, exc.detail, f"; {why}" if why else "",
-            ", ".join(self.tried),
+            ", ".join(self.tried), self.request_id,
         )  # fmt: skip
         note = f"; {why}" if why else ""
         plural = "s" if tried != 1 else ""

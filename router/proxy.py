@@ -8,6 +8,7 @@ A handler hands a plan (router.plan) to `Proxy.start`, which builds the request'
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from router.backends.pool import ReplicaPool
 from router.backends.retry_budget import RetryBudget
@@ -18,6 +19,9 @@ from router.http.upstream import HttpClient
 from router.metrics import RouterMetrics
 from router.plan import Plan
 from router.routing.policies import Policy
+
+if TYPE_CHECKING:
+    from router.tracing import RequestTrace
 
 
 class Proxy:
@@ -50,9 +54,22 @@ class Proxy:
         self.budget = budget
         self.watchdog = Watchdog()
 
-    def start(self, plan: Plan, conn: ClientConnection, started: float) -> Exchange:
-        """Carry `plan` out for the client on `conn`: the exchange answers it from callbacks."""
-        ex = Exchange(self, plan, conn, started)
+    def start(
+        self,
+        plan: Plan,
+        conn: ClientConnection,
+        started: float,
+        request_id: bytes,
+        traceparent: bytes | None = None,
+        trace: RequestTrace | None = None,
+    ) -> Exchange:
+        """Carry `plan` out for the client on `conn`: the exchange answers it from callbacks.
+        The request id goes to the replica; so does the client's traceparent, unless the router
+        traces (then each attempt sends its own, router.tracing)."""
+        forward = b"x-request-id: %s\r\n" % request_id
+        if traceparent is not None and trace is None:
+            forward += b"traceparent: %s\r\n" % traceparent
+        ex = Exchange(self, plan, conn, started, forward, trace)
         ex.start()
         return ex
 

@@ -36,6 +36,7 @@ from replica.http_api.responses import (
     usage_chunk,
 )
 from replica.http_api.sse_response import frame
+from replica.http_api.tracing import tag_request
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -45,6 +46,7 @@ async def create_chat_completion(request: Request) -> Response:
     engine = runtime.accept()
     body = parse_body(ChatCompletionRequest, await read_body(request))
     model = runtime.check_model(body.model)
+    tag_request(model, record.id if record is not None else None)
     runtime.check_fanout(body.n or 1)
     prompt_ids = await runtime.prompts.run(
         lambda: chat_token_ids(

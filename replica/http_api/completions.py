@@ -37,6 +37,7 @@ from replica.http_api.responses import (
     usage_chunk,
 )
 from replica.http_api.sse_response import frame
+from replica.http_api.tracing import tag_request
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
 
@@ -54,6 +55,7 @@ async def create_completion(request: Request) -> Response:
     engine = runtime.accept()
     body = parse_body(CompletionRequest, await read_body(request))
     model = runtime.check_model(body.model)
+    tag_request(model, record.id if record is not None else None)
     tokenizer = engine.tokenizer
     runtime.check_fanout(len(body.prompts) * (body.n or 1))
     prompt_ids = await runtime.prompts.run(

@@ -305,12 +305,15 @@ class HttpClient:
         body: bytes,
         listener: Listener,
         stream: bool = False,
+        headers: bytes = b"",
     ) -> UpstreamConnection:
         """Send one request; its answer goes to `listener`, never before this returns. The
-        connection returned is the handle to abort the request with."""
+        connection returned is the handle to abort the request with. `headers`: this request's
+        own head lines, each ending in CRLF."""
         pool = self._pool(host, port, tls)
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
-            method.encode(), target.encode("latin-1"), host_header, self.extra, len(body),
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%sContent-Length: %d\r\n\r\n" % (
+            method.encode(), target.encode("latin-1"), host_header, self.extra, headers,
+            len(body),
         )  # fmt: skip
         request = head + body if body else head
         idle = pool.idle
