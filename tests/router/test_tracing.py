@@ -363,3 +363,21 @@ def test_the_replicas_log_lines_carry_the_request_id() -> None:
     assert outside.getMessage() == "idle"
     fmt = logging_config()["formatters"]["access"]["fmt"]
     assert AccessFormatter(fmt, use_colors=False).format(access).endswith("200 OK request=req-9")
+
+
+async def test_the_routers_access_lines_carry_the_request_id(
+    traced, secret, caplog: pytest.LogCaptureFixture
+) -> None:
+    router, _ = traced
+    _, key = secret
+    caplog.set_level("DEBUG", logger="router.access")
+    headers = {"Authorization": f"Bearer {key}", "X-Request-Id": "logged-1"}
+    ok = await router.client.post("/v1/chat/completions", json=chat(), headers=headers)
+    refused = await router.client.post(
+        "/v1/chat/completions", json={**chat(), "model": "nope"}, headers=headers
+    )
+    assert (ok.status_code, refused.status_code) == (200, 404)
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.access"]
+    assert any("status=200" in line and line.endswith("request=logged-1") for line in lines)
+    assert any("status=404" in line and line.endswith("request=logged-1") for line in lines)
+    assert any(f"replica={REPLICA_ID}" in line for line in lines)
