@@ -123,6 +123,7 @@ def replica(
         "then sends --api-key as its bearer token); /health and /version stay open.",
     ),
     log_level: flags.LogLevel = flags.LOG_LEVEL,
+    otlp_endpoint: str = flags.OTLP_ENDPOINT,
     ssl_keyfile: str = flags.SSL_KEYFILE,
     ssl_certfile: str = flags.SSL_CERTFILE,
     ssl_ca_certs: str = flags.SSL_CA_CERTS,
@@ -189,7 +190,11 @@ def serve(args: argparse.Namespace) -> int:
     from replica.engine.async_engine import AsyncEngine
     from replica.http_api.app import build_app
     from replica.http_api.runtime import ReplicaSettings
+    from replica.http_api.tracing import RequestIdFilter
     from replica.http_api.uvicorn_runner import DrainingServer, add_cors, uvicorn_config
+
+    for handler in logging.getLogger().handlers:  # a request's lines name its X-Request-Id
+        handler.addFilter(RequestIdFilter())
 
     settings = ReplicaSettings(
         model=args.model,
@@ -214,6 +219,7 @@ def serve(args: argparse.Namespace) -> int:
         protect_info_routes=args.protect_info_routes,
         tls=tls,
         cors=cors_from_args(args),
+        otlp_endpoint=args.otlp_endpoint,
     )
     web = build_app(settings, lambda: AsyncEngine(eargs))
     add_cors(web, settings.cors)

@@ -135,6 +135,7 @@ def router(
         "(e.g. the replicas' --max-num-seqs divided by the number of routers). 0: no cap.",
     ),
     log_level: flags.LogLevel = flags.LOG_LEVEL,
+    otlp_endpoint: str = flags.OTLP_ENDPOINT,
     max_connections: int = typer.Option(
         10_000,
         min=1,
@@ -200,6 +201,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_connections=args.max_connections,
         tls=tls_from_args(args),
         cors=cors_from_args(args),
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 

@@ -5,11 +5,17 @@ Every exchange reports its end here (`ended`), and so does a request refused bef
 (router.usage) or the usage frame a stream's tap picked out (router.usage_tap). A fleet key's
 request is then settled against its key's limits (`settle`), after the answer is out, by the
 handler that admitted it.
+
+Each end is also the request's access log line (logger `router.access`, at debug level: a line
+per request costs more than the rest of the router's work on it) and, with tracing on, the end
+of its trace (router.tracing).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import TYPE_CHECKING
 
 from fleet.control.keys import Ticket
 from router.auth import Gate
@@ -19,6 +25,11 @@ from router.metrics import RouterMetrics
 from router.plan import GENERATION_KINDS, Plan
 from router.routing.tokens import TokenEstimator
 from router.usage import Usage, usage_of_answer
+
+if TYPE_CHECKING:
+    from router.tracing import RequestTrace
+
+access = logging.getLogger("router.access")
 
 _STATUS_TEXT: dict[int, str] = {}
 
@@ -45,21 +56,33 @@ class Accounting:
         if plan.learn and ex.status == 200:
             self._learn(plan, usage_of(ex))
         model = plan.model if plan.model in self.pool.by_model else "unknown"
+        took = time.perf_counter() - ex.started
         self.metrics.request_done(
-            plan.route,
-            model,
-            ex.replica_id or "none",
-            status_text(ex.status),
-            time.perf_counter() - ex.started,
+            plan.route, model, ex.replica_id or "none", status_text(ex.status), took
         )
+        if access.isEnabledFor(logging.DEBUG):
+            log_access(plan.route, model, ex.replica_id, ex.status, took, ex.conn.request_id)
+        if ex.trace is not None:
+            ex.trace.ended(ex.status, plan.model, ex.replica_id, usage_of(ex))
 
-    def refused(self, route: str, model: str, status: int, started: float) -> None:
+    def refused(
+        self,
+        route: str,
+        model: str,
+        status: int,
+        started: float,
+        request_id: bytes,
+        trace: RequestTrace | None = None,
+    ) -> None:
         """A request that ended before it had an exchange: refused, or its client left while
         its key was checked."""
         model = model if model in self.pool.by_model else "unknown"
-        self.metrics.request_done(
-            route, model, "none", status_text(status), time.perf_counter() - started
-        )
+        took = time.perf_counter() - started
+        self.metrics.request_done(route, model, "none", status_text(status), took)
+        if access.isEnabledFor(logging.DEBUG):
+            log_access(route, model, "", status, took, request_id)
+        if trace is not None:
+            trace.ended(status, model if model != "unknown" else "", "", None)
 
     async def settle(self, ex: Exchange, ticket: Ticket) -> None:
         """Charge what the replica reports it used. A stream cut short (by the client, a stalled
@@ -90,6 +113,15 @@ class Accounting:
     def _learn(self, plan: Plan, usage: Usage | None, key: str | None = None) -> None:
         if usage is not None and isinstance(usage.get("prompt_tokens"), int):
             self.tokens.observe(plan.model, plan.routing.units, usage["prompt_tokens"], key)
+
+
+def log_access(
+    route: str, model: str, replica_id: str, status: int, took_s: float, request_id: bytes
+) -> None:
+    access.debug(
+        "%s model=%s replica=%s status=%d %.1f ms request=%s",
+        route, model, replica_id or "-", status, took_s * 1000, request_id.decode("latin-1"),
+    )  # fmt: skip
 
 
 def usage_of(ex: Exchange) -> Usage | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore, Ticket
@@ -45,6 +46,11 @@ from router.routing.policies import make_policy
 from router.routing.tokens import TokenEstimator
 from router.side_app import InfoRoutes, side_app
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from router.tracing import RequestTrace, RouterTracer
+
 log = logging.getLogger("router")
 
 CHAT_PATH = "/v1/chat/completions"
@@ -60,7 +66,9 @@ class RouterApp:
         *,
         key_store: KeyStore | None = None,
         watcher: MembershipWatcher | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """`tracer_provider`: where spans go (tests pass one); else `config.otlp_endpoint`'s."""
         self.config = config
         self.started_at = time.time()
         if config.redis_url:
@@ -98,6 +106,7 @@ class RouterApp:
             queue=config.queue,
         )
         self.dashboard = Dashboard(self)
+        self.tracer = tracer(config, tracer_provider)
         self.web = side_app(
             InfoRoutes(config, self.pool, self.gate, self.metrics, self.started_at),
             admin.routes(
@@ -128,6 +137,8 @@ class RouterApp:
         await self.pool.close()
         if self.key_store is not None:
             await self.key_store.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()
 
     # -- dispatch
 
@@ -206,21 +217,28 @@ class RouterApp:
         """Check, plan and start one proxied request. Static keys (or none) are checked here and
         now; a fleet key may need Redis, so that path is a coroutine."""
         started = time.perf_counter()
-        authorization, session_id = request_headers(incoming.headers)
+        authorization, session_id, traceparent = request_headers(incoming.headers)
+        trace = None
+        if self.tracer is not None:
+            trace = self.tracer.begin(route, incoming.request_id, traceparent)
         try:
             if not self.gate.check_static(authorization):
                 return self._proxied_with_key(
                     incoming, conn, route, path, pinned, refusal, method,
-                    authorization, session_id, started,
+                    authorization, session_id, started, traceparent, trace,
                 )  # fmt: skip
+            if trace is not None:
+                trace.authenticated(None)
             if refusal is not None:
                 raise refusal
             plan = self.planner.plan(route, path, method, incoming.body, pinned, None, session_id)
         except APIError as err:
             conn.respond_error(err)
-            self.accounting.refused(route, "", err.status, started)
+            self.accounting.refused(route, "", err.status, started, incoming.request_id, trace)
             return None
-        self.proxy.start(plan, conn, started, authorization or "")
+        self.proxy.start(
+            plan, conn, started, incoming.request_id, traceparent, trace, authorization or ""
+        )
         return None
 
     async def _proxied_with_key(
@@ -235,6 +253,8 @@ class RouterApp:
         authorization: str | None,
         session_id: str | None,
         started: float,
+        traceparent: bytes | None,
+        trace: RequestTrace | None,
     ) -> None:
         """The fleet-key path: authenticate (cached), plan, check the key may use the plan's
         model, take the key's limits (one Redis round trip when it has any), proxy, then settle
@@ -243,6 +263,8 @@ class RouterApp:
         ticket: Ticket | None = None
         try:
             record = await self.gate.authenticate(authorization, None)
+            if trace is not None:
+                trace.authenticated(record.id if record is not None else None)
             if refusal is not None:
                 raise refusal
             key_id = record.id if record is not None else None
@@ -255,24 +277,46 @@ class RouterApp:
             if not gone:
                 conn.respond_error(err)
             status = CLIENT_CLOSED if gone else err.status
-            self.accounting.refused(route, plan.model if plan else "", status, started)
+            model = plan.model if plan else ""
+            self.accounting.refused(route, model, status, started, incoming.request_id, trace)
             return
         if conn.closed:  # the client left while its key was checked
-            self.accounting.refused(route, plan.model, CLIENT_CLOSED, started)
+            self.accounting.refused(
+                route, plan.model, CLIENT_CLOSED, started, incoming.request_id, trace
+            )
             await self.accounting.release(ticket)
             return
-        ex = self.proxy.start(plan, conn, started, key_id or "")
+        ex = self.proxy.start(
+            plan, conn, started, incoming.request_id, traceparent, trace, key_id or ""
+        )
         await ex.wait_end()  # the server expects the answer out when this task returns
         if ticket is not None:
             await self.accounting.settle(ex, ticket)
 
 
-def request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
-    """(Authorization, X-Session-Id): one dict built in C beats a Python loop over the headers."""
+def request_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[str | None, str | None, bytes | None]:
+    """(Authorization, X-Session-Id, traceparent): one dict built in C beats a Python loop over
+    the headers. The traceparent goes on to the replica as it came (router.tracing)."""
     by_name = dict(headers)
     authorization = by_name.get(b"authorization")
     session = by_name.get(b"x-session-id")
     return (
         authorization.decode("latin-1") if authorization is not None else None,
         session.decode("latin-1") if session is not None else None,
+        by_name.get(b"traceparent"),
     )
+
+
+def tracer(config: RouterConfig, provider: TracerProvider | None) -> RouterTracer | None:
+    """Spans only with an endpoint (or a provider given): OpenTelemetry is imported only then."""
+    if provider is None and config.otlp_endpoint:
+        from fleet.telemetry import otlp_provider
+
+        provider = otlp_provider(config.otlp_endpoint, "fleet-router")
+    if provider is None:
+        return None
+    from router.tracing import RouterTracer
+
+    return RouterTracer(provider)

@@ -38,3 +38,4 @@ class RouterConfig:
     max_connections: int = 10_000
     tls: TLSSettings | None = None  # HTTPS for clients
     cors: CORSSettings | None = None  # off unless origins are given
+    otlp_endpoint: str | None = None  # export spans there (router.tracing); None: no tracing

@@ -48,6 +48,7 @@ from router.stream_resume import MAX_RESUMES, TOKEN_IDS_HEADER, StreamTrail
 
 if TYPE_CHECKING:
     from router.proxy import Proxy
+    from router.tracing import RequestTrace
 
 log = logging.getLogger("router.proxy")
 
@@ -99,12 +100,25 @@ class Exchange:
     retrying: asyncio.Task[None] | None = None
     trail: StreamTrail | None = None  # a stream another replica could carry on
     resumes = 0
+    trace: RequestTrace | None = None  # with tracing on (router.tracing)
 
-    def __init__(self, proxy: Proxy, plan: Plan, conn: ClientConnection, started: float) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        plan: Plan,
+        conn: ClientConnection,
+        started: float,
+        forward: bytes,
+        trace: RequestTrace | None,
+    ) -> None:
+        """`forward`: head lines every attempt sends the replica (X-Request-Id, traceparent)."""
         self.proxy = proxy
         self.plan = plan
         self.conn = conn
         self.started = started  # time.perf_counter() when the request was read
+        self.forward = forward
+        if trace is not None:
+            self.trace = trace
         conn.on_disconnect = self.client_left
 
     # -- starting and ending
@@ -146,13 +160,19 @@ class Exchange:
         if self.end_waiter is not None and not self.end_waiter.done():
             self.end_waiter.set_result(None)
 
+    @property
+    def request_id(self) -> str:
+        """For log lines: the X-Request-Id the client was answered with."""
+        return self.conn.request_id.decode("latin-1")
+
     # -- one attempt at one replica
 
     def dispatch(self, decision: Decision | None = None, continuation: bytes | None = None) -> None:
         """Send this attempt to `decision`'s replica (the router queue's choice), or to the
         replica the policy picks now (NoReplica when none has room); `continuation` (a resumed
         stream) goes to one of our own replicas."""
-        plan = self.plan
+        plan, trace = self.plan, self.trace
+        picking = time.time_ns() if trace is not None else 0
         if decision is None:
             decision = (
                 self.pick(ours_only=continuation is not None)
@@ -173,10 +193,16 @@ class Exchange:
         if not self.head_sent:
             ours = plan.resumable and replica.engine == "fleetserve"
             self.trail = StreamTrail() if ours else None
+        forward = self.forward
+        if self.trail is not None:
+            forward += TOKEN_IDS_HEADER
+        if trace is not None:
+            policy = self.proxy.policy.name if plan.pinned is None else "pinned"
+            trace.routed(picking, policy, decision.outcome, replica.id, decision.cached_tokens)
+            forward += trace.attempt_started(replica.id)
         self.upstream = self.proxy.client.send(
             replica.host, replica.port, replica.tls, replica.request_host, plan.method,
-            replica.base_path + plan.path, continuation or plan.body, self, plan.stream,
-            TOKEN_IDS_HEADER if self.trail is not None else b"",
+            replica.base_path + plan.path, continuation or plan.body, self, plan.stream, forward,
         )  # fmt: skip
 
     def pick(self, ours_only: bool = False) -> Decision:
@@ -218,6 +244,8 @@ class Exchange:
         replica, self.replica = self.replica, None
         if replica is None:
             return
+        if self.trace is not None:
+            self.trace.attempt_ended(self.upstream.status if self.upstream is not None else 0)
         replica.in_flight -= 1
         if self.proxy.queue.depth:
             self.proxy.queue.wake()
@@ -267,7 +295,9 @@ class Exchange:
             return
         self._failed_replica()
         if self.head_sent:
-            log.warning("replica %s: stream broke: %r", self.replica_id, exc)
+            log.warning(
+                "replica %s: stream broke: %r (request %s)", self.replica_id, exc, self.request_id
+            )
             self._stream_broke(APIError(502, "The replica's stream broke.", code="upstream_error"))
         else:
             self._attempt_failed(Retryable("connection failed", 502, repr(exc)[:200]))
@@ -460,7 +490,7 @@ class Exchange:
         except NoReplica:
             self._give_up(last, "no other replica to try")
         except Exception:  # a bug must not leave the client waiting for ever
-            log.exception("retrying %s failed", self.plan.path)
+            log.exception("retrying %s failed (request %s)", self.plan.path, self.request_id)
             self.refuse(APIError(500, "The router failed to serve this request."))
 
     async def _attempt_once(self) -> None:
@@ -479,9 +509,9 @@ class Exchange:
         their own words, go to the log (replica ids and exception names are not the client's)."""
         tried = len(self.tried)
         log.warning(
-            "gave up on %s after %s (%s)%s; tried %s",
+            "gave up on %s after %s (%s)%s; tried %s (request %s)",
             self.plan.path, exc.reason, exc.detail, f"; {why}" if why else "",
-            ", ".join(self.tried),
+            ", ".join(self.tried), self.request_id,
         )  # fmt: skip
         note = f"; {why}" if why else ""
         plural = "s" if tried != 1 else ""

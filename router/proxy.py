@@ -9,6 +9,7 @@ A handler hands a plan (router.plan) to `Proxy.start`, which builds the request'
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from router.backends.pool import ReplicaPool
 from router.backends.retry_budget import RetryBudget
@@ -20,6 +21,9 @@ from router.metrics import RouterMetrics
 from router.plan import Plan
 from router.queueing.request_queue import QueueSettings, RequestQueue
 from router.routing.policies import Policy
+
+if TYPE_CHECKING:
+    from router.tracing import RequestTrace
 
 
 class Proxy:
@@ -55,10 +59,24 @@ class Proxy:
         self.queue = RequestQueue(queue or QueueSettings(), metrics)
         self.replica_max_in_flight = self.queue.settings.replica_max_in_flight
 
-    def start(self, plan: Plan, conn: ClientConnection, started: float, key: str = "") -> Exchange:
+    def start(
+        self,
+        plan: Plan,
+        conn: ClientConnection,
+        started: float,
+        request_id: bytes,
+        traceparent: bytes | None = None,
+        trace: RequestTrace | None = None,
+        key: str = "",
+    ) -> Exchange:
         """Carry `plan` out for the client on `conn`: the exchange answers it from callbacks.
-        `key` names the caller for the queue's fairness (a fleet key's id, a static key)."""
-        ex = Exchange(self, plan, conn, started)
+        The request id goes to the replica; so does the client's traceparent, unless the router
+        traces (then each attempt sends its own, router.tracing). `key` names the caller for the
+        queue's fairness (a fleet key's id, a static key)."""
+        forward = b"x-request-id: %s\r\n" % request_id
+        if traceparent is not None and trace is None:
+            forward += b"traceparent: %s\r\n" % traceparent
+        ex = Exchange(self, plan, conn, started, forward, trace)
         if key:
             ex.key = key
         ex.start()

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import typer
 
 from fleet.control.redis_conn import DEFAULT_PREFIX, PREFIX_ENV, REDIS_URL_ENV
+from fleet.telemetry import OTLP_ENDPOINT_ENV
 from fleet.web_security import string_list
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -97,3 +98,8 @@ ALLOW_CREDENTIALS = typer.Option(
     False, "--allow-credentials", rich_help_panel=CORS, help="Allow cookies and credentials."
 )
 LOG_LEVEL = typer.Option("info", "--log-level", case_sensitive=False, help="Logging level.")
+OTLP_ENDPOINT = typer.Option(
+    None, "--otlp-endpoint", envvar=OTLP_ENDPOINT_ENV, metavar="URL",
+    help="Export OpenTelemetry spans over OTLP/HTTP to this collector (http://host:4318); "
+    "needs the otel extra. Off without it.",
+)  # fmt: skip

@@ -21,8 +21,11 @@ from replica.http_api.errors import EXCEPTION_HANDLERS
 from replica.http_api.metrics import ReplicaMetrics
 from replica.http_api.openapi import openapi_document
 from replica.http_api.runtime import ReplicaRuntime, ReplicaSettings
+from replica.http_api.tracing import RequestTracing
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
     from replica.engine.async_engine import AsyncEngine
 
 
@@ -83,8 +86,17 @@ def _route_of(scope: Scope) -> str:
     return route.path if isinstance(route, Route) else "unmatched"
 
 
-def build_app(settings: ReplicaSettings, engine_factory: Callable[[], AsyncEngine]) -> Starlette:
-    """`engine_factory` builds the AsyncEngine (called in a thread at startup: loading is slow)."""
+def build_app(
+    settings: ReplicaSettings,
+    engine_factory: Callable[[], AsyncEngine],
+    tracer_provider: TracerProvider | None = None,
+) -> Starlette:
+    """`engine_factory` builds the AsyncEngine (called in a thread at startup: loading is slow).
+    Spans go to `tracer_provider` (tests pass one), else to `settings.otlp_endpoint` if set."""
+    if tracer_provider is None and settings.otlp_endpoint:
+        from fleet.telemetry import otlp_provider
+
+        tracer_provider = otlp_provider(settings.otlp_endpoint, "fleet-replica")
     # `*_created` series double the scrape size and no dashboard reads them (process-wide switch).
     disable_created_metrics()
     runtime = ReplicaRuntime(settings, engine_factory)
@@ -96,9 +108,12 @@ def build_app(settings: ReplicaSettings, engine_factory: Callable[[], AsyncEngin
             yield
         finally:
             await runtime.stop()
+            if tracer_provider is not None:
+                tracer_provider.shutdown()  # send the spans still batched
 
     app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.router.redirect_slashes = False  # a 404 body, not a redirect built from the Host header
     app.state.runtime = runtime
     app.add_middleware(RequestCounter, metrics=runtime.metrics)
+    app.add_middleware(RequestTracing, replica_id=settings.replica_id, provider=tracer_provider)
     return app

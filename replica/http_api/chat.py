@@ -37,6 +37,7 @@ from replica.http_api.responses import (
 )
 from replica.http_api.resume import StreamResume, stream_resume
 from replica.http_api.sse_response import frame
+from replica.http_api.tracing import tag_request
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -47,6 +48,7 @@ async def create_chat_completion(request: Request) -> Response:
     body = parse_body(ChatCompletionRequest, await read_body(request))
     resume = stream_resume(request, record, body)
     model = runtime.check_model(body.model)
+    tag_request(model, record.id if record is not None else None)
     runtime.check_fanout(body.n or 1)
     prompt_ids = await runtime.prompts.run(
         lambda: chat_token_ids(

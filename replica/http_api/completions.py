@@ -38,6 +38,7 @@ from replica.http_api.responses import (
 )
 from replica.http_api.resume import StreamResume, stream_resume
 from replica.http_api.sse_response import frame
+from replica.http_api.tracing import tag_request
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
 
@@ -56,6 +57,7 @@ async def create_completion(request: Request) -> Response:
     body = parse_body(CompletionRequest, await read_body(request))
     resume = stream_resume(request, record, body)
     model = runtime.check_model(body.model)
+    tag_request(model, record.id if record is not None else None)
     tokenizer = engine.tokenizer
     runtime.check_fanout(len(body.prompts) * (body.n or 1))
     prompt_ids = await runtime.prompts.run(

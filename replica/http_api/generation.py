@@ -21,6 +21,7 @@ from replica.http_api.metrics import ReplicaMetrics
 from replica.http_api.protocol import SamplingFields
 from replica.http_api.runtime import ReplicaRuntime
 from replica.http_api.sse_response import SSEResponse
+from replica.http_api.tracing import engine_finished
 
 
 def sampling_params(
@@ -72,7 +73,8 @@ async def build_grammar(runtime: ReplicaRuntime, params: SamplingParams) -> None
 
 
 class LatencyTracker:
-    """TTFT, inter-token latency, end-to-end and queue time of one engine request."""
+    """TTFT, inter-token latency, end-to-end and queue time of one engine request (and, when
+    traced, its engine spans: replica.http_api.tracing)."""
 
     def __init__(self, metrics: ReplicaMetrics, arrival: float) -> None:
         self.metrics = metrics
@@ -97,6 +99,7 @@ class LatencyTracker:
             m.queue.observe(out.metrics.first_scheduled_time - out.metrics.arrival_time)
         m.prompt_tokens.inc(len(out.prompt_token_ids))
         m.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
+        engine_finished(out)
 
 
 def open_streams(

@@ -71,6 +71,7 @@ class ReplicaSettings:
     protect_info_routes: bool = False
     tls: TLSSettings | None = None
     cors: CORSSettings | None = None
+    otlp_endpoint: str | None = None  # export spans there (replica.http_api.tracing)
 
     @property
     def served_names(self) -> list[str]:

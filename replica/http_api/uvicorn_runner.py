@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import uvicorn
@@ -22,6 +24,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from fleet.control.errors import APIError
 from fleet.web_security import CORSSettings
 from replica.http_api.runtime import ReplicaRuntime, ReplicaSettings
+from replica.http_api.tracing import RequestIdFilter
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -87,6 +90,15 @@ class JsonRefusals(HttpToolsProtocol):
             self.transport.close()
 
 
+def logging_config() -> dict[str, Any]:
+    """uvicorn's logging, its access lines ending with the request's id (X-Request-Id)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["filters"] = {"request_id": {"()": RequestIdFilter}}
+    config["formatters"]["access"]["fmt"] += " request=%(request_id)s"
+    config["handlers"]["access"]["filters"] = ["request_id"]
+    return config
+
+
 def uvicorn_config(app: Starlette, settings: ReplicaSettings, log_level: str) -> uvicorn.Config:
     """The server's settings, TLS included (uvicorn's ssl_* arguments, as vLLM passes them)."""
     tls = settings.tls
@@ -95,6 +107,7 @@ def uvicorn_config(app: Starlette, settings: ReplicaSettings, log_level: str) ->
         host=settings.host,
         port=settings.port,
         log_level=log_level,
+        log_config=logging_config(),
         lifespan="on",
         http=JsonRefusals,
         ws="none",  # no WebSocket routes: an Upgrade is ignored, the request answered as HTTP

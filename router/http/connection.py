@@ -30,6 +30,7 @@ import httptools
 import orjson
 
 from fleet.control.errors import APIError
+from fleet.request_id import request_id_for
 from router.http.messages import Request, error_bytes, response_head
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True  # between requests, or reading a request's head
         self.head_bytes = 0  # bytes read since the head began (counted per read)
         self.content_length: bytes | None = None
+        self.given_id: bytes | None = None  # the request's X-Request-Id, as the client sent it
         self.too_large = False
         self.expects_continue = False
         self.continue_due = False  # a `100 Continue` waits for its request's turn
@@ -172,6 +174,7 @@ class ClientConnection(asyncio.Protocol):
         self.body = []
         self.body_size = 0
         self.content_length = None
+        self.given_id = None
         self.too_large = False
         self.expects_continue = False
 
@@ -185,6 +188,8 @@ class ClientConnection(asyncio.Protocol):
             self.content_length = value
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expects_continue = True
+        elif name == b"x-request-id":
+            self.given_id = value
 
     def on_headers_complete(self) -> None:
         """Limits that need the whole head; raising here refuses the request (431, 413)."""
@@ -233,6 +238,7 @@ class ClientConnection(asyncio.Protocol):
             query,
             self.headers,
             body,
+            request_id_for(self.given_id),
         )
         item: tuple[Request, bool, APIError | None]
         if self.too_large:
@@ -316,7 +322,10 @@ class ClientConnection(asyncio.Protocol):
         return self.active and self.current is request
 
     def _handler_failed(self, request: Request) -> None:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
+        log.exception(
+            "unhandled error serving %s %s (request %s)",
+            request.method, request.path, request.request_id.decode("latin-1"),
+        )  # fmt: skip
         if not self._answering(request):
             return
         if self._chunked:
@@ -348,12 +357,19 @@ class ClientConnection(asyncio.Protocol):
 
     # -- the response API
 
+    @property
+    def request_id(self) -> bytes:
+        """The X-Request-Id of the request being answered (fleet.request_id)."""
+        return self.current.request_id if self.current is not None else b"-"
+
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A whole response, head and body in one write. `headers` excludes content-length."""
+        """A whole response, head and body in one write. `headers` excludes content-length; the
+        request's X-Request-Id is added here, as on every answer."""
         if self.cors:
             headers = headers + self.cors
-        framing = b"content-length: %d\r\n%s\r\n" % (
+        framing = b"content-length: %d\r\nx-request-id: %s\r\n%s\r\n" % (
             len(body),
+            self.request_id,
             b"" if self.keep_alive else b"connection: close\r\n",
         )
         head = response_head(status, headers, framing)
@@ -373,10 +389,11 @@ class ClientConnection(asyncio.Protocol):
         self._raw = self.http.get_http_version() == "1.0"
         if self._raw:
             self.keep_alive = False
-            framing = b"connection: close\r\n\r\n"
+            framing = b"x-request-id: %s\r\nconnection: close\r\n\r\n" % self.request_id
         else:
-            framing = b"transfer-encoding: chunked\r\n%s\r\n" % (
-                b"" if self.keep_alive else b"connection: close\r\n"
+            framing = b"transfer-encoding: chunked\r\nx-request-id: %s\r\n%s\r\n" % (
+                self.request_id,
+                b"" if self.keep_alive else b"connection: close\r\n",
             )
         self._held = response_head(status, headers, framing)
         self._chunked = True

@@ -6,13 +6,14 @@ response head, built once per answer without an HTTP library's header objects.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import orjson
 
 from fleet.control.errors import APIError
+from fleet.request_id import new_request_id
 
 if TYPE_CHECKING:
     from router.http.connection import ClientConnection
@@ -27,6 +28,7 @@ class Request:
     query: bytes
     headers: list[tuple[bytes, bytes]]  # names in lower case
     body: bytes
+    request_id: bytes = field(default_factory=new_request_id)  # fleet.request_id
 
 
 # What the server calls per request: answers through the connection, now (returns None) or in

@@ -310,10 +310,11 @@ class HttpClient:
     ) -> UpstreamConnection:
         """Send one request; its answer goes to `listener`, never before this returns. The
         connection returned is the handle to abort the request with. `headers`: this request's
-        own header lines, each ending in CRLF."""
+        own head lines, each ending in CRLF."""
         pool = self._pool(host, port, tls)
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%sContent-Length: %d\r\n\r\n" % (
-            method.encode(), target.encode("latin-1"), host_header, self.extra, headers, len(body),
+            method.encode(), target.encode("latin-1"), host_header, self.extra, headers,
+            len(body),
         )  # fmt: skip
         request = head + body if body else head
         idle = pool.idle

@@ -18,7 +18,7 @@ ROUTER_DEFAULTS = {
     "idle_timeout": 60.0, "max_attempts": 3, "retry_budget": 0.2, "prefix_queue_weight": 64.0,
     "probe_interval": 1.0, "load_interval": 1.0, "log_level": "info", "max_connections": 10_000,
     "upstream_ca_certs": None, "queue_size": 1024, "queue_timeout": 30.0, "queue_per_key": 0,
-    "replica_max_in_flight": 0,
+    "replica_max_in_flight": 0, "otlp_endpoint": None,
 }  # fmt: skip
 REPLICA_DEFAULTS = {
     "model": "m", "served_model_name": None, "host": "127.0.0.1", "port": 8001, "device": "auto",
@@ -28,7 +28,7 @@ REPLICA_DEFAULTS = {
     "seed": 0, "api_key": None, "redis_url": None, "redis_prefix": "fleet", "fleet_keys": True,
     "advertise_url": None, "replica_id": None, "max_waiting": 1024, "max_seqs_per_request": 256,
     "chat_template": None, "prompt_timeout": 5.0, "drain_grace": 30.0, "max_body_bytes": 32 * MiB,
-    "protect_info_routes": False, "log_level": "info",
+    "protect_info_routes": False, "log_level": "info", "otlp_endpoint": None,
 }  # fmt: skip
 WEB_DEFAULTS = {
     "ssl_keyfile": None, "ssl_certfile": None, "ssl_ca_certs": None, "ssl_cert_reqs": None,
@@ -36,7 +36,7 @@ WEB_DEFAULTS = {
     "allow_credentials": False,
 }  # fmt: skip
 ENV_VARS = ("FLEET_REDIS_URL", "FLEET_REDIS_PREFIX", "FLEET_ADMIN_KEY", "FLEET_REPLICA_API_KEY",
-            "FLEET_UPSTREAM_API_KEY", "FLEET_METRICS_KEY")  # fmt: skip
+            "FLEET_UPSTREAM_API_KEY", "FLEET_METRICS_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT")  # fmt: skip
 
 
 def flag(dest: str) -> str:

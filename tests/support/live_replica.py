@@ -61,9 +61,11 @@ def serve(
     redis_url: str | None = None,
     max_waiting: int | None = None,
     server: dict[str, Any] | None = None,
+    tracer_provider: Any = None,
     **engine_overrides,
 ) -> Iterator[LiveReplica]:
-    """`server` sets further ReplicaSettings fields; the other keywords are engine arguments."""
+    """`server` sets further ReplicaSettings fields; the other keywords are engine arguments.
+    `tracer_provider`: an OpenTelemetry TracerProvider the replica's spans go to."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -79,7 +81,7 @@ def serve(
         settings.max_waiting = max_waiting
     settings = dataclasses.replace(settings, **(server or {}))
     args = engine_args(model, **engine_overrides)
-    app = build_app(settings, lambda: AsyncEngine(args))
+    app = build_app(settings, lambda: AsyncEngine(args), tracer_provider)
     config = uvicorn.Config(
         app,
         log_level="warning",
