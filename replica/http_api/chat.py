@@ -54,7 +54,7 @@ async def create_chat_completion(request: Request) -> Response:
     body = parse_body(ChatCompletionRequest, await read_body(request))
     model = runtime.check_model(body.model)
     runtime.check_fanout(body.n or 1)
-    tools = chat_tools(body, runtime.tool_parser)
+    tools = await runtime.prompts.run(lambda: chat_tools(body, runtime.tool_parser), "tools")
     prompt_ids = await runtime.prompts.run(
         lambda: chat_token_ids(
             engine.tokenizer,

@@ -155,7 +155,10 @@ class ReplicaRuntime:
                 )
             self._register_task = asyncio.create_task(self._register_when_listening())
         self.status = "ready"
-        log.info("replica ready: %s at %s", self.settings.served_model_name, self.settings.url)
+        log.info(
+            "replica ready: %s at %s (tool-call parser: %s)",
+            self.settings.served_model_name, self.settings.url, self.tool_parser,
+        )  # fmt: skip
 
     async def _register_when_listening(self) -> None:
         """Join the fleet once the port accepts connections (the server starts after lifespan)."""

@@ -320,3 +320,16 @@ def test_a_replica_without_a_parser_refuses_demanded_calls(tiny_model: Path) -> 
             model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=4
         )
         assert answer.choices[0].message.tool_calls is None
+
+
+def test_each_parameters_schema_is_checked_once() -> None:
+    """Agents send the same tools every turn; the metaschema check (~1 s for the largest schema
+    allowed) runs once per schema."""
+    from replica.http_api.tool_calls.request import _schema_problem, tool_request
+
+    before = _schema_problem.cache_info()
+    for _ in range(3):
+        tool_request(TOOLS, "auto", None)
+    after = _schema_problem.cache_info()
+    assert after.misses - before.misses <= len(TOOLS)
+    assert after.hits - before.hits >= 2 * len(TOOLS)

@@ -1,8 +1,14 @@
 """A chat request's `tools`, `tool_choice` and `parallel_tool_calls`, checked: anything wrong is a
-400 naming the field, before the prompt is rendered."""
+400 naming the field, before the prompt is rendered.
+
+Checking a schema against its metaschema takes up to ~1 s for the largest allowed, so the chat
+route runs this on a prompt worker, and each schema's verdict is cached: agents send the same
+tools every turn."""
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -111,15 +117,23 @@ def check_parameters(parameters: Any, param: str) -> None:
     if parameters.get("type", "object") != "object":
         raise APIError(400, f"'{param}' must describe an object (type 'object')", param)
     try:
-        StructuredOutput.json_schema(parameters)
+        problem = _schema_problem(StructuredOutput.json_schema(parameters).schema)
     except GrammarError as exc:
-        raise APIError(400, f"invalid schema in '{param}': {exc}", param) from None
+        problem = str(exc)
+    if problem is not None:
+        raise APIError(400, f"invalid schema in '{param}': {problem}", param)
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_problem(schema_text: str) -> str | None:
     import jsonschema
 
+    schema = json.loads(schema_text)
     try:
-        jsonschema.validators.validator_for(parameters).check_schema(parameters)
+        jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise APIError(400, f"invalid schema in '{param}': {exc.message:.200}", param) from None
+        return f"{exc.message:.200}"
+    return None
 
 
 def _choice(tool_choice: Any, names: set[str]) -> tuple[Choice, str | None]:
