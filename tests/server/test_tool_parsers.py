@@ -4,10 +4,13 @@ plain content, and the parsers of constrained answers stream arguments piece by 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from replica.http_api.tool_calls import (
     ContentDelta,
@@ -223,3 +226,28 @@ def test_parser_chosen_from_the_chat_template() -> None:
     assert detect_parser(mistral) == "mistral"
     assert detect_parser("{% for m in messages %}{{ m.content }}{% endfor %}") == "none"
     assert detect_parser(None) == "none"
+
+
+FRAGMENTS = [
+    "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "{", "}", "[", "]",
+    '"', "\\", ":", ", ", "; ", "\n", " ", '"name"', '"arguments"', '"parameters"', '"f"', "f",
+    "1", "null", "é", "<", "tool",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parser=st.sampled_from(["hermes", "llama3_json", "mistral"]),
+    text=st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_any_text_parses_the_same_however_it_is_split(
+    parser: str, text: str, cuts: list[int]
+) -> None:
+    """Never an exception (a 500), and the same message whole or in any pieces."""
+    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    assert run(parser, text, pieces) == run(parser, text, [text])
+    content, calls = run(parser, text, list(text))
+    if not calls:
+        assert content == text

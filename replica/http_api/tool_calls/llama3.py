@@ -19,6 +19,7 @@ class Llama3JsonParser(ToolCallParser):
         self._scanner: JsonEndScanner | None = None
         self._scanned = 0  # of _buf, by the scanner
         self._need_separator = False
+        self._prefix = ""  # leading space and tag: content again if no call follows
 
     def feed(self, text: str) -> list[Event]:
         if self._state == "text":
@@ -32,6 +33,7 @@ class Llama3JsonParser(ToolCallParser):
                 head = head[len(PYTHON_TAG) :]
             elif not head.startswith("{"):
                 return self._to_text(self._buf)
+            self._prefix = self._buf[: len(self._buf) - len(head)]
             self._buf, self._state = head, "calls"
         return self._scan()
 
@@ -69,13 +71,17 @@ class Llama3JsonParser(ToolCallParser):
     def _to_text(self, text: str) -> list[Event]:
         """Not (or no longer) calls: this and all that follows is content."""
         self._state, self._buf, self._scanner = "text", "", None
-        return self._raw_content(text)
+        return self._raw_content(self._unused_prefix() + text)
+
+    def _unused_prefix(self) -> str:
+        prefix, self._prefix = self._prefix, ""
+        return "" if self.calls else prefix
 
     def finish(self) -> list[Event]:
         out: list[Event] = []
         if self._state == "start":
             out = self._content(self._buf)
-        elif self._buf.strip():
-            out = self._raw_content(self._buf)
+        elif self._buf.strip() or (self._prefix and not self.calls):
+            out = self._raw_content(self._unused_prefix() + self._buf)
         self._buf, self._scanner = "", None
         return out + self._end()
