@@ -153,15 +153,23 @@ def test_answers_match_the_openai_schema(replica: LiveReplica) -> None:
     body = {"model": MODEL_NAME, "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required",
             "max_tokens": MAX_TOKENS, "temperature": 0.0}  # fmt: skip
     with replica.http() as http:
-        whole = http.post("/v1/chat/completions", json=body).json()
-        streamed = http.post("/v1/chat/completions", json={**body, "stream": True}).text
+        whole = http.post("/v1/chat/completions", json={**body, "n": 2}).json()
+        streamed = http.post("/v1/chat/completions", json={**body, "n": 2, "stream": True}).text
     assert_valid("CreateChatCompletionResponse", whole)
-    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    assert [c["finish_reason"] for c in whole["choices"]] == ["tool_calls"] * 2
+    assert all(c["message"]["tool_calls"] for c in whole["choices"])
     events = [line[6:] for line in streamed.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
+    finished, called = {}, set()
     for event in events[:-1]:
-        assert_valid("CreateChatCompletionStreamResponse", orjson.loads(event))
-    assert orjson.loads(events[-2])["choices"][0]["finish_reason"] == "tool_calls"
+        chunk = orjson.loads(event)
+        assert_valid("CreateChatCompletionStreamResponse", chunk)
+        choice = chunk["choices"][0]
+        if choice["delta"].get("tool_calls"):
+            called.add(choice["index"])
+        if choice["finish_reason"]:
+            finished[choice["index"]] = choice["finish_reason"]
+    assert finished == {0: "tool_calls", 1: "tool_calls"} and called == {0, 1}
 
 
 def test_auto_and_none_answer_with_content(replica: LiveReplica) -> None:
