@@ -341,3 +341,28 @@ def test_each_parameters_schema_is_checked_once() -> None:
     after = _schema_problem.cache_info()
     assert after.misses - before.misses <= len(TOOLS)
     assert after.hits - before.hits >= 2 * len(TOOLS)
+
+
+def test_a_mistral_template_picks_the_mistral_parser(tiny_model: Path, tmp_path: Path) -> None:
+    """`auto` reads the template: one that writes `[TOOL_CALLS]` gets Mistral's parser, whose
+    special token stays in the text; demanded calls are enforced the same way for every family."""
+    template = tmp_path / "mistral.jinja"
+    template.write_text(
+        "{%- for m in messages %}[INST]{{ m['content'] }}[/INST]{%- endfor %}"
+        "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]"
+        "{%- for m in messages if m['tool_calls'] %}[TOOL_CALLS]{%- endfor %}{%- endif %}"
+    )
+    with serve(
+        tiny_model, api_key=API_KEY, max_model_len=2048, server={"chat_template": str(template)}
+    ) as live:
+        assert live.runtime.tool_parser == "mistral"
+        client = live.openai()
+        named = client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, max_tokens=100
+        ).choices[0]
+        assert named.finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(named.message.tool_calls[0].function.arguments), TIME)
+        auto = client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=8, temperature=0.0
+        ).choices[0]
+        assert auto.message.tool_calls is None and auto.message.content
