@@ -20,6 +20,7 @@ from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders, re
 from fleet.control.membership import new_replica_id
 from fleet.web_security import cors_from_args, tls_from_args
 from replica.engine.config import EngineArgs
+from replica.http_api.tool_calls.registry import ParserName
 
 PROG = "fleet replica"
 API_KEY_ENV = "FLEET_REPLICA_API_KEY"
@@ -103,6 +104,12 @@ def replica(
         None,
         rich_help_panel=SERVING,
         help="Jinja template file that replaces the tokenizer's chat template.",
+    ),
+    tool_call_parser: ParserName = typer.Option(
+        "auto",
+        rich_help_panel=SERVING,
+        help="How tool calls are read from answers: hermes (Qwen, Hermes), llama3_json, mistral; "
+        "auto: from the chat template; none: no tool calls.",
     ),
     prompt_timeout: float = typer.Option(
         5.0,
@@ -213,6 +220,7 @@ def serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting or None,
         max_seqs_per_request=args.max_seqs_per_request,
         chat_template=args.chat_template,
+        tool_call_parser=args.tool_call_parser,
         prompt_timeout_s=args.prompt_timeout,
         drain_grace_s=args.drain_grace,
         max_body_bytes=args.max_body_bytes,

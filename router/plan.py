@@ -88,7 +88,7 @@ class Planner:
                 raise model_not_found(model)
             max_model_len = replicas[0].max_model_len
         units = (
-            chat_units(request.get("messages"))
+            chat_units(request.get("messages"), request.get("tools"))
             if route == "chat"
             else completion_units(request.get("prompt"))
         )

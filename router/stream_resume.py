@@ -37,7 +37,9 @@ def resumable(request: dict[str, Any], route: str) -> bool:
         prompt = request.get("prompt")
         several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
         return not several and not request.get("echo")
-    return True
+    # A tool call's parser state lives in the replica that streamed it: a continuation elsewhere
+    # would parse the rest of a call as new text.
+    return not request.get("tools")
 
 
 class StreamTrail:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from starlette.requests import Request
@@ -15,6 +15,13 @@ from fleet.control.errors import APIError
 from replica.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from replica.engine.sampling_params import SamplingParams
 from replica.http_api.body import read_body, runtime_of
+from replica.http_api.chat_tools import (
+    ParserFactory,
+    chat_tools,
+    choice_parser,
+    finish_reason,
+    with_tools,
+)
 from replica.http_api.generation import (
     RequestScope,
     answer,
@@ -37,6 +44,7 @@ from replica.http_api.responses import (
 )
 from replica.http_api.resume import StreamResume, stream_resume
 from replica.http_api.sse_response import frame
+from replica.http_api.tool_calls import ToolCallParser, assemble, delta_fields
 from replica.http_api.tracing import tag_request
 
 
@@ -50,6 +58,7 @@ async def create_chat_completion(request: Request) -> Response:
     model = runtime.check_model(body.model)
     tag_request(model, record.id if record is not None else None)
     runtime.check_fanout(body.n or 1)
+    tools = await runtime.prompts.run(lambda: chat_tools(body, runtime.tool_parser), "tools")
     prompt_ids = await runtime.prompts.run(
         lambda: chat_token_ids(
             engine.tokenizer,
@@ -59,6 +68,7 @@ async def create_chat_completion(request: Request) -> Response:
             body.continue_final_message,
             body.chat_template_kwargs,
             runtime.chat_template,
+            [t.for_template() for t in tools.tools] if tools else None,
         ),
         "messages",
     )
@@ -66,6 +76,8 @@ async def create_chat_completion(request: Request) -> Response:
     max_tokens = body.requested_max_tokens or max(1, engine.max_model_len - len(prompt_ids))
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, top_n)
+    if tools is not None:
+        params = with_tools(params, tools, runtime.tool_parser)
     await build_stop_matcher(runtime, params)
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     head = resume.head(body, "chatcmpl", model)
@@ -84,6 +96,7 @@ async def create_chat_completion(request: Request) -> Response:
         params,
         top_n,
         resume,
+        choice_parser(tools, runtime.tool_parser),
     )
     return await answer(request, job, bool(body.stream))
 
@@ -98,6 +111,9 @@ class ChatJob:
     params: SamplingParams
     top_n: int | None  # None: no logprobs
     resume: StreamResume
+    new_parser: ParserFactory | None = None  # None: the answer is plain content
+    _parsers: dict[int, ToolCallParser] = field(default_factory=dict)  # of streamed choices
+    _called: set[int] = field(default_factory=set)  # streamed choices that made a call
 
     def _outputs(self) -> AsyncIterator[RequestOutput]:
         return run_prompt(self.scope.runtime, self.engine_stream, self.scope.arrival)
@@ -119,10 +135,7 @@ class ChatJob:
             final = out
         if final is None or not final.finished:
             raise APIError(500, "the engine ended a request without finishing it")
-        choices = [
-            chat_choice(o.index, o.text, self._logprobs(o.logprobs), o.finish_reason)
-            for o in final.outputs
-        ]
+        choices = [self._choice(o) for o in final.outputs]
         body_usage = self._usage(final)
         await self.scope.settle(body_usage["prompt_tokens"], body_usage["completion_tokens"])
         return chat_response(self.head, choices, body_usage)
@@ -150,10 +163,11 @@ class ChatJob:
             for o in out.outputs:
                 if o.index in done:
                     continue
-                if not self._has_news(o):
+                delta = self._delta(o) if self._has_news(o) else None
+                if delta is None or not any(delta):  # a parser may hold a delta's text back
                     resume.hold(o.index, o.delta_token_ids)
                     continue
-                chunk = chat_chunk(head, o.index, *self._delta(o), include_usage)
+                chunk = chat_chunk(head, o.index, *delta, include_usage)
                 frames.append(frame(orjson.dumps(resume.tag(chunk, o.index, o.delta_token_ids))))
             done.update(o.index for o in out.outputs if o.finished)
             if frames:
@@ -169,6 +183,26 @@ class ChatJob:
         """Text, a finish, or (with logprobs) tokens whose text is still held back."""
         return bool(o.delta_text or o.finished or (self.top_n is not None and o.delta_token_ids))
 
+    def _choice(self, o: CompletionOutput) -> dict:
+        logprobs = self._logprobs(o.logprobs)
+        if self.new_parser is None:
+            return chat_choice(o.index, o.text, logprobs, o.finish_reason)
+        parser = self.new_parser()
+        message = assemble(parser.feed(o.text) + parser.finish())
+        calls = [c.to_openai() for c in message.tool_calls]
+        reason = finish_reason(o.finish_reason, bool(calls))
+        return chat_choice(o.index, message.content, logprobs, reason, calls)
+
     def _delta(self, o: CompletionOutput) -> tuple[dict, dict | None, str | None]:
-        delta = {"content": o.delta_text} if o.delta_text else {}
-        return delta, self._logprobs(o.delta_logprobs), o.finish_reason
+        logprobs = self._logprobs(o.delta_logprobs)
+        if self.new_parser is None:
+            delta = {"content": o.delta_text} if o.delta_text else {}
+            return delta, logprobs, o.finish_reason
+        parser = self._parsers.get(o.index)
+        if parser is None:
+            parser = self._parsers[o.index] = self.new_parser()
+        events = parser.feed(o.delta_text) + (parser.finish() if o.finished else [])
+        if parser.calls:
+            self._called.add(o.index)
+        reason = finish_reason(o.finish_reason, o.index in self._called)
+        return delta_fields(events), logprobs, reason

@@ -88,10 +88,11 @@ def render_chat(
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The conversation as the chat template writes it (the operator's `--chat-template`, else the
     tokenizer's); template failures are a 400. `template_kwargs` must hold plain variables only
-    (protocol.py refuses the renderer's own arguments)."""
+    (protocol.py refuses the renderer's own arguments); `tools` are OpenAI-shaped function tools."""
     if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     try:
@@ -101,6 +102,7 @@ def render_chat(
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            tools=[*tools] if tools else None,
             **(template_kwargs or {}),
         )
     except Exception as exc:
@@ -111,6 +113,15 @@ def render_chat(
             400, f"the chat template rejected the messages: {detail}", "messages"
         ) from None
     return cast(str, text)  # tokenize=False: the rendered text
+
+
+def template_text(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str | None:
+    """The chat template's source (all named variants of a tokenizer's, which may pick a
+    `tool_use` one when tools are given): what `--tool-call-parser auto` reads."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        return "\n".join(str(t) for t in template.values())
+    return template if isinstance(template, str) else None
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, text: str, limits: PromptLimits) -> list[int]:
@@ -127,6 +138,7 @@ def chat_token_ids(
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Render, then tokenize unless the text cannot fit (the whole job of a chat prompt)."""
     text = render_chat(
@@ -136,5 +148,6 @@ def chat_token_ids(
         continue_final_message,
         template_kwargs,
         chat_template,
+        tools,
     )
     return encode_chat(tokenizer, text, limits)

@@ -161,10 +161,23 @@ class TextPart(_Body):
     text: str
 
 
+class CalledFunction(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI returns it
+
+
+class MessageToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     def text(self, index: int) -> str | None:
         """Content as one string: text parts joined by newlines; other part types are refused."""
@@ -225,8 +238,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by tool_calls/request.py
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM's extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -236,8 +250,6 @@ class ChatCompletionRequest(SamplingFields):
     def _check_unsupported(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise _field_error("top_logprobs", "requires 'logprobs' to be true")
-        if self.tools:
-            raise _field_error("tools", "tool calling is not supported yet")
         if self.continue_final_message and self.add_generation_prompt:
             raise _field_error(
                 "continue_final_message", "cannot be combined with add_generation_prompt=true"
@@ -275,14 +287,33 @@ BodyT = TypeVar("BodyT", bound=_Body)
 
 
 def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages in the form chat templates expect: string content, optional name."""
+    """Messages in the form chat templates expect: string content, optional name, an assistant's
+    tool calls with their arguments as objects (templates write them with `tojson`, as vLLM passes
+    them), a tool message's `tool_call_id`."""
     out = []
     for i, m in enumerate(messages):
         msg: dict[str, Any] = {"role": m.role, "content": m.text(i) or ""}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise _field_error(
+                    f"messages.{i}.tool_calls", "is only allowed on assistant messages"
+                )
+            msg["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
+
+
+def _template_call(call: MessageToolCall) -> dict[str, Any]:
+    try:
+        arguments: Any = orjson.loads(call.function.arguments)
+    except orjson.JSONDecodeError:
+        arguments = call.function.arguments
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function}
 
 
 def _field_error(param: str, problem: str) -> APIError:

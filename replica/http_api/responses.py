@@ -120,10 +120,19 @@ class CompletionLogprobs:
 # --- /v1/chat/completions ------------------------------------------------------------------------
 
 
-def chat_choice(index: int, content: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+def chat_choice(
+    index: int,
+    content: str | None,
+    logprobs: dict | None,
+    finish_reason: str | None,
+    tool_calls: list[dict] | None = None,
+) -> dict:
+    message: dict = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "index": index,
-        "message": {"role": "assistant", "content": content, "refusal": None},
+        "message": message,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
     }

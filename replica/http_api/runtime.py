@@ -24,8 +24,9 @@ from replica.engine.outputs import EngineLoad
 from replica.http_api.auth import Auth
 from replica.http_api.metrics import ReplicaMetrics
 from replica.http_api.prompt_worker import PromptWorker
-from replica.http_api.prompts import PromptLimits
+from replica.http_api.prompts import PromptLimits, template_text
 from replica.http_api.token_text import TokenTexts
+from replica.http_api.tool_calls import resolve_parser
 
 if TYPE_CHECKING:
     from replica.engine.async_engine import AsyncEngine
@@ -65,6 +66,7 @@ class ReplicaSettings:
     drain_grace_s: float = 30.0
     max_body_bytes: int = 32 * 1024 * 1024
     chat_template: str | None = None  # a template file replacing the tokenizer's (vLLM's flag)
+    tool_call_parser: str = "auto"  # tool_calls/registry.py's names; auto: from the chat template
     prompt_timeout_s: float = 5.0  # budget to render and tokenize one request's prompts
     prompt_workers: int = 8  # threads: a few abandoned renders must not stop the others
     # /load, /metrics and /openapi.json need the static or the routers' key (probes keep /health)
@@ -112,6 +114,7 @@ class ReplicaRuntime:
         )
         self._limits: PromptLimits | None = None
         self.chat_template: str | None = None
+        self.tool_parser = "none"  # the resolved --tool-call-parser
         self._inflight = 0
         self._inflight_seqs = 0
         self._idle: asyncio.Event | None = None
@@ -142,6 +145,8 @@ class ReplicaRuntime:
         if self.settings.chat_template:
             with open(self.settings.chat_template, encoding="utf-8") as f:
                 self.chat_template = f.read()
+        template = template_text(tokenizer, self.chat_template)
+        self.tool_parser = resolve_parser(self.settings.tool_call_parser, template)
         if self.settings.redis_url:
             if self.settings.fleet_keys:
                 keystore = KeyStore(self.settings.redis_url, prefix=self.settings.redis_prefix)
@@ -151,7 +156,10 @@ class ReplicaRuntime:
                 )
             self._register_task = asyncio.create_task(self._register_when_listening())
         self.status = "ready"
-        log.info("replica ready: %s at %s", self.settings.served_model_name, self.settings.url)
+        log.info(
+            "replica ready: %s at %s (tool-call parser: %s)",
+            self.settings.served_model_name, self.settings.url, self.tool_parser,
+        )  # fmt: skip
 
     async def _register_when_listening(self) -> None:
         """Join the fleet once the port accepts connections (the server starts after lifespan)."""

@@ -2,14 +2,18 @@
 
 Chat messages become a canonical rendering (role and text of each message, in order, with
 separators no text contains), which keeps the prefix property of a chat template: a conversation's
-next turn starts with the rendering of everything before it. Completions use the prompt text, or
-its token ids when given as ids.
+next turn starts with the rendering of everything before it. A request's `tools` come first, as
+chat templates render them into the system prompt: they count towards the prompt's tokens and
+requests with other tools share no prefix. Completions use the prompt text, or its token ids when
+given as ids.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+
+import orjson
 
 Units = str | Sequence[int]
 
@@ -26,10 +30,19 @@ def _text_of(content: object) -> str:
     return ""
 
 
-def chat_units(messages: object) -> str:
+def _tools_text(tools: object) -> str:
+    if not isinstance(tools, list) or not tools:
+        return ""
+    try:
+        return orjson.dumps(tools).decode() + "\x1d"
+    except orjson.JSONEncodeError:  # integers beyond 64 bits: the key goes without the tools
+        return ""
+
+
+def chat_units(messages: object, tools: object = None) -> str:
     if not isinstance(messages, list):
         return ""
-    parts = []
+    parts = [_tools_text(tools)]
     for m in messages:
         if isinstance(m, dict):
             content, role = m.get("content"), m.get("role")

@@ -27,8 +27,9 @@ REPLICA_DEFAULTS = {
     "gpu_memory_utilization": 0.9, "enable_prefix_caching": True, "kernel_backend": "auto",
     "seed": 0, "api_key": None, "redis_url": None, "redis_prefix": "fleet", "fleet_keys": True,
     "advertise_url": None, "replica_id": None, "max_waiting": 1024, "max_seqs_per_request": 256,
-    "chat_template": None, "prompt_timeout": 5.0, "drain_grace": 30.0, "max_body_bytes": 32 * MiB,
-    "protect_info_routes": False, "log_level": "info", "otlp_endpoint": None,
+    "chat_template": None, "tool_call_parser": "auto", "prompt_timeout": 5.0, "drain_grace": 30.0,
+    "max_body_bytes": 32 * MiB, "protect_info_routes": False, "log_level": "info",
+    "otlp_endpoint": None,
 }  # fmt: skip
 WEB_DEFAULTS = {
     "ssl_keyfile": None, "ssl_certfile": None, "ssl_ca_certs": None, "ssl_cert_reqs": None,

@@ -74,3 +74,4 @@ def test_which_requests_may_be_resumed() -> None:
     assert not resumable({"prompt": "x", "logprobs": 0}, "completions")
     assert not resumable({"prompt": ["a", "b"]}, "completions")
     assert not resumable({"prompt": "x", "echo": True}, "completions")
+    assert not resumable({"messages": [], "tools": [{"type": "function"}]}, "chat")

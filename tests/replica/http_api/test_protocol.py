@@ -58,7 +58,8 @@ def test_completion_field_errors(body: str, param: str, fragment: str) -> None:
         ('"response_format": {"type": "json"}', "response_format.type", "json_object"),
         ('"top_logprobs": 3', "top_logprobs", "logprobs"),
         ('"top_logprobs": 21, "logprobs": true', "top_logprobs", "20"),
-        ('"tools": [{"type": "function"}]', "tools", "not supported"),
+        ('"parallel_tool_calls": "yes"', "parallel_tool_calls", "valid boolean"),
+        ('"tool_choice": 3', "tool_choice", "valid"),
         ('"max_completion_tokens": 0', "max_completion_tokens", "greater than or equal to 1"),
     ],
 )
@@ -133,6 +134,32 @@ def test_chat_text_parts_join_and_other_parts_refused() -> None:
     with pytest.raises(APIError) as info:
         plain_messages(body.messages)
     assert info.value.param == "messages.0.content.0"
+
+
+def test_tool_history_reaches_the_template() -> None:
+    """An assistant's calls (content null) with their arguments as objects, as templates write
+    them with `tojson`; a tool message keeps the id of the call it answers."""
+    body = parse_body(
+        ChatCompletionRequest,
+        b'{"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "content":'
+        b' null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "w",'
+        b' "arguments": "{\\"city\\": \\"Paris\\"}"}}]}, {"role": "tool", "tool_call_id":'
+        b' "call_1", "content": "21 C"}]}',
+    )
+    assert plain_messages(body.messages)[1:] == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "w", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "21 C", "tool_call_id": "call_1"},
+    ]
 
 
 def test_logit_bias_keys_must_be_token_ids() -> None:
