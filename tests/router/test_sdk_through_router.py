@@ -1,6 +1,7 @@
-"""Tool calling through a real router in front of a real replica (`python -m replica` on a random
-tiny model): the unmodified `openai` client gets "required" and named calls whose arguments
-validate against the tool's schema, whole and streamed (the SDK's stream reassembly), and the
+"""The unmodified `openai` SDK through a real router in front of a real replica (`python -m replica`
+on a random tiny model): "required" and named tool calls whose arguments validate against the
+tool's schema, and `json_schema` answers valid against their schemas (five schemas: nested
+objects, arrays, enums, numbers), whole and streamed (the SDK's stream reassembly); and the
 router's prompt key counts the tools the replica renders into the prompt."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -21,6 +23,10 @@ from router_harness import FAST_POOL, RunningRouter, run_router, wait_http
 from fleet.embedded_redis import free_port
 from router.config import RouterConfig
 from router.routing.prompt_key import chat_units
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
+from structured_schemas import MAX_TOKENS, response_format
+from structured_schemas import SCHEMAS as JSON_SCHEMAS
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("replica.__main__") is None,
@@ -145,3 +151,56 @@ def test_prompt_key_counts_the_tools() -> None:
     later = [*MESSAGES, {"role": "assistant", "content": None}, {"role": "tool", "content": "x"}]
     assert chat_units(later, TOOLS).startswith(with_tools)
     assert chat_units(MESSAGES, "not a list") == chat_units(MESSAGES, [{"x": 2**70}]) == plain
+
+
+async def _structured(client: openai.AsyncOpenAI, i: int) -> tuple[str, str, str | None]:
+    """Request `i`: schema `i % 5`; chat (streamed when i % 4 == 1) or completions; greedy or
+    seeded sampling."""
+    name = list(JSON_SCHEMAS)[i % len(JSON_SCHEMAS)]
+    sampling: Any = {"temperature": 0.0} if i % 4 == 0 else {"temperature": 1.0, "seed": i}
+    extra: Any = {"response_format": response_format(name)}
+    if i % 2 == 0:
+        completion = await client.completions.create(
+            model=SERVED, prompt=f"JSON {name} number {i}:", max_tokens=MAX_TOKENS - 20,
+            extra_body=extra, **sampling,
+        )  # fmt: skip
+        return name, completion.choices[0].text, completion.choices[0].finish_reason
+    kwargs: Any = dict(
+        model=SERVED, messages=[{"role": "user", "content": f"A {name} as JSON ({i})"}],
+        max_tokens=MAX_TOKENS - 40, extra_body=extra, **sampling,
+    )  # fmt: skip
+    if i % 4 == 1:
+        text, finish = "", None
+        async for chunk in await client.chat.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        return name, text, finish
+    choice = (await client.chat.completions.create(**kwargs)).choices[0]
+    return name, choice.message.content or "", choice.finish_reason
+
+
+async def _valid_json(router: RunningRouter, count: int) -> int:
+    client = openai.AsyncOpenAI(
+        base_url=router.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=300
+    )
+    answers = await asyncio.gather(*(_structured(client, i) for i in range(count)))
+    await client.close()
+    valid = 0
+    for name, text, finish in answers:
+        assert finish == "stop", (name, text)
+        jsonschema.validate(json.loads(text), JSON_SCHEMAS[name])
+        valid += 1
+    return valid
+
+
+async def test_json_schema_answers_through_the_router(router: RunningRouter) -> None:
+    """A quick sample of the hundred-request test below: each schema and way of asking."""
+    assert await _valid_json(router, 10) == 10
+
+
+@pytest.mark.slow
+async def test_a_hundred_valid_json_schema_answers_through_the_router(
+    router: RunningRouter,
+) -> None:
+    assert await _valid_json(router, 100) == 100
