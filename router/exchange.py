@@ -38,7 +38,7 @@ from fleet.control.errors import APIError
 from router.backends.backend import Replica
 from router.http.connection import ClientConnection
 from router.http.upstream import AnswerTooLarge, UpstreamConnection
-from router.plan import Plan
+from router.plan import EMBEDDINGS, Plan
 from router.routing.policies import Decision
 from router.routing.sessions import sticky_replica
 
@@ -166,13 +166,17 @@ class Exchange:
         )  # fmt: skip
 
     def _pick(self, plan: Plan) -> Decision:
-        """The policy's choice among the model's routable replicas not yet tried (a session
-        sticks to its replica), or NoReplica."""
+        """The policy's choice among the model's routable replicas of the request's task not yet
+        tried (a session sticks to its replica; an embedding goes by load alone), or NoReplica."""
         proxy = self.proxy
-        candidates = proxy.pool.routable(plan.model, self.tried)
+        candidates = proxy.pool.routable(plan.model, self.tried, plan.task)
         if not candidates:
             raise NoReplica
         request = plan.routing
+        if plan.route == EMBEDDINGS:
+            decision = proxy.embeddings_policy.choose(request, candidates)
+            proxy.metrics.decided(proxy.embeddings_policy.name, decision.outcome)
+            return decision
         if request.session_id:
             replica = sticky_replica(request.session_id, candidates)
             decision = proxy.policy.place(request, replica, "session")

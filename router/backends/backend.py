@@ -39,6 +39,9 @@ class Replica:
     model: str | None = None
     engine: str = "fleetserve"
     source: str = "static"
+    # generate or embed, as the replica says (membership, or its /v1/models card); None where
+    # unknown (engines registered by hand, `--replica` URLs that do not say): either task.
+    task: str | None = None
     max_model_len: int | None = None
     kv_capacity_tokens: int | None = None
     state: str = "ready"
@@ -94,6 +97,10 @@ class Replica:
             and self.breaker.admits(now)
         )
 
+    def serves(self, task: str | None) -> bool:
+        """Whether requests of `task` may go here (None: any request, e.g. /tokenize)."""
+        return task is None or self.task is None or self.task == task
+
     def queue_depth(self) -> int:
         """Requests ahead of a new one: ours, or the replica's own count when other routers add more."""
         return max(self.in_flight, self.load.running + self.load.waiting)
@@ -109,6 +116,7 @@ class Replica:
             "url": self.url,
             "model": self.model,
             "engine": self.engine,
+            "task": self.task,
             "source": self.source,
             "state": "draining" if self.draining else self.state,
             "admin_drained": self.admin_drained,

@@ -157,6 +157,7 @@ class ReplicaPool:
         replica.model = info.model
         self._set_aliases(replica, info.aliases if isinstance(info.aliases, list) else [])
         replica.engine = info.engine
+        replica.task = _task_of(info)
         replica.state = info.state
         replica.admin_drained = info.admin_drained
         replica.max_model_len = info.max_model_len or None
@@ -206,10 +207,17 @@ class ReplicaPool:
 
     # -- queries
 
-    def routable(self, model: str, exclude: tuple[str, ...] = ()) -> list[Replica]:
-        """Replicas that may take a request now, except those with ids in `exclude`."""
+    def routable(
+        self, model: str, exclude: tuple[str, ...] = (), task: str | None = None
+    ) -> list[Replica]:
+        """Replicas that may take a request (of `task`, when given) now, except those with ids
+        in `exclude`."""
         now = time.monotonic()
-        return [r for r in self.by_model.get(model, ()) if r.routable(now) and r.id not in exclude]
+        return [
+            r
+            for r in self.by_model.get(model, ())
+            if r.routable(now) and r.id not in exclude and r.serves(task)
+        ]
 
     def models(self) -> dict[str, int | None]:
         """Models with at least one replica that is not draining, with their context length."""
@@ -279,6 +287,8 @@ class ReplicaPool:
         if cards:
             replica.model = cards[0]["id"]
             replica.max_model_len = cards[0].get("max_model_len") or None
+            task = cards[0].get("task")  # ours say; vLLM's and SGLang's do not
+            replica.task = task if task in ("generate", "embed") else None
             # Its other base-model cards are its other served names (LoRA adapters have a parent).
             self._set_aliases(replica, [c.get("id") for c in cards[1:] if not c.get("parent")])
             self._reindex()
@@ -312,3 +322,11 @@ class ReplicaPool:
     def gauges(self) -> list[tuple[str, int, bool]]:
         now = time.monotonic()
         return [(r.id, r.in_flight, r.routable(now)) for r in self.replicas.values()]
+
+
+def _task_of(info: ReplicaInfo) -> str | None:
+    """The replica's task; a leased record without one was written by a fleetserve replica from
+    before embeddings, which only generated. Engines registered by hand stay unknown."""
+    if info.task in ("generate", "embed"):
+        return info.task
+    return "generate" if info.managed == "lease" and info.engine == "fleetserve" else None
