@@ -91,3 +91,36 @@ def test_unknown_task_or_pooling_is_a_clear_error(llama_path) -> None:
         EngineArgs(model=str(llama_path), task="classify")
     with pytest.raises(ValueError, match="pooling"):
         EngineArgs(model=str(llama_path), pooling="cls")
+
+
+async def test_cancelled_embeddings_are_aborted_and_give_their_blocks_back(llama_path) -> None:
+    """What a client disconnect does to /v1/embeddings: cancelling the gathered inputs aborts
+    every one still queued or running in the engine."""
+    import asyncio
+
+    from replica.engine.async_engine import AsyncEngine
+    from replica.engine.config import EngineArgs
+    from replica.http_api.embeddings import _pool_all
+
+    args = EngineArgs(
+        model=str(llama_path), task="embed", device="cpu", dtype="float32", max_model_len=512,
+        kv_cache_tokens=8192, max_num_batched_tokens=16,
+    )  # fmt: skip
+    engine = AsyncEngine(args)
+    try:
+        streams = [engine.embed(f"e{i}", ids) for i, ids in enumerate(random_prompts([400] * 8))]
+        work = asyncio.ensure_future(_pool_all(streams))
+        while engine.load()["running"] == 0:
+            await asyncio.sleep(0.005)
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        for _ in range(200):
+            load = engine.load()
+            if load["running"] == load["waiting"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert load["running"] == load["waiting"] == 0
+        assert load["free_blocks"] == load["num_blocks"]
+        assert not engine.core.requests
+    finally:
+        engine.shutdown()

@@ -138,3 +138,24 @@ def test_the_task_and_pooling_flags_reach_the_engine(tiny_model: Path) -> None:
     assert (default.task, default.pooling) == ("generate", "last")
     with pytest.raises(ValueError, match="task"):
         engine_args(parse_args(["--model", str(tiny_model), "--task", "classify"]))
+
+
+def test_answers_follow_the_openai_schema_and_the_openapi_document_lists_the_route(
+    embedder,
+) -> None:
+    from openai_schema import assert_valid
+
+    with embedder.http() as http:
+        floats = http.post("/v1/embeddings", json={"model": MODEL_NAME, "input": ["a", "b"]})
+        packed = http.post(
+            "/v1/embeddings",
+            json={"model": MODEL_NAME, "input": "a", "encoding_format": "base64"},
+        )
+        doc = http.get("/openapi.json").json()
+    operation = doc["paths"]["/v1/embeddings"]["post"]
+    ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert {"input", "dimensions", "encoding_format"} <= set(schema["properties"])
+    assert_valid("CreateEmbeddingResponse", floats.json())
+    # The spec types `embedding` as an array only; base64 answers hold its string (as OpenAI's).
+    assert isinstance(packed.json()["data"][0]["embedding"], str)
