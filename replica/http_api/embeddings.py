@@ -87,9 +87,15 @@ def encoded(embedding: list[float], body: EmbeddingRequest) -> list[float] | str
 
 
 async def _pool_all(streams: list[AsyncGenerator[PoolingOutput, None]]) -> list[PoolingOutput]:
-    """Every input's embedding, in input order; cancelling this aborts the inputs still running
-    (each stream's own cleanup)."""
-    return list(await asyncio.gather(*(_first(stream) for stream in streams)))
+    """Every input's embedding, in input order. Cancelled (the client left) or failed on one
+    input, it aborts the inputs still running (each stream's own cleanup)."""
+    tasks = [asyncio.ensure_future(_first(stream)) for stream in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _first(stream: AsyncGenerator[PoolingOutput, None]) -> PoolingOutput:
