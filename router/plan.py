@@ -25,8 +25,9 @@ from router.usage_tap import UsageTap
 GENERATION_KINDS = frozenset({"chat", "completions"})
 EMBEDDINGS = "embeddings"
 # Routes a replica's engine works on: planned with a token estimate, charged to fleet keys, and
-# sent only to replicas of the matching task (an embedder never generates; see Replica.serves).
-INFERENCE_KINDS = GENERATION_KINDS | {EMBEDDINGS}
+# sent only to replicas of the route's task (an embedder never generates; see Replica.serves).
+TASK_OF_ROUTE = {"chat": "generate", "completions": "generate", EMBEDDINGS: "embed"}
+INFERENCE_KINDS = frozenset(TASK_OF_ROUTE)
 PINNED_BODYLESS = frozenset({"models", "health"})  # GET routes: no body goes upstream
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
@@ -55,9 +56,7 @@ class Plan:
     @property
     def task(self) -> str | None:
         """The task a replica must serve for this request (None: any replica of the model)."""
-        if self.route == EMBEDDINGS:
-            return "embed"
-        return "generate" if self.route in GENERATION_KINDS else None
+        return TASK_OF_ROUTE.get(self.route)
 
 
 class Planner:
@@ -94,7 +93,7 @@ class Planner:
             replicas = self.pool.by_model.get(model)
             if replicas is None:
                 raise model_not_found(model)
-            task = "embed" if route == EMBEDDINGS else "generate"
+            task = TASK_OF_ROUTE[route]
             if not any(r.serves(task) for r in replicas):
                 raise wrong_task(model, task)
             max_model_len = replicas[0].max_model_len
