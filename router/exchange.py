@@ -38,7 +38,7 @@ from fleet.control.errors import APIError
 from router.backends.backend import Replica
 from router.http.connection import ClientConnection
 from router.http.upstream import AnswerTooLarge, UpstreamConnection
-from router.plan import EMBEDDINGS, Plan
+from router.plan import EMBEDDINGS, TASK_OF_ROUTE, Plan
 from router.routing.policies import Decision
 from router.routing.sessions import sticky_replica
 
@@ -169,7 +169,7 @@ class Exchange:
         """The policy's choice among the model's routable replicas of the request's task not yet
         tried (a session sticks to its replica; an embedding goes by load alone), or NoReplica."""
         proxy = self.proxy
-        candidates = proxy.pool.routable(plan.model, self.tried, plan.task)
+        candidates = proxy.pool.routable(plan.model, self.tried, TASK_OF_ROUTE.get(plan.route))
         if not candidates:
             raise NoReplica
         request = plan.routing

@@ -53,11 +53,6 @@ class Plan:
     learn: bool  # sample this answer's usage to learn the model's token ratio
     reserve: int  # tokens to reserve against a fleet key's limits
 
-    @property
-    def task(self) -> str | None:
-        """The task a replica must serve for this request (None: any replica of the model)."""
-        return TASK_OF_ROUTE.get(self.route)
-
 
 class Planner:
     """Turns a request into its plan; holds only what planning reads (the pool's models, the
@@ -93,9 +88,8 @@ class Planner:
             replicas = self.pool.by_model.get(model)
             if replicas is None:
                 raise model_not_found(model)
-            task = TASK_OF_ROUTE[route]
-            if not any(r.serves(task) for r in replicas):
-                raise wrong_task(model, task)
+            if model not in self.pool.by_task[TASK_OF_ROUTE[route]]:
+                raise wrong_task(model, TASK_OF_ROUTE[route])
             max_model_len = replicas[0].max_model_len
         if route == EMBEDDINGS:
             return self._embeddings(route, path, method, body, request, model, pinned, key_id)

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from router.backends.breaker import CircuitBreaker
 
 DEFAULT_KV_CAPACITY_TOKENS = 65536
+TASKS = ("generate", "embed")  # what a replica's engine does (`--task`)
 
 
 @dataclass

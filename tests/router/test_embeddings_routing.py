@@ -234,3 +234,6 @@ def test_records_without_a_task_read_as_generate_if_ours_and_unknown_if_by_hand(
     assert [r.id for r in pool.routable("m", task="embed")] == ["emb", "ext"]
     assert [r.id for r in pool.routable("m", task="generate")] == ["ext", "old"]
     assert len(pool.routable("m")) == 3  # /tokenize and the like go anywhere
+    restarted = ReplicaInfo(id="emb", url="http://h:3", model="m", task="generate")
+    pool._on_membership(MembershipEvent("update", restarted))  # the same id, now generating
+    assert [r.id for r in pool.routable("m", task="embed")] == ["ext"]
