@@ -74,6 +74,14 @@ def replica(
         "auto", rich_help_panel=ENGINE, help="auto, torch or triton."
     ),
     seed: int = typer.Option(0, rich_help_panel=ENGINE, help="Sampling seed."),
+    task: str = typer.Option(
+        "generate",
+        rich_help_panel=ENGINE,
+        help="generate (completions, chat) or embed (/v1/embeddings from pooled hidden states).",
+    ),
+    pooling: str = typer.Option(
+        "last", rich_help_panel=ENGINE, help="With --task embed: last (token) or mean pooling."
+    ),
     api_key: str = typer.Option(
         None, envvar=API_KEY_ENV, rich_help_panel=flags.FLEET, help="Static client key."
     ),

@@ -22,7 +22,7 @@ from router.auth import Gate
 from router.backends.pool import ReplicaPool
 from router.exchange import Exchange
 from router.metrics import RouterMetrics
-from router.plan import GENERATION_KINDS, Plan
+from router.plan import INFERENCE_KINDS, Plan
 from router.routing.tokens import TokenEstimator
 from router.usage import Usage, usage_of_answer
 
@@ -91,7 +91,7 @@ class Accounting:
         plan = ex.plan
         if (
             not ex.delivered
-            or plan.route not in GENERATION_KINDS
+            or plan.route not in INFERENCE_KINDS
             or (ex.status != 200 and not ex.streamed)
         ):
             await self.gate.release(ticket)

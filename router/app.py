@@ -1,8 +1,8 @@
 """The router application: the parts of one router, and the handlers each request path reaches.
 
-The data path (`/v1/chat/completions`, `/v1/completions`, `/tokenize`, `/detokenize`, and
-per-replica pinning `/replicas/{id}/...`) is dispatched by path straight to its handlers on the
-router's own HTTP server (router.http.server), with no framework objects: every microsecond there
+The data path (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/tokenize`,
+`/detokenize`, and per-replica pinning `/replicas/{id}/...`) is dispatched by path straight to its
+handlers on the router's own HTTP server (router.http.server), with no framework objects: every microsecond there
 is paid per request. Everything else (`/v1/models`, `/health`, `/metrics`, `/admin/...`) is an
 ordinary Starlette app (router.side_app) behind an ASGI bridge.
 
@@ -40,7 +40,7 @@ from router.http.connection import ClientConnection
 from router.http.messages import Request
 from router.http.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_target
 from router.metrics import RouterMetrics
-from router.plan import GENERATION_KINDS, Plan, Planner
+from router.plan import INFERENCE_KINDS, Plan, Planner
 from router.proxy import Proxy
 from router.routing.policies import make_policy
 from router.routing.tokens import TokenEstimator
@@ -55,7 +55,13 @@ log = logging.getLogger("router")
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
-GENERATION_ROUTES = {CHAT_PATH: "chat", COMPLETIONS_PATH: "completions"}
+EMBEDDINGS_PATH = "/v1/embeddings"
+# The engine routes: planned with a token estimate and limits, sent to a replica of their task.
+INFERENCE_ROUTES = {
+    CHAT_PATH: "chat",
+    COMPLETIONS_PATH: "completions",
+    EMBEDDINGS_PATH: "embeddings",
+}
 PLAIN_ROUTES = frozenset({"/tokenize", "/detokenize"})
 
 
@@ -145,7 +151,7 @@ class RouterApp:
     def handle(self, request: Request, conn: ClientConnection) -> Awaitable[None] | None:
         """Proxied paths are answered from callbacks (router.exchange); the rest runs as a task."""
         path = request.path
-        route = GENERATION_ROUTES.get(path)
+        route = INFERENCE_ROUTES.get(path)
         if route is not None and request.method == "POST":
             return self._proxied(request, conn, route, path, None, None)
         if path in PLAIN_ROUTES and request.method == "POST":
@@ -191,7 +197,7 @@ class RouterApp:
                 code="replica_not_ready",
                 headers={"Retry-After": "1"},
             )
-        elif target.kind in GENERATION_KINDS and replica.draining:
+        elif target.kind in INFERENCE_KINDS and replica.draining:
             refusal = APIError(
                 503,
                 f"Replica '{replica.id}' is draining: it takes no new requests.",

@@ -41,7 +41,7 @@ from fleet.control.errors import APIError
 from router.backends.backend import Replica
 from router.http.connection import ClientConnection
 from router.http.upstream import AnswerTooLarge, UpstreamConnection
-from router.plan import Plan
+from router.plan import EMBEDDINGS, TASK_OF_ROUTE, Plan
 from router.routing.policies import Decision
 from router.routing.sessions import sticky_replica
 from router.stream_resume import MAX_RESUMES, TOKEN_IDS_HEADER, StreamTrail
@@ -206,10 +206,11 @@ class Exchange:
         )  # fmt: skip
 
     def pick(self, ours_only: bool = False) -> Decision:
-        """The policy's choice among the model's routable replicas with room, not yet tried (a
-        session sticks to its replica), or NoReplica. `ours_only`: fleetserve replicas only."""
+        """The policy's choice among the model's routable replicas of the request's task with
+        room, not yet tried (a session sticks to its replica; an embedding goes by load alone),
+        or NoReplica. `ours_only`: fleetserve replicas only."""
         proxy, plan = self.proxy, self.plan
-        candidates = proxy.pool.routable(plan.model, self.tried)
+        candidates = proxy.pool.routable(plan.model, self.tried, TASK_OF_ROUTE.get(plan.route))
         cap = proxy.replica_max_in_flight
         if cap:
             candidates = [r for r in candidates if r.in_flight < cap]
@@ -218,6 +219,10 @@ class Exchange:
         if not candidates:
             raise NoReplica
         request = plan.routing
+        if plan.route == EMBEDDINGS:
+            decision = proxy.embeddings_policy.choose(request, candidates)
+            proxy.metrics.decided(proxy.embeddings_policy.name, decision.outcome)
+            return decision
         if request.session_id:
             replica = sticky_replica(request.session_id, candidates)
             decision = proxy.policy.place(request, replica, "session")

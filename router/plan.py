@@ -24,6 +24,11 @@ from router.stream_resume import resumable
 from router.usage_tap import UsageTap
 
 GENERATION_KINDS = frozenset({"chat", "completions"})
+EMBEDDINGS = "embeddings"
+# Routes a replica's engine works on: planned with a token estimate, charged to fleet keys, and
+# sent only to replicas of the route's task (an embedder never generates; see Replica.serves).
+TASK_OF_ROUTE = {"chat": "generate", "completions": "generate", EMBEDDINGS: "embed"}
+INFERENCE_KINDS = frozenset(TASK_OF_ROUTE)
 PINNED_BODYLESS = frozenset({"models", "health"})  # GET routes: no body goes upstream
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
@@ -37,7 +42,7 @@ class Plan:
     dataclass, and a plan is built for every request (the router's per-request CPU is measured).
     """
 
-    route: str  # chat, completions, tokenize, detokenize, models, health
+    route: str  # chat, completions, embeddings, tokenize, detokenize, models, health
     path: str  # on the replica, below its base path
     method: str
     model: str
@@ -72,7 +77,7 @@ class Planner:
         """The plan, or APIError 400 (unreadable body, no model) / 404 (no such model).
         `key_id`: the caller's fleet key (None for static keys or none), whose limits need a
         reservation and whose own token ratio estimates its prompts."""
-        if route not in GENERATION_KINDS:
+        if route not in INFERENCE_KINDS:
             return self._plain(route, path, method, body, pinned)
         request = parse_object(body)
         if pinned is not None:
@@ -86,7 +91,11 @@ class Planner:
             replicas = self.pool.by_model.get(model)
             if replicas is None:
                 raise model_not_found(model)
+            if model not in self.pool.by_task[TASK_OF_ROUTE[route]]:
+                raise wrong_task(model, TASK_OF_ROUTE[route])
             max_model_len = replicas[0].max_model_len
+        if route == EMBEDDINGS:
+            return self._embeddings(route, path, method, body, request, model, pinned, key_id)
         units = (
             chat_units(request.get("messages"), request.get("tools"))
             if route == "chat"
@@ -108,6 +117,30 @@ class Planner:
             route, path, method, model, body, routing, pinned, stream, tap,
             sample and key_id is None, reserve,
             stream and pinned is None and resumable(request, route),
+        )  # fmt: skip
+
+    def _embeddings(
+        self,
+        route: str,
+        path: str,
+        method: str,
+        body: bytes,
+        request: dict[str, object],
+        model: str,
+        pinned: Replica | None,
+        key_id: str | None,
+    ) -> Plan:
+        """`input` takes a completions prompt's shapes, so it is estimated like one; there is no
+        completion to reserve for and no stream. Routed by load alone (router.exchange): an
+        embedding keeps no cache worth returning to."""
+        units = completion_units(request.get("input"))
+        prompt_tokens = self.tokens.estimate(model, units, key_id)
+        sample = self.tokens.wants_sample(model)
+        routing = RouteRequest(model, units, prompt_tokens, self.tokens.ratio(model))
+        reserve = prompt_tokens if key_id is not None else 0
+        return Plan(
+            route, path, method, model, body, routing, pinned, False, None,
+            sample and key_id is None, reserve,
         )  # fmt: skip
 
     def _plain(
@@ -189,6 +222,16 @@ def parse_object(body: bytes) -> dict[str, object]:
     if not isinstance(request, dict):
         raise APIError(400, "The request body must be a JSON object.")
     return request
+
+
+def wrong_task(model: str, task: str) -> APIError:
+    what = "embeddings (--task embed)" if task == "embed" else "generation (--task generate)"
+    return APIError(
+        400,
+        f"The model '{model}' has no replica serving {what}.",
+        param="model",
+        code="wrong_task",
+    )
 
 
 def model_not_found(model: str) -> APIError:

@@ -21,6 +21,7 @@ from router.metrics import RouterMetrics
 from router.plan import Plan
 from router.queueing.request_queue import QueueSettings, RequestQueue
 from router.routing.policies import Policy
+from router.routing.policies.least_load import LeastLoadPolicy
 
 if TYPE_CHECKING:
     from router.tracing import RequestTrace
@@ -45,6 +46,8 @@ class Proxy:
         """`on_end` hears every exchange's end, once (router.accounting)."""
         self.pool = pool
         self.policy = policy
+        # Embeddings keep no prefix cache worth coming back to: least load, whatever `policy` is.
+        self.embeddings_policy = LeastLoadPolicy()
         self.metrics = metrics
         self.on_end = on_end
         headers = [("Content-Type", "application/json")]  # keys per replica: Replica.request_host

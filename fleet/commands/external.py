@@ -29,6 +29,11 @@ def register(app: typer.Typer) -> None:
         replica_id: str = typer.Option(None, "--id", help="Replica id (default: from the URL)."),
         max_model_len: int = typer.Option(0, "--max-model-len", min=0, help="Context length."),
         device: str = typer.Option("cuda", "--device", help="Device it runs on (informative)."),
+        task: str = typer.Option(
+            None,
+            "--task",
+            help="generate or embed: routers send it only that task's requests (default: both).",
+        ),
         redis_url: str = REDIS_URL,
         prefix: str = PREFIX,
         as_json: bool = JSON,
@@ -37,6 +42,8 @@ def register(app: typer.Typer) -> None:
         url = url.rstrip("/")
         if not url.startswith(("http://", "https://")):
             raise typer.BadParameter("must start with http:// or https://", param_hint="URL")
+        if task not in (None, "generate", "embed"):
+            raise typer.BadParameter("must be generate or embed", param_hint="--task")
         info = ReplicaInfo(
             id=replica_id or external_id(url),
             url=url,
@@ -45,6 +52,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             host="",
             max_model_len=max_model_len,
+            task=task,
         )
         info = run_redis(redis_url, lambda c: register_external(c, info, resolve_prefix(prefix)))
         if as_json:

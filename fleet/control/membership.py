@@ -73,6 +73,9 @@ class ReplicaInfo:
     # Further names the replica answers to (`--served-model-name a b`: `model` is "a"). Records
     # written before this field read as none; older readers ignore it (see from_json).
     aliases: list[str] = field(default_factory=list)
+    # "generate" or "embed" (`--task`); None where not said: records written before this field
+    # (fleetserve replicas then only generated) and engines registered by hand without --task.
+    task: str | None = None
 
     @property
     def takes_work(self) -> bool:

@@ -19,10 +19,11 @@ import threading
 from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import cast
 
 from replica.engine.config import EngineArgs
 from replica.engine.core import EngineCore
-from replica.engine.outputs import EngineLoad, RequestOutput
+from replica.engine.outputs import EngineLoad, PoolingOutput, RequestOutput
 from replica.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ class _Aborted:
 
 
 # What a request's stream receives: an output, the exception that ended it, or _Aborted.
-_Item = RequestOutput | BaseException | _Aborted
+_Output = RequestOutput | PoolingOutput
+_Item = _Output | BaseException | _Aborted
 
 
 @dataclass
@@ -48,12 +50,12 @@ class _Stream:
 
 @dataclass
 class _Add:
-    """Step-thread command: queue a request `generate` has validated."""
+    """Step-thread command: queue a request `generate` (or `embed`) has validated."""
 
     request_id: str
     prompt: str | None  # its text, when it came as text
     prompt_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | None  # None: an embedding request
     cache_salt: str | None
     generated_ids: list[int] | None = None  # a resumed stream's output so far
 
@@ -108,16 +110,31 @@ class AsyncEngine:
         prompt_ids = self.core.tokenize(prompt)
         self.core.validate(prompt_ids, params, generated_ids)
         text = prompt if isinstance(prompt, str) else None
-        return self._stream(_Add(request_id, text, prompt_ids, params, cache_salt, generated_ids))
+        stream = self._stream(_Add(request_id, text, prompt_ids, params, cache_salt, generated_ids))
+        return cast(AsyncGenerator[RequestOutput, None], stream)
 
-    async def _stream(self, add: _Add) -> AsyncGenerator[RequestOutput, None]:
+    def embed(self, request_id: str, prompt_ids: list[int]) -> AsyncGenerator[PoolingOutput, None]:
+        """An embedding request's stream: one PoolingOutput (an engine with task "embed").
+
+        Checked now, like `generate` (SamplingParamsError, param `input`); it reaches the engine
+        when first iterated, and the engine batches it with others under its step budget;
+        leaving the iteration early aborts it."""
+        self.core.validate_pooling(prompt_ids)
+        stream = self._stream(_Add(request_id, None, prompt_ids, None, None))
+        return cast(AsyncGenerator[PoolingOutput, None], stream)
+
+    async def _stream(self, add: _Add) -> AsyncGenerator[_Output, None]:
         request_id = add.request_id
         if self._stopped:
             raise EngineDeadError("the engine is not running") from self.error
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = add.params
-        if params.structured is not None and not self.core.grammars.cached(params.structured):
+        if (
+            params is not None
+            and params.structured is not None
+            and not self.core.grammars.cached(params.structured)
+        ):
             await asyncio.to_thread(self.compile_grammar, params)  # never in the step thread
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
@@ -219,7 +236,10 @@ class AsyncEngine:
             return
         if command.request_id not in self._streams:  # abandoned before it started
             return
-        try:  # validated by `generate` already
+        try:  # validated by `generate` or `embed` already
+            if command.params is None:
+                self.core.enqueue_pooling(command.request_id, command.prompt_ids)
+                return
             self.core.enqueue(
                 command.request_id,
                 command.prompt,
@@ -237,7 +257,7 @@ class AsyncEngine:
             self.core.abort_request(request_id)
         self._send([(request_id, exc) for request_id in list(self._streams)])
 
-    def _send(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+    def _send(self, items: list[tuple[str, _Output | BaseException]]) -> None:
         """Hand a step's results to their event loops: one thread-safe call per loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
         for request_id, item in items:
@@ -249,5 +269,5 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(self._deliver, batch)
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 for _, undelivered in batch:
-                    if isinstance(undelivered, RequestOutput):
+                    if isinstance(undelivered, RequestOutput | PoolingOutput):
                         self.core.abort_request(undelivered.request_id)

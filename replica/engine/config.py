@@ -12,6 +12,8 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+TASKS = ("generate", "embed")
+POOLING_METHODS = ("last", "mean")  # replica.engine.pooling implements them
 
 
 @dataclass
@@ -34,6 +36,9 @@ class EngineArgs:
     # One name or several (vLLM's `--served-model-name a b`): the first is reported in answers.
     served_model_name: str | list[str] | None = None
     tokenizer: str | None = None
+    # `embed`: the engine returns pooled hidden states (embeddings) instead of generating.
+    task: str = "generate"
+    pooling: str = "last"  # how `embed` pools a prompt's hidden states: last token or mean
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -43,6 +48,12 @@ class EngineArgs:
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(
                 f"kernel_backend must be auto, torch or triton; got {self.kernel_backend!r}"
+            )
+        if self.task not in TASKS:
+            raise ValueError(f"task must be {' or '.join(TASKS)}; got {self.task!r}")
+        if self.pooling not in POOLING_METHODS:
+            raise ValueError(
+                f"pooling must be {' or '.join(POOLING_METHODS)}; got {self.pooling!r}"
             )
         for name in ("max_num_seqs", "block_size"):
             if getattr(self, name) < 1:

@@ -25,9 +25,10 @@ from replica.engine.detokenizer import IncrementalDetokenizer
 from replica.engine.grammar_mask import SequenceGrammar
 from replica.engine.memory import plan_kv_blocks
 from replica.engine.model_runner import ModelRunner, StepResult
-from replica.engine.outputs import CompletionOutput, EngineLoad, RequestOutput
+from replica.engine.outputs import CompletionOutput, EngineLoad, PoolingOutput, RequestOutput
+from replica.engine.pooling import Pooler
 from replica.engine.sampling_params import SamplingParams, SamplingParamsError
-from replica.engine.scheduler import Scheduler
+from replica.engine.scheduler import ScheduledBatch, Scheduler
 from replica.engine.sequence import Request, Sequence
 from replica.engine.structured import GrammarCompiler, GrammarError
 from replica.kernels import get_ops
@@ -87,10 +88,16 @@ class EngineCore:
             self.eos_token_ids,
             args.seed,
         )
-        self.runner.graphs = DecodeGraphs.build(
-            model, self.ops, self.device, args.max_num_seqs, self.max_model_len, args.block_size
-        )
-        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        # An embedding needs every prompt token's hidden state (mean pooling), so an embed
+        # engine never skips a cached prefix; it never decodes, so it captures no decode graphs.
+        self.pooler = Pooler(args.pooling) if args.task == "embed" else None
+        if self.pooler is None:
+            self.runner.graphs = DecodeGraphs.build(
+                model, self.ops, self.device, args.max_num_seqs, self.max_model_len,
+                args.block_size,
+            )  # fmt: skip
+        prefix_caching = args.enable_prefix_caching and self.pooler is None
+        self.blocks = BlockManager(num_blocks, args.block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max_batched)
         self.requests: dict[str, Request] = {}
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
@@ -122,6 +129,11 @@ class EngineCore:
         OpenAI's wording for the context rule; each front-end runs it once per request, where it
         can still refuse: LLM before adding any prompt of a batch, AsyncEngine before a server's
         response starts. `generated_ids`: output tokens a resumed stream already has."""
+        if self.pooler is not None:
+            raise SamplingParamsError(
+                "model", "this engine serves embeddings (task embed), not generation",
+                code="wrong_task",
+            )  # fmt: skip
         if not prompt_ids:
             raise SamplingParamsError(
                 "prompt", "the prompt is empty: it must contain at least one token"
@@ -155,6 +167,43 @@ class EngineCore:
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:
                 raise SamplingParamsError(name, f"{name} must be at most {self.vocab_size}")
+
+    def validate_pooling(self, prompt_ids: list[int]) -> None:
+        """Raise SamplingParamsError (param `input`) for an embedding input this engine cannot
+        serve: it must fit the context and the vocabulary, and the engine must be an embedder."""
+        if self.pooler is None:
+            raise SamplingParamsError(
+                "model", "this engine generates text (task generate); embeddings need task embed",
+                code="wrong_task",
+            )  # fmt: skip
+        if not prompt_ids:
+            raise SamplingParamsError(
+                "input", "the input is empty: it must hold at least one token"
+            )
+        if len(prompt_ids) > self.max_model_len:
+            raise SamplingParamsError(
+                "input",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {len(prompt_ids)} tokens in the input. Please reduce the length "
+                "of the input.",
+                code="context_length_exceeded",
+            )
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise SamplingParamsError(
+                "input", f"token id {bad} is outside the vocabulary (size {self.vocab_size})"
+            )
+
+    def enqueue_pooling(self, request_id: str, prompt_ids: list[int]) -> Request:
+        """Queue an embedding request `validate_pooling` has passed: one sequence that runs its
+        prompt (in chunks within the step budget, like any prefill) and is then pooled."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = SamplingParams(max_tokens=1)
+        request = Request(request_id, None, prompt_ids, params, self._new_detokenizer)
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+        return request
 
     def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
         """The grammar `params.structured` asks for (None for free text), cached per schema;
@@ -209,6 +258,8 @@ class EngineCore:
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
+        if self.pooler is not None:
+            self.pooler.forget(request_id)
         for seq in request.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq)
@@ -221,9 +272,9 @@ class EngineCore:
 
     # -- stepping ---------------------------------------------------------------------------
 
-    def step(self, stream: bool = True) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput] | list[PoolingOutput]:
         """Run one step. Returns outputs of the requests it advanced (all of them when `stream`,
-        else only the ones that finished)."""
+        else only the ones that finished); an embed engine's, the embeddings it finished."""
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
@@ -231,6 +282,8 @@ class EngineCore:
         for seq in batch.seqs:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
+        if self.pooler is not None:
+            return self._pool(batch, self.pooler)
         result = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
@@ -242,6 +295,29 @@ class EngineCore:
                 outputs.append(self._output(request))
             elif stream:
                 outputs.append(self._output(request))
+        return outputs
+
+    def _pool(self, batch: ScheduledBatch, pooler: Pooler) -> list[PoolingOutput]:
+        """An embed step: the batch's hidden states, pooled per sequence; a sequence whose whole
+        prompt has run is finished at once (its blocks freed) with its embedding."""
+        hidden = self.runner.hidden_states(batch)
+        outputs = []
+        row = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            request = seq.request
+            embedding = pooler.add(request.request_id, hidden[row : row + n], start, seq.num_tokens)
+            row += n
+            if embedding is None:
+                continue
+            seq.finish_reason = "stop"
+            self.scheduler.finish(seq)
+            self.requests.pop(request.request_id, None)
+            request.metrics.finished_time = time.time()
+            outputs.append(
+                PoolingOutput(request.request_id, request.prompt_token_ids, embedding.tolist())
+            )
         return outputs
 
     def _process(self, result: StepResult) -> list[Request]:

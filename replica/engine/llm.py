@@ -1,4 +1,5 @@
-"""The offline API: `LLM(model, **engine_args).generate(prompts, params)`."""
+"""The offline API: `LLM(model, **engine_args).generate(prompts, params)`, and
+`LLM(model, task="embed").embed(prompts)`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import cast
 
 from replica.engine.config import EngineArgs
 from replica.engine.core import EngineCore
-from replica.engine.outputs import EngineLoad, RequestOutput
+from replica.engine.outputs import EngineLoad, PoolingOutput, RequestOutput
 from replica.engine.sampling_params import SamplingParams
 
 
@@ -46,8 +47,27 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(prompts)
         while self.engine.has_unfinished:
             for output in self.engine.step(stream=False):
+                assert isinstance(output, RequestOutput)
                 results[order[output.request_id]] = output
         return [r for r in results if r is not None]
+
+    def embed(self, prompts: str | list[int] | Seq[str | list[int]]) -> list[list[float]]:
+        """One normalised embedding per prompt, in prompt order (an engine with task="embed")."""
+        engine = self.engine
+        token_ids = [engine.tokenize(prompt) for prompt in _as_batch(prompts)]
+        for ids in token_ids:
+            engine.validate_pooling(ids)  # all or nothing, as generate
+        order: dict[str, int] = {}
+        for index, ids in enumerate(token_ids):
+            request_id = f"offline-{next(self._ids)}"
+            engine.enqueue_pooling(request_id, ids)
+            order[request_id] = index
+        results: list[list[float]] = [[] for _ in token_ids]
+        while engine.has_unfinished:
+            for output in engine.step():
+                assert isinstance(output, PoolingOutput)
+                results[order[output.request_id]] = output.embedding
+        return results
 
     def load(self) -> EngineLoad:
         return self.engine.load()

@@ -84,6 +84,12 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(inputs, logits[num_sampled:])
         return StepResult(inputs.sample_seqs, sampled, prompt_logprobs)
 
+    @torch.inference_mode()
+    def hidden_states(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The final hidden states (after the model's last norm, no LM head) of every token the
+        step computes, in row order: what an embedding pools."""
+        return self.forward(self.prepare(batch))
+
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(inputs.input_ids, inputs.meta):
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)

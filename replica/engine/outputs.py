@@ -70,6 +70,16 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
 
 
+@dataclass
+class PoolingOutput:
+    """An embedding request's result: its prompt's pooled, L2-normalised final hidden state."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    embedding: list[float]
+    finished: bool = True  # pooled once, when the whole prompt has run
+
+
 class EngineLoad(TypedDict):
     """The engine's state after its last step: what /load, /metrics and routers weigh."""
 

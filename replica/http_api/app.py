@@ -17,6 +17,7 @@ from replica.http_api import info_routes
 from replica.http_api.body import json_response
 from replica.http_api.chat import create_chat_completion
 from replica.http_api.completions import create_completion
+from replica.http_api.embeddings import create_embedding
 from replica.http_api.errors import EXCEPTION_HANDLERS
 from replica.http_api.metrics import ReplicaMetrics
 from replica.http_api.openapi import openapi_document
@@ -37,6 +38,7 @@ async def openapi_json(request: Request) -> Response:
 ROUTES = [
     Route("/v1/completions", create_completion, methods=["POST"]),
     Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+    Route("/v1/embeddings", create_embedding, methods=["POST"]),
     Route("/v1/models", info_routes.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", info_routes.get_model, methods=["GET"]),
     Route("/tokenize", info_routes.tokenize, methods=["POST"]),

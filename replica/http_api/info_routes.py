@@ -53,6 +53,7 @@ async def load(request: Request) -> Response:
             "status": runtime.state,
             "in_flight": runtime.inflight,
             "generation_tokens": int(generated or 0),
+            "task": runtime.task,
             **(runtime.load() or {}),
         }
     )
@@ -72,6 +73,7 @@ def _model_card(request: Request, name: str) -> dict:
         "owned_by": "fleetserve",
         "root": runtime.settings.model,
         "max_model_len": runtime.engine.max_model_len,
+        "task": runtime.task,  # generate or embed: which routes this replica answers
     }
 
 

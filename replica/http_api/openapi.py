@@ -18,6 +18,7 @@ from replica.http_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
 )
 
@@ -49,6 +50,11 @@ _RESPONSES = {
         "type": "object",
         "required": ["id", "object", "created", "model", "choices"],
         "properties": {"object": {"const": "chat.completion"}, "usage": _OBJECT},
+    },
+    "Embeddings": {
+        "type": "object",
+        "required": ["object", "data", "model", "usage"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array"}, "usage": _OBJECT},
     },
     "ModelList": {
         "type": "object",
@@ -83,6 +89,8 @@ OPERATIONS = (
     Operation("/v1/completions", "post", "Create a completion", CompletionRequest, "Completion", True),
     Operation("/v1/chat/completions", "post", "Create a chat completion", ChatCompletionRequest,
               "ChatCompletion", True),
+    Operation("/v1/embeddings", "post", "Create embeddings (a replica started with --task embed)",
+              EmbeddingRequest, "Embeddings"),
     Operation("/v1/models", "get", "List the served model", response="ModelList"),
     Operation("/v1/models/{model}", "get", "Describe the served model"),
     Operation("/tokenize", "post", "Prompt or messages to token ids", TokenizeRequest, "Tokens"),

@@ -76,8 +76,9 @@ def encode(
     text: str,
     limits: PromptLimits,
     add_special_tokens: bool = True,
+    param: str = "prompt",
 ) -> list[int]:
-    limits.check_chars(len(text), "prompt")
+    limits.check_chars(len(text), param)
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 

@@ -262,6 +262,31 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+class EmbeddingRequest(_Body):
+    """OpenAI's embeddings body: `input` takes the same four shapes as a completions prompt."""
+
+    model: str | None = None
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """The input field as a list of single inputs (text or token ids)."""
+        i = self.input
+        if isinstance(i, str):
+            return [i]
+        if isinstance(i[0], int):
+            return [cast("list[int]", i)]
+        return list(cast("list[str] | list[list[int]]", i))
+
+
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
@@ -322,6 +347,7 @@ def _field_error(param: str, problem: str) -> APIError:
 
 _UNION_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of token-id lists",
+    "input": "must be a string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "must be a string or a list of strings",
     "content": "must be a string or a list of content parts",
 }

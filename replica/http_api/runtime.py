@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "draining", "stopped"]
+WRONG_TASK = {
+    "embed": "this replica serves embeddings (--task embed): use /v1/embeddings, or a replica "
+    "started with --task generate",
+    "generate": "this replica generates text (--task generate); embeddings need a replica "
+    "started with --task embed",
+}
 
 
 class ReplicaLoad(EngineLoad):
@@ -184,6 +190,7 @@ class ReplicaRuntime:
             max_model_len=self.engine.max_model_len,
             block_size=load["block_size"],
             kv_capacity_tokens=load["kv_capacity_tokens"],
+            task=self.task,
         )
         self.lease = MembershipLease(
             info, self.settings.redis_url, prefix=self.settings.redis_prefix
@@ -235,8 +242,9 @@ class ReplicaRuntime:
             return "engine_dead"
         return self.status
 
-    def accept(self) -> AsyncEngine:
-        """The engine, if this replica takes new generation work now; else 503 with Retry-After."""
+    def accept(self, task: str = "generate") -> AsyncEngine:
+        """The engine, if this replica takes new work of this task now; else 503 with
+        Retry-After, or 400 for the other task's route (an embedder does not generate)."""
         state = self.state
         if state != "ready":
             raise APIError(
@@ -245,17 +253,23 @@ class ReplicaRuntime:
                 code=f"replica_{state}",
                 headers={"Retry-After": "1"},
             )
+        served = self.engine.args.task
+        if served != task:
+            raise APIError(400, WRONG_TASK[served], "model", code="wrong_task")
         return self.engine
 
-    def check_fanout(self, seqs: int) -> None:
-        """One request's sequences (prompts x n) are bounded: each costs a slot and KV blocks."""
+    @property
+    def task(self) -> str | None:
+        """generate or embed (the engine's `--task`); None until the engine is loaded."""
+        return self._engine.args.task if self._engine is not None else None
+
+    def check_fanout(self, seqs: int, param: str = "n") -> None:
+        """One request's sequences (prompts x n, or inputs) are bounded: each costs a slot and
+        KV blocks."""
         limit = self.settings.max_seqs_per_request
         if seqs > limit:
-            raise APIError(
-                400,
-                f"this request asks for {seqs} sequences (prompts x n); the limit is {limit}",
-                "n",
-            )
+            what = "inputs" if param == "input" else "sequences (prompts x n)"
+            raise APIError(400, f"this request asks for {seqs} {what}; the limit is {limit}", param)
 
     def check_queue(self, seqs: int) -> None:
         """503 while the sequences in flight would queue more than `max_waiting` beyond the engine's

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from router.backends.breaker import CircuitBreaker
 
 DEFAULT_KV_CAPACITY_TOKENS = 65536
+TASKS = ("generate", "embed")  # what a replica's engine does (`--task`)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ReplicaView(_PolicyView):
     url: str
     model: str | None
     engine: str
+    task: str | None  # "generate", "embed", or None (an engine registered by hand: either)
     source: str
     state: str
     admin_drained: bool
@@ -75,6 +77,9 @@ class Replica:
     model: str | None = None
     engine: str = "fleetserve"
     source: str = "static"
+    # generate or embed, as the replica says (membership, or its /v1/models card); None where
+    # unknown (engines registered by hand, `--replica` URLs that do not say): either task.
+    task: str | None = None
     max_model_len: int | None = None
     kv_capacity_tokens: int | None = None
     state: str = "ready"
@@ -130,6 +135,10 @@ class Replica:
             and self.breaker.admits(now)
         )
 
+    def serves(self, task: str | None) -> bool:
+        """Whether requests of `task` may go here (None: any request, e.g. /tokenize)."""
+        return task is None or self.task is None or self.task == task
+
     def queue_depth(self) -> int:
         """Requests ahead of a new one: ours, or the replica's own count when other routers add more."""
         return max(self.in_flight, self.load.running + self.load.waiting)
@@ -145,6 +154,7 @@ class Replica:
             "url": self.url,
             "model": self.model,
             "engine": self.engine,
+            "task": self.task,
             "source": self.source,
             "state": "draining" if self.draining else self.state,
             "admin_drained": self.admin_drained,

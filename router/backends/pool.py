@@ -22,7 +22,7 @@ from fleet.control.errors import APIError
 from fleet.control.internal import replica_key
 from fleet.control.membership import MembershipEvent, MembershipWatcher, ReplicaInfo
 from fleet.web_security import client_context
-from router.backends.backend import Replica
+from router.backends.backend import TASKS, Replica
 from router.backends.breaker import CircuitBreaker
 from router.backends.load_signals import from_load_json, from_prometheus_text
 
@@ -72,6 +72,9 @@ class ReplicaPool:
         self.replicas: dict[str, Replica] = {}
         # Every name a request may use (each replica's model and its aliases) -> its replicas.
         self.by_model: dict[str, list[Replica]] = {}
+        # The same for each task: the replicas that serve it (Replica.serves), so that a pick
+        # filters nothing per request.
+        self.by_task: dict[str, dict[str, list[Replica]]] = {task: {} for task in TASKS}
         self.aliases: dict[str, tuple[str, ...]] = {}  # replica id -> names beyond its model
         self._watcher = watcher
         self._on_eject = on_eject
@@ -148,9 +151,9 @@ class ReplicaPool:
             self._apply_info(replica, info)
             self._add(replica)
         else:
-            names_before = (replica.model, self.aliases.get(replica.id, ()))
+            before = (replica.model, self.aliases.get(replica.id, ()), replica.task)
             self._apply_info(replica, info)
-            if names_before != (replica.model, self.aliases.get(replica.id, ())):
+            if before != (replica.model, self.aliases.get(replica.id, ()), replica.task):
                 self._reindex()
 
     def _key_for(self, info: ReplicaInfo) -> str | None:
@@ -164,6 +167,7 @@ class ReplicaPool:
         replica.model = info.model
         self._set_aliases(replica, info.aliases if isinstance(info.aliases, list) else [])
         replica.engine = info.engine
+        replica.task = _task_of(info)
         replica.state = info.state
         replica.admin_drained = info.admin_drained
         replica.max_model_len = info.max_model_len or None
@@ -197,10 +201,15 @@ class ReplicaPool:
 
     def _reindex(self) -> None:
         by_model: dict[str, list[Replica]] = {}
+        by_task: dict[str, dict[str, list[Replica]]] = {task: {} for task in TASKS}
         for replica in sorted(self.replicas.values(), key=lambda r: r.id):
             for name in self.names_of(replica):
                 by_model.setdefault(name, []).append(replica)
+                for task, index in by_task.items():
+                    if replica.serves(task):
+                        index.setdefault(name, []).append(replica)
         self.by_model = by_model
+        self.by_task = by_task
 
     def _set_aliases(self, replica: Replica, aliases: Sequence[object]) -> None:
         names = [a for a in aliases if isinstance(a, str) and a and a != replica.model]
@@ -214,10 +223,14 @@ class ReplicaPool:
 
     # -- queries
 
-    def routable(self, model: str, exclude: tuple[str, ...] = ()) -> list[Replica]:
-        """Replicas that may take a request now, except those with ids in `exclude`."""
+    def routable(
+        self, model: str, exclude: tuple[str, ...] = (), task: str | None = None
+    ) -> list[Replica]:
+        """Replicas that may take a request (of `task`, when given) now, except those with ids
+        in `exclude`."""
         now = time.monotonic()
-        return [r for r in self.by_model.get(model, ()) if r.routable(now) and r.id not in exclude]
+        index = self.by_model if task is None else self.by_task[task]
+        return [r for r in index.get(model, ()) if r.routable(now) and r.id not in exclude]
 
     def models(self) -> dict[str, int | None]:
         """Models with at least one replica that is not draining, with their context length."""
@@ -288,6 +301,8 @@ class ReplicaPool:
         if cards:
             replica.model = cards[0]["id"]
             replica.max_model_len = cards[0].get("max_model_len") or None
+            task = cards[0].get("task")  # ours say; vLLM's and SGLang's do not
+            replica.task = task if task in TASKS else None
             # Its other base-model cards are its other served names (LoRA adapters have a parent).
             self._set_aliases(replica, [c.get("id") for c in cards[1:] if not c.get("parent")])
             self._reindex()
@@ -322,3 +337,11 @@ class ReplicaPool:
     def gauges(self) -> list[tuple[str, int, bool]]:
         now = time.monotonic()
         return [(r.id, r.in_flight, r.routable(now)) for r in self.replicas.values()]
+
+
+def _task_of(info: ReplicaInfo) -> str | None:
+    """The replica's task; a leased record without one was written by a fleetserve replica from
+    before embeddings, which only generated. Engines registered by hand stay unknown."""
+    if info.task in TASKS:
+        return info.task
+    return "generate" if info.managed == "lease" and info.engine == "fleetserve" else None

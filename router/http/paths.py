@@ -27,6 +27,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PINNED_ROUTES: dict[str, tuple[str, str]] = {
     "/v1/chat/completions": ("POST", "chat"),
     "/v1/completions": ("POST", "completions"),
+    "/v1/embeddings": ("POST", "embeddings"),
     "/tokenize": ("POST", "tokenize"),
     "/detokenize": ("POST", "detokenize"),
     "/v1/models": ("GET", "models"),
@@ -60,7 +61,7 @@ def canonical(path: str) -> str:
 @dataclass(frozen=True, slots=True)
 class PinnedTarget:
     replica_id: str
-    kind: str  # chat, completions, tokenize, detokenize, models, health
+    kind: str  # chat, completions, embeddings, tokenize, detokenize, models, health
     method: str  # what is sent to the replica
     path: str  # canonical, re-encoded for the wire
 

@@ -10,7 +10,10 @@ into time to first token.
 
 `--engine vllm` or `--engine sglang` speaks that engine's dialect instead: no `/load`, load only
 in its own Prometheus names on `/metrics`; SGLang's also answers `/server_info` and `/model_info`
-(and their older `/get_` names), what SGLang's model gateway reads from a worker.
+(and their older `/get_` names), what SGLang's model gateway reads from a worker. Both dialects
+also answer `/v1/embeddings` (a deterministic unit vector of `--embedding-size` per input, float or
+base64, `dimensions` honoured), as an embedding model's vLLM or SGLang server would, so routers
+can be tested against external embedders registered with no task.
 `--served-model-name a b` answers to several names, the first reported in answers (as vLLM).
 
 Tests steer it at run time: `POST /fake/config` with any of `delay`, `chunk_delay`, `chunks`,
@@ -30,6 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
+import math
+import struct
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
@@ -164,6 +171,7 @@ class FakeReplica:
         }
         if self.engine != "fleetserve":
             del self.routes[("GET", "/load")]
+            self.routes[("POST", "/v1/embeddings")] = self.embeddings
         if self.engine == "sglang":
             for path in ("/server_info", "/get_server_info"):
                 self.routes[("GET", path)] = self.server_info
@@ -415,6 +423,41 @@ class FakeReplica:
                 return
         self.running -= 1
 
+    async def embeddings(self, scope: dict, receive: Any, send: Any, body: bytes) -> None:
+        """One embedding per input, counted like a generation request."""
+        self.stats.requests += 1
+        request = orjson.loads(body or b"{}")
+        self.stats.last_body = request
+        if request.get("model") not in self.names:
+            message = f"The model `{request.get('model')}` does not exist."
+            await respond(send, 404, error_body(message, "not_found_error"))
+            return
+        if self.behaviour.status:
+            await respond(send, self.behaviour.status, error_body("injected failure", "api_error"))
+            return
+        inputs = request.get("input")
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            await respond(send, 400, error_body("'input' is required", "invalid_request_error"))
+            return
+        size = request.get("dimensions") or self.args.embedding_size
+        data, prompt_tokens = [], 0
+        for index, item in enumerate(inputs):
+            text = item if isinstance(item, str) else prompt_text({"prompt": item}, False)
+            prompt_tokens += max(len(text) // CHARS_PER_TOKEN, 1)
+            vector = fake_embedding(text, int(size))
+            if request.get("encoding_format") == "base64":
+                packed = struct.pack(f"<{len(vector)}f", *vector)
+                data.append({"object": "embedding", "index": index,
+                             "embedding": base64.b64encode(packed).decode()})  # fmt: skip
+            else:
+                data.append({"object": "embedding", "index": index, "embedding": vector})
+        self.stats.completed += 1
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+        answer = {"object": "list", "data": data, "model": self.model, "usage": usage}
+        await respond(send, 200, orjson.dumps(answer))
+
     async def _answer(self, chat: bool, request: dict, send: Any) -> None:
         behaviour = self.behaviour
         text = prompt_text(request, chat)
@@ -465,6 +508,14 @@ class FakeReplica:
                 raise ConnectionDroppedError
             await send({"type": "http.response.body", "body": frame, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def fake_embedding(text: str, size: int) -> list[float]:
+    """A unit vector that depends only on the text."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [digest[i % len(digest)] - 127.5 for i in range(size)]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return [v / norm for v in raw]
 
 
 class ConnectionDroppedError(Exception):
@@ -577,6 +628,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--kv-cache-tokens", type=int, default=0, help="simulated prefix cache size"
     )
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--embedding-size", type=int, default=8, help="vllm, sglang: /v1/embeddings"
+    )
     parser.add_argument("--prefill-us-per-token", type=float, default=0.0)
     parser.add_argument(
         "--engine",

@@ -103,6 +103,18 @@ def test_register_and_unregister_external(fleet, redis_url: str, prefix: str) ->
     assert "no replica" in fleet("unregister", replica_id, code=1)
 
 
+def test_register_an_external_embedder(fleet, redis_url: str, prefix: str) -> None:
+    replica_id = fleet(
+        "register", "http://10.1.2.4:8000", "--model", "e5", "--task", "embed"
+    ).strip()
+    [info] = list_replicas_sync(redis_url, prefix)
+    assert (info.id, info.task) == (replica_id, "embed")
+    assert "generate or embed" in fleet(
+        "register", "http://h:1", "--model", "m", "--task", "x", code=2
+    )
+    fleet("unregister", replica_id)
+
+
 def test_fleet_keys_as_a_real_process(redis_url: str, prefix: str) -> None:
     out = subprocess.run(
         [
