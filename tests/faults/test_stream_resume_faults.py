@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 import pytest
-from harness import (
+from fault_harness import (
     ADMIN_KEY,
     FleetKey,
     Proc,
