@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from fleet.control.errors import APIError
+from fleet.control.errors import CLIENT_GONE_STATUS, APIError
 from fleet.control.keys import KeyStore, Ticket
 from fleet.control.membership import MembershipWatcher
 from router import admin
@@ -34,7 +34,6 @@ from router.backends.pool import ReplicaPool
 from router.backends.retry_budget import RetryBudget
 from router.config import RouterConfig
 from router.dashboard import Dashboard
-from router.exchange import CLIENT_CLOSED
 from router.http.asgi import asgi_bridge
 from router.http.connection import ClientConnection
 from router.http.messages import Request
@@ -282,13 +281,13 @@ class RouterApp:
             gone = conn.closed  # the client left while its key was checked: no one to answer
             if not gone:
                 conn.respond_error(err)
-            status = CLIENT_CLOSED if gone else err.status
+            status = CLIENT_GONE_STATUS if gone else err.status
             model = plan.model if plan else ""
             self.accounting.refused(route, model, status, started, incoming.request_id, trace)
             return
         if conn.closed:  # the client left while its key was checked
             self.accounting.refused(
-                route, plan.model, CLIENT_CLOSED, started, incoming.request_id, trace
+                route, plan.model, CLIENT_GONE_STATUS, started, incoming.request_id, trace
             )
             await self.accounting.release(ticket)
             return

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
-from fleet.control.errors import APIError
+from fleet.control.errors import CLIENT_GONE_STATUS, APIError
 from router.backends.backend import Replica
 from router.http.connection import ClientConnection
 from router.http.upstream import AnswerTooLarge, UpstreamConnection
@@ -54,7 +54,6 @@ log = logging.getLogger("router.proxy")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 NOT_REPLICA_FAULTS = frozenset({429})
-CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before its answer ended
 
 
 class NoReplica(Exception):
@@ -317,7 +316,7 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.abort()
         self._close_attempt()
-        self.status = CLIENT_CLOSED
+        self.status = CLIENT_GONE_STATUS
         self._end()
         self._committed()  # a retry waiting on this attempt has nothing more to do
 

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 import orjson
 
+# nginx's "client closed request": recorded (never sent) when a client left before its answer
+# ended; the router and the replica both count such requests under it.
+CLIENT_GONE_STATUS = 499
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

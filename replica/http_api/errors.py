@@ -9,12 +9,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from fleet.control.errors import APIError
+from fleet.control.errors import CLIENT_GONE_STATUS, APIError
 from fleet.web_errors import error_response
 from replica.engine.sampling_params import SamplingParamsError
-
-# nginx's "client closed request": the status recorded (never sent) when the client left first.
-CLIENT_GONE_STATUS = 499
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
