@@ -11,7 +11,7 @@ The folders are the design:
       serve.py            runs one process: the HTTP server on uvloop until SIGTERM
       app.py              RouterApp: builds the parts; the handlers each path is dispatched to
       plan.py             what a proxied request is (model, body, prompt units, reservation)
-      proxy.py            what every exchange shares; picks a replica through the policy
+      proxy.py            what every exchange shares: pool, policies, client, queue, budget
       exchange.py         one request's state machine, replica to client, retries included
       stream_resume.py    a stream whose replica died, carried on by another of ours
       accounting.py       where every request ends: metrics, token learning, key settlement
@@ -21,8 +21,8 @@ The folders are the design:
       metrics.py          counters kept in dicts, turned into Prometheus families on scrape
     router/http/        HTTP at both ends: the client-facing server (server, connection,
                         messages, asgi), paths and CORS, and the upstream client to replicas
-    router/routing/     choosing a replica: policies/, prompt units, prefix index, token
-                        estimates, sticky sessions
+    router/routing/     choosing a replica: pick (candidates, session, policy), policies/,
+                        prompt units, prefix index, token estimates, sticky sessions
     router/backends/    the replicas: pool (membership, probes), backend state, load reports,
                         circuit breaker, watchdog (timeouts), retry budget
     router/queueing/    requests no replica can take now wait here (bounded, with a deadline),
@@ -35,10 +35,12 @@ One chat request, in order (each file entered once):
     plan.py             Planner.plan: parse the body once, the model, prompt units and token
                         estimate -> Plan (a fleet key: check its model, admit it against its
                         limits, back in app.py)
-    proxy.py            Proxy.start builds the exchange from the plan; Proxy.pick asks
-    routing/policies/   the policy for a replica among the pool's routable ones with room
-                        (none: queueing/ holds the exchange until one has)
-    exchange.py         Exchange sends the request and relays the answer from callbacks
+    proxy.py            Proxy.start builds the exchange from the plan
+    exchange.py         Exchange.dispatch asks
+    routing/pick.py     for the replica: the pool's routable ones of the task with room, then
+    routing/policies/   the session's or the policy's choice (none: queueing/ holds the
+                        exchange until one has); the exchange sends the request and relays
+                        the answer from callbacks
     http/upstream.py    HttpClient: a keep-alive connection to the replica, the answer parsed
     accounting.py       Accounting.ended: counted, token ratio learnt; a fleet key settled
 """

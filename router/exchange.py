@@ -41,9 +41,9 @@ from fleet.control.errors import CLIENT_GONE_STATUS, APIError
 from router.backends.backend import Replica
 from router.http.connection import ClientConnection
 from router.http.upstream import AnswerTooLarge, UpstreamConnection
-from router.plan import EMBEDDINGS, TASK_OF_ROUTE, Plan
+from router.plan import Plan
+from router.routing.pick import NoReplica, pick
 from router.routing.policies import Decision
-from router.routing.sessions import sticky_replica
 from router.stream_resume import MAX_RESUMES, TOKEN_IDS_HEADER, StreamTrail
 
 if TYPE_CHECKING:
@@ -54,10 +54,6 @@ log = logging.getLogger("router.proxy")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 NOT_REPLICA_FAULTS = frozenset({429})
-
-
-class NoReplica(Exception):
-    """No routable replica is left for this request (none at all, or all already tried)."""
 
 
 class Retryable(Exception):
@@ -205,30 +201,8 @@ class Exchange:
         )  # fmt: skip
 
     def pick(self, ours_only: bool = False) -> Decision:
-        """The policy's choice among the model's routable replicas of the request's task with
-        room, not yet tried (a session sticks to its replica; an embedding goes by load alone),
-        or NoReplica. `ours_only`: fleetserve replicas only."""
-        proxy, plan = self.proxy, self.plan
-        candidates = proxy.pool.routable(plan.model, self.tried, TASK_OF_ROUTE.get(plan.route))
-        cap = proxy.replica_max_in_flight
-        if cap:
-            candidates = [r for r in candidates if r.in_flight < cap]
-        if ours_only:
-            candidates = [r for r in candidates if r.engine == "fleetserve"]
-        if not candidates:
-            raise NoReplica
-        request = plan.routing
-        if plan.route == EMBEDDINGS:
-            decision = proxy.embeddings_policy.choose(request, candidates)
-            proxy.metrics.decided(proxy.embeddings_policy.name, decision.outcome)
-            return decision
-        if request.session_id:
-            replica = sticky_replica(request.session_id, candidates)
-            decision = proxy.policy.place(request, replica, "session")
-        else:
-            decision = proxy.policy.choose(request, candidates)
-        proxy.metrics.decided(proxy.policy.name, decision.outcome)
-        return decision
+        """The next attempt's replica (router.routing.pick), or NoReplica."""
+        return pick(self.proxy, self.plan, self.tried, ours_only)
 
     def _answered(self) -> None:
         """The replica answered this attempt: its prefill is done, and it counts as healthy."""

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fleet.control.errors import APIError
-from router.exchange import NoReplica
 from router.metrics import RouterMetrics
 from router.queueing.fair_queue import FairQueue
+from router.routing.pick import NoReplica
 from router.routing.policies import Decision
 
 if TYPE_CHECKING:
