@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 
 from fleet.control.errors import CLIENT_GONE_STATUS, APIError
 from fleet.control.keys import KeyStore, Ticket
+from fleet.control.kv_reader import KVEventReader
 from fleet.control.membership import MembershipWatcher
+from fleet.control.redis_conn import async_client
 from router import admin
 from router.accounting import Accounting
 from router.auth import Gate
@@ -41,7 +43,9 @@ from router.http.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_
 from router.metrics import RouterMetrics
 from router.plan import INFERENCE_KINDS, Plan, Planner
 from router.proxy import Proxy
+from router.routing.exact import ExactAffinity, Recipe
 from router.routing.policies import make_policy
+from router.routing.policies.prefix import PrefixPolicy
 from router.routing.tokens import TokenEstimator
 from router.side_app import InfoRoutes, side_app
 
@@ -62,6 +66,7 @@ INFERENCE_ROUTES = {
     EMBEDDINGS_PATH: "embeddings",
 }
 PLAIN_ROUTES = frozenset({"/tokenize", "/detokenize"})
+EXACT_ROUTES = frozenset({"chat", "completions"})  # prompts exact affinity can hash
 
 
 class RouterApp:
@@ -93,6 +98,17 @@ class RouterApp:
             internal_secret=config.internal_secret,
             static_key=config.upstream_api_key,
         )
+        self.exact: ExactAffinity | None = None
+        if (
+            config.kv_events
+            and config.redis_url
+            and watcher is not None
+            and isinstance(self.policy, PrefixPolicy)
+        ):
+            reader = KVEventReader(async_client(config.redis_url), config.redis_prefix)
+            self.exact = ExactAffinity(reader, config.tokenizers)
+            self.policy.exact = self.exact.index_for
+            watcher.add_listener(self.exact.on_membership)
         self.gate = Gate(key_store, config.api_keys)
         self.tokens = TokenEstimator()
         self.planner = Planner(self.pool, self.tokens)
@@ -126,6 +142,8 @@ class RouterApp:
     async def start(self) -> None:
         if self.key_store is not None:
             await self.key_store.start()
+        if self.exact is not None:
+            self.exact.start()
         await self.pool.start()
         self.proxy.watchdog.start()
         self.dashboard.start()
@@ -140,6 +158,9 @@ class RouterApp:
         await self.dashboard.stop()
         await self.proxy.close()
         await self.pool.close()
+        if self.exact is not None:
+            await self.exact.stop()
+            await self.exact.reader.client.aclose()
         if self.key_store is not None:
             await self.key_store.close()
         if self.tracer is not None:
@@ -241,10 +262,43 @@ class RouterApp:
             conn.respond_error(err)
             self.accounting.refused(route, "", err.status, started, incoming.request_id, trace)
             return None
+        if self.exact is not None and self.exact.active:
+            exact = self._exact_recipe(plan)
+            if exact is not None:
+                return self._proxied_exact(
+                    plan, exact, conn, started, incoming.request_id, traceparent, trace,
+                    authorization or "",
+                )  # fmt: skip
         self.proxy.start(
             plan, conn, started, incoming.request_id, traceparent, trace, authorization or ""
         )
         return None
+
+    def _exact_recipe(self, plan: Plan) -> tuple[Recipe, list[Replica]] | None:
+        """How to hash this plan's prompt for exact affinity, if it can use it."""
+        assert self.exact is not None
+        if plan.pinned is not None or plan.routing.session_id or plan.route not in EXACT_ROUTES:
+            return None
+        replicas = self.pool.by_model.get(plan.model)
+        recipe = self.exact.recipe_for(replicas) if replicas else None
+        return (recipe, replicas) if recipe is not None and replicas else None
+
+    async def _proxied_exact(
+        self,
+        plan: Plan,
+        exact: tuple[Recipe, list[Replica]],
+        conn: ClientConnection,
+        started: float,
+        request_id: str,
+        traceparent: bytes | None,
+        trace: RequestTrace | None,
+        caller: str,
+    ) -> None:
+        """A static key's request whose prompt is tokenized first (off the event loop)."""
+        assert self.exact is not None
+        await self.exact.prepare(plan, exact[1], exact[0])
+        ex = self.proxy.start(plan, conn, started, request_id, traceparent, trace, caller)
+        await ex.wait_end()
 
     async def _proxied_with_key(
         self,
@@ -291,6 +345,10 @@ class RouterApp:
             )
             await self.accounting.release(ticket)
             return
+        if self.exact is not None and self.exact.active:
+            exact = self._exact_recipe(plan)
+            if exact is not None:
+                await self.exact.prepare(plan, exact[1], exact[0])
         ex = self.proxy.start(
             plan, conn, started, incoming.request_id, traceparent, trace, key_id or ""
         )
