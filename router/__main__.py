@@ -23,6 +23,14 @@ UPSTREAM_KEY_ENV = "FLEET_UPSTREAM_API_KEY"
 METRICS_KEY_ENV = "FLEET_METRICS_KEY"
 LIMITS, UPSTREAM, QUEUE = "Limits and timeouts", "Replicas", "Queue"
 
+
+def _model_paths(specs: list[str]) -> list[str]:
+    for spec in specs:
+        if "=" not in spec.strip("="):
+            raise typer.BadParameter(f"{spec!r}: expected MODEL=PATH")
+    return specs
+
+
 app = flags.server_app("One OpenAI-compatible endpoint in front of the fleet's replicas.")
 
 
@@ -111,6 +119,7 @@ def router(
     tokenizer: list[str] = typer.Option(
         [],
         metavar="MODEL=PATH",
+        callback=_model_paths,
         help="Tokenizer folder or Hub id for a model's exact affinity, instead of the path its "
         "replicas publish (repeatable).",
     ),
@@ -200,7 +209,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         retry_budget_ratio=args.retry_budget,
         prefix_queue_weight=args.prefix_queue_weight,
         kv_events=args.kv_events,
-        tokenizers=dict(spec.split("=", 1) for spec in args.tokenizer if "=" in spec),
+        tokenizers=dict(spec.split("=", 1) for spec in args.tokenizer),
         pool=PoolSettings(
             probe_interval_s=args.probe_interval,
             load_interval_s=args.load_interval,

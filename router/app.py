@@ -132,7 +132,7 @@ class RouterApp:
             InfoRoutes(config, self.pool, self.gate, self.metrics, self.started_at),
             admin.routes(
                 config.admin_key, self.pool, self.policy, self.tokens, self.proxy.budget,
-                self.metrics, self.started_at,
+                self.metrics, self.started_at, self.exact,
             ),
             self.dashboard.routes(),
         )  # fmt: skip
@@ -289,7 +289,7 @@ class RouterApp:
         exact: tuple[Recipe, list[Replica]],
         conn: ClientConnection,
         started: float,
-        request_id: str,
+        request_id: bytes,
         traceparent: bytes | None,
         trace: RequestTrace | None,
         caller: str,

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -32,6 +33,8 @@ from fleet.control.kv_events import (
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS
 
 log = logging.getLogger("fleet.control.kv_reader")
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream's entries, as redis-py reads them
 
 DEFAULT_BLOCK_MS = 100
 DEFAULT_RESYNC_S = 0.25
@@ -122,15 +125,18 @@ class KVEventReader:
         if not streams:
             await sleep_or_stop(self._stopping, min(self.resync_s, self.block_ms / 1000))
             return
-        replies = await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)  # type: ignore[arg-type]
+        replies = cast(
+            "list[tuple[bytes, Entries]] | None",
+            await self.client.xread(streams, count=READ_COUNT, block=self.block_ms),  # type: ignore[arg-type]
+        )
         by_stream = {t.keys.stream.encode(): t for t in self._tracked.values()}
         for stream, entries in replies or []:
-            tracked = by_stream.get(stream)
-            if tracked is not None:
-                self._apply(tracked, entries)
+            reading = by_stream.get(stream)
+            if reading is not None:
+                self._apply(reading, entries)
 
     async def _resync(self, tracked: _Tracked) -> None:
-        fields = await self.client.hgetall(tracked.keys.snapshot)
+        fields = cast("dict[bytes, bytes]", await self.client.hgetall(tracked.keys.snapshot))
         if not fields:
             await self._want(tracked)
             return
@@ -144,7 +150,7 @@ class KVEventReader:
         if not tracked.index.synced:  # larger than this router mirrors
             return
         self.resyncs += 1
-        entries = await self.client.xrange(tracked.keys.stream, min="-", max="+", count=None)
+        entries = cast("Entries", await self.client.xrange(tracked.keys.stream, min="-", max="+"))
         tracked.cursor = b"0"
         self._apply(tracked, entries)
         if not tracked.index.synced:
@@ -153,7 +159,7 @@ class KVEventReader:
     async def _want(self, tracked: _Tracked) -> None:
         await self.client.set(tracked.keys.want, b"1", ex=10)
 
-    def _apply(self, tracked: _Tracked, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def _apply(self, tracked: _Tracked, entries: Entries) -> None:
         index = tracked.index
         for entry_id, fields in entries:
             tracked.cursor = entry_id

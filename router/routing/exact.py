@@ -133,6 +133,15 @@ class ExactAffinity:
         await self.reader.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def describe(self) -> dict[str, int | float]:
+        """For /admin/stats: the reader's counts and the prompts hashed."""
+        return {
+            **self.reader.stats(),
+            "prepared": self.stats.prepared,
+            "unusable": self.stats.unusable,
+            "hash_cpu_s": round(self.stats.cpu_s, 3),
+        }
+
     def recipe_for(self, replicas: list[Replica]) -> Recipe | None:
         """The recipe to hash with, if one of `replicas` publishes and is in sync now (starting
         to load its tokenizer if that has not been tried)."""
@@ -157,7 +166,7 @@ class ExactAffinity:
         self._renderers[recipe] = renderer
         self._loading.discard(recipe)
 
-    def index_for(self, replica_id: str, recipe: Recipe) -> ExactIndex | None:
+    def index_for(self, replica_id: str, recipe: object) -> ExactIndex | None:
         """The replica's exact index, if it is in sync and hashes prompts as `recipe` does."""
         if self._recipes.get(replica_id) != recipe:
             return None

@@ -56,7 +56,9 @@ CHAT_WITH_TOOLS = {
 
 
 def test_router_template_inputs_equal_the_replicas() -> None:
-    body = parse_body(ChatCompletionRequest, httpx.Request("POST", "/", json=CHAT_WITH_TOOLS).read())
+    body = parse_body(
+        ChatCompletionRequest, httpx.Request("POST", "/", json=CHAT_WITH_TOOLS).read()
+    )
     tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls)
     assert tools is not None
     inputs = template_inputs(CHAT_WITH_TOOLS)
@@ -177,6 +179,8 @@ async def test_router_follows_the_real_cache_not_its_estimate(
                 hits += answer.headers["x-fleet-replica"] == ids[warm.url]
             assert hits == 4
             assert app.exact.stats.prepared == 4 and app.exact.stats.unusable == 0
+            stats = app.exact.describe()
+            assert stats["tracked"] == stats["synced"] == 2 and stats["batches"] > 0
 
 
 def test_membership_without_events_is_not_tracked() -> None:
@@ -184,7 +188,8 @@ def test_membership_without_events_is_not_tracked() -> None:
     from fleet.control.membership import ReplicaInfo
 
     class _Reader:
-        tracked: set[str] = set()
+        def __init__(self) -> None:
+            self.tracked: set[str] = set()
 
         def track(self, replica_id: str, block_size: int) -> None:
             self.tracked.add(replica_id)

@@ -206,7 +206,9 @@ class PrefixPolicy(Policy):
             matched = index.match(hashes) if replica.id in holders else 0
             cached = min(int(matched * tokens_per_chunk), prompt_tokens)
             if blocks is not None and exact is not None:
-                cached = self._exact_cached(request, blocks, exact(replica.id, request.recipe), cached)
+                cached = self._exact_cached(
+                    request, blocks, exact(replica.id, request.recipe), cached
+                )
             cost = prompt_tokens - cached + self._queued(replica)
             fill = self._fill(replica, index, len(hashes))
             score = ((anchor ^ replica.salt) * _MIX) & _MASK
