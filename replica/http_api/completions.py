@@ -54,7 +54,7 @@ async def create_completion(request: Request) -> Response:
     runtime = runtime_of(request)
     record = await runtime.auth.authenticate(request)
     engine = runtime.accept()
-    body = parse_body(CompletionRequest, await read_body(request))
+    body = parse_body(CompletionRequest, await read_body(request), runtime.body_bounds)
     resume = stream_resume(request, record, body)
     model = runtime.check_model(body.model)
     tag_request(model, record.id if record is not None else None)

@@ -25,6 +25,7 @@ from replica.http_api.auth import Auth
 from replica.http_api.metrics import ReplicaMetrics
 from replica.http_api.prompt_worker import PromptWorker
 from replica.http_api.prompts import PromptLimits, template_text
+from replica.http_api.protocol import BodyBounds
 from replica.http_api.token_text import TokenTexts
 from replica.http_api.tool_calls import resolve_parser
 
@@ -262,6 +263,14 @@ class ReplicaRuntime:
     def task(self) -> str | None:
         """generate or embed (the engine's `--task`); None until the engine is loaded."""
         return self._engine.args.task if self._engine is not None else None
+
+    @property
+    def body_bounds(self) -> BodyBounds | None:
+        """What a body's lists are held to before their items are validated (protocol.py); none
+        until the engine has loaded."""
+        if self._engine is None:
+            return None
+        return BodyBounds(self.settings.max_seqs_per_request, self._engine.max_model_len)
 
     def check_fanout(self, seqs: int, param: str = "n") -> None:
         """One request's sequences (prompts x n, or inputs) are bounded: each costs a slot and
