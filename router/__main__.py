@@ -12,6 +12,7 @@ from fleet.commands import server_flags as flags
 from fleet.commands.preflight import FlagError, check_port, check_redis_url, usage_errors
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders
 from fleet.control.keys import ADMIN_KEY_ENV
+from fleet.json_body import DEFAULT_MAX_BODY_BYTES
 from fleet.web_security import cors_from_args, tls_from_args
 from router.backends.pool import PoolSettings
 from router.config import RouterConfig
@@ -69,7 +70,7 @@ def router(
         help="Bearer key /metrics requires (the admin key also works); without one it is open.",
     ),
     max_body_bytes: int = typer.Option(
-        32 * 1024 * 1024,
+        DEFAULT_MAX_BODY_BYTES,
         min=1,
         rich_help_panel=LIMITS,
         help="Largest request body (413 beyond, at once from Content-Length); also bounds the "

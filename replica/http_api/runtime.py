@@ -19,6 +19,7 @@ from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
 from fleet.control.redis_conn import DEFAULT_PREFIX
+from fleet.json_body import DEFAULT_MAX_BODY_BYTES
 from fleet.web_security import CORSSettings, TLSSettings
 from replica.engine.outputs import EngineLoad
 from replica.http_api.auth import Auth
@@ -71,7 +72,7 @@ class ReplicaSettings:
     max_waiting: int | None = 1024
     max_seqs_per_request: int = 256  # prompts x n of one request
     drain_grace_s: float = 30.0
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # a template file replacing the tokenizer's (vLLM's flag)
     tool_call_parser: str = "auto"  # tool_calls/registry.py's names; auto: from the chat template
     prompt_timeout_s: float = 5.0  # budget to render and tokenize one request's prompts
