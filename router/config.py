@@ -8,6 +8,7 @@ from fleet.control.redis_conn import DEFAULT_PREFIX
 from fleet.web_security import CORSSettings, TLSSettings
 from router.backends.pool import PoolSettings
 from router.queueing.request_queue import QueueSettings
+from router.workers.shared import WorkerSlot
 
 
 @dataclass
@@ -39,3 +40,4 @@ class RouterConfig:
     tls: TLSSettings | None = None  # HTTPS for clients
     cors: CORSSettings | None = None  # off unless origins are given
     otlp_endpoint: str | None = None  # export spans there (router.tracing); None: no tracing
+    worker: WorkerSlot | None = None  # one of `--workers N` processes (router.workers)
