@@ -45,6 +45,7 @@ from router.routing.policies import make_policy
 from router.routing.tokens import TokenEstimator
 from router.side_app import InfoRoutes, side_app
 from router.workers.metrics import WorkerMetrics
+from router.workers.placements import SharedPlacements
 from router.workers.sync import WorkerSync
 
 if TYPE_CHECKING:
@@ -83,7 +84,10 @@ class RouterApp:
                 key_store = key_store or KeyStore(config.redis_url, prefix=config.redis_prefix)
             watcher = watcher or MembershipWatcher(config.redis_url, prefix=config.redis_prefix)
         self.key_store = key_store
-        self.policy = make_policy(config.policy, queue_weight=config.prefix_queue_weight)
+        placements = None
+        if config.worker is not None:  # one of several workers: they share where prefixes went
+            placements = SharedPlacements(config.worker.folder)
+        self.policy = make_policy(config.policy, config.prefix_queue_weight, placements)
         gauges, depth = (lambda: self.pool.gauges()), (lambda: self.proxy.queue.depth)
         self.metrics = (
             RouterMetrics(gauges, depth)

@@ -33,6 +33,7 @@ import traceback
 from types import FrameType
 
 from router.config import RouterConfig
+from router.workers.placements import SharedPlacements
 from router.workers.shared import SharedFolder, WorkerSlot
 
 log = logging.getLogger("router.workers")
@@ -85,6 +86,7 @@ class Workers:
         self.restart_at: dict[int, float] = {}  # index -> when to start it again
         self.listening: set[int] = set()
         self.stop_requested = False
+        SharedPlacements(folder)  # its file, before any worker maps it
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
 
