@@ -68,10 +68,11 @@ class WorkerRow:
 @dataclass
 class WorkersResult:
     workers: int
+    concurrency: int
     rps: float
     errors: int
     rows: list[WorkerRow] = field(default_factory=list)
-    agreement: float = 0.0
+    agreement: float | None = None
     agreement_errors: int = 0
 
     def deviation(self, what: str) -> float:
@@ -207,19 +208,11 @@ def start_fakes(started: list, cpus: set[int] | None, workdir: Path, count: int)
     return urls
 
 
-def measure_workers(args: argparse.Namespace, count: int, fakes: list[str], workdir: Path,
-                    router_cpus: set[int] | None, started: list) -> WorkersResult:  # fmt: skip
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = router_cmd(port, fakes, "prefix", "--api-key", KEY, "--workers", str(count))
-    process = spawn(cmd, router_cpus, workdir / f"workers-router-{count}.log")
-    started.append(process)
-    wait_ready(url + "/health", process)
-    target = url + "/v1/chat/completions"
-    rng = random.Random(count)
-    asyncio.run(spread_load(target, chat_bodies(200, False, rng), 16, 4))  # warm-up
-    time.sleep(SETTLE_S)
-    pids = worker_pids(url, process.pid, count)
+def cpu_run(
+    args: argparse.Namespace, url: str, pids: list[int], concurrency: int, rng: random.Random
+) -> WorkersResult:
+    """The spread and each worker's CPU per request at `concurrency` senders."""
+    count = len(pids)
     procs = [psutil.Process(pid) for pid in pids]
     idle_before = [sum(p.cpu_times()[:2]) for p in procs]
     idle_t = time.perf_counter()
@@ -232,12 +225,12 @@ def measure_workers(args: argparse.Namespace, count: int, fakes: list[str], work
     cpu_before = [sum(p.cpu_times()[:2]) for p in procs]
     bodies = chat_bodies(args.worker_requests, False, rng)
     done, errors, conns, seconds = asyncio.run(
-        spread_load(target, bodies, args.worker_concurrency, args.per_connection)
+        spread_load(url + "/v1/chat/completions", bodies, concurrency, args.per_connection)
     )
     cpu_after = [sum(p.cpu_times()[:2]) for p in procs]
     time.sleep(SETTLE_S)
     counts_after = per_worker_counts(url, count, done, conns)
-    result = WorkersResult(count, done / seconds, errors)
+    result = WorkersResult(count, concurrency, done / seconds, errors)
     for i in range(count):
         served = counts_after[i][1] - counts_before[i][1]
         accepted = counts_after[i][0] - counts_before[i][0]
@@ -247,13 +240,41 @@ def measure_workers(args: argparse.Namespace, count: int, fakes: list[str], work
             WorkerRow(count, i, accepted, served, cpu / max(served, 1) * 1e6,
                       net / max(served, 1) * 1e6)
         )  # fmt: skip
+    return result
+
+
+def measure_router(
+    args: argparse.Namespace,
+    count: int,
+    fakes: list[str],
+    workdir: Path,
+    router_cpus: set[int] | None,
+    started: list,
+) -> list[WorkersResult]:
+    """A router of `count` workers; a lone one also at each worker's share of the load."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = router_cmd(port, fakes, "prefix", "--api-key", KEY, "--workers", str(count))
+    process = spawn(cmd, router_cpus, workdir / f"workers-router-{count}.log")
+    started.append(process)
+    wait_ready(url + "/health", process)
+    rng = random.Random(count)
+    target = url + "/v1/chat/completions"
+    asyncio.run(spread_load(target, chat_bodies(200, False, rng), 16, 4))  # warm-up
+    time.sleep(SETTLE_S)
+    pids = worker_pids(url, process.pid, count)
+    total = args.worker_concurrency
+    levels = [total]
+    if count == 1:
+        levels += sorted({total // n for n in args.workers_list if n > 1}, reverse=True)
+    results = [cpu_run(args, url, pids, level, rng) for level in levels]
     agreement_bodies = tenant_bodies(args.agreement_requests, args.agreement_tenants, rng)
-    result.agreement, result.agreement_errors = asyncio.run(
+    results[0].agreement, results[0].agreement_errors = asyncio.run(
         agreement_load(target, agreement_bodies, args.agreement_concurrency)
     )
     process.terminate()
     process.wait(60)
-    return result
+    return results
 
 
 def workers(args: argparse.Namespace, workdir: Path) -> list[WorkersResult]:
@@ -264,35 +285,43 @@ def workers(args: argparse.Namespace, workdir: Path) -> list[WorkersResult]:
     with processes() as started:
         fakes = start_fakes(started, other_cpus, workdir, 4)
         for count in args.workers_list:
-            results.append(measure_workers(args, count, fakes, workdir, router_cpus, started))
+            results += measure_router(args, count, fakes, workdir, router_cpus, started)
             print(f"  workers={count}: done", flush=True)
     return results
 
 
 def print_workers(results: list[WorkersResult]) -> None:
-    lone = next((r for r in results if r.workers == 1), None)
-    lone_cpu = lone.rows[0].net_cpu_us if lone else None
-    print("\nRouter workers (non-streamed chat, prefix policy, static key)")
+    lone = {r.concurrency: r.rows[0].net_cpu_us for r in results if r.workers == 1}
+    print("\nRouter workers (non-streamed chat, prefix policy, static key; CPU net of idle)")
+    print("vs lone: a worker's CPU per request over the lone router's at the same total load, and")
+    print("at the same load per process (the lone router at the total divided by the workers)")
     head = (
-        f"{'workers':>7s} {'worker':>6s} {'conns':>6s} {'share':>6s} {'requests':>8s} "
-        f"{'share':>6s} {'CPU us/req':>10s} {'net us/req':>10s} {'vs lone':>7s} "
-        f"{'req/s':>7s} {'agreement':>9s}"
+        f"{'workers':>7s} {'senders':>7s} {'worker':>6s} {'conns':>6s} {'share':>6s} "
+        f"{'requests':>8s} {'share':>6s} {'CPU us/req':>10s} {'vs lone':>7s} "
+        f"{'same/proc':>9s} {'req/s':>7s} {'agreement':>9s}"
     )
     print(head)
     print("-" * len(head))
     for result in results:
         conns = sum(r.connections for r in result.rows) or 1
         reqs = sum(r.requests for r in result.rows) or 1
+        same_total = lone.get(result.concurrency)
+        same_each = lone.get(result.concurrency // result.workers)
+        agreement = f"{result.agreement:9.1%}" if result.agreement is not None else f"{'':9s}"
         for row in result.rows:
-            versus = f"{row.net_cpu_us / lone_cpu:7.2f}" if lone_cpu else f"{'':7s}"
+            versus = f"{row.net_cpu_us / same_total:7.2f}" if same_total else f"{'':7s}"
+            each = f"{row.net_cpu_us / same_each:9.2f}" if same_each else f"{'':9s}"
             print(
-                f"{result.workers:7d} {row.worker:6d} {row.connections:6d} "
-                f"{row.connections / conns:6.1%} {row.requests:8d} {row.requests / reqs:6.1%} "
-                f"{row.cpu_us:10.0f} {row.net_cpu_us:10.0f} {versus} {result.rps:7.0f} "
-                f"{result.agreement:9.1%}"
+                f"{result.workers:7d} {result.concurrency:7d} {row.worker:6d} "
+                f"{row.connections:6d} {row.connections / conns:6.1%} {row.requests:8d} "
+                f"{row.requests / reqs:6.1%} {row.net_cpu_us:10.0f} {versus} {each} "
+                f"{result.rps:7.0f} {agreement}"
             )
-        print(
-            f"{'':7s} max deviation from an even share: connections "
-            f"{result.deviation('connections'):+.1%}, requests {result.deviation('requests'):+.1%}"
-            f"; errors {result.errors} + {result.agreement_errors}"
-        )
+        if result.workers > 1:
+            print(
+                f"{'':7s} max deviation from an even share: connections "
+                f"{result.deviation('connections'):+.1%}, requests "
+                f"{result.deviation('requests'):+.1%}"
+            )
+        if result.errors or result.agreement_errors:
+            print(f"{'':7s} ! errors: {result.errors} + {result.agreement_errors}")
