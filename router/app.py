@@ -88,12 +88,13 @@ class RouterApp:
         if config.worker is not None:  # one of several workers: they share where prefixes went
             placements = SharedPlacements(config.worker.folder)
         self.policy = make_policy(config.policy, config.prefix_queue_weight, placements)
-        gauges, depth = (lambda: self.pool.gauges()), (lambda: self.proxy.queue.depth)
-        self.metrics = (
-            RouterMetrics(gauges, depth)
-            if config.worker is None
-            else WorkerMetrics(config.worker, gauges, depth)
-        )
+        self.metrics: RouterMetrics
+        if config.worker is None:
+            self.metrics = RouterMetrics(lambda: self.pool.gauges(), lambda: self.proxy.queue.depth)
+        else:  # one of several workers: its metrics answer for all of them
+            self.metrics = WorkerMetrics(
+                config.worker, lambda: self.pool.gauges(), lambda: self.proxy.queue.depth
+            )
         self.pool = ReplicaPool(
             config.replicas,
             config.pool,

@@ -48,7 +48,7 @@ class SharedPlacements:
         for slot in self._slots(anchor):
             key, salt, check = _ENTRY.unpack_from(self._map, (slot % SLOTS) * _ENTRY.size)
             if key == anchor and check == _check(anchor, salt):
-                return salt
+                return int(salt)
             if key == 0:
                 return None
         return None
