@@ -135,6 +135,13 @@ def router(
         help="Requests this router sends one replica at a time; more wait in the queue "
         "(e.g. the replicas' --max-num-seqs divided by the number of routers). 0: no cap.",
     ),
+    workers: int = typer.Option(
+        1,
+        min=1,
+        max=64,
+        help="Router processes on the one port (SO_REUSEPORT: the kernel spreads connections); "
+        "1 runs the router in this process.",
+    ),
     log_level: flags.LogLevel = flags.LOG_LEVEL,
     otlp_endpoint: str = flags.OTLP_ENDPOINT,
     max_connections: int = typer.Option(
@@ -224,11 +231,16 @@ def checked_config(args: argparse.Namespace) -> RouterConfig:
 
 def serve(args: argparse.Namespace) -> int:
     config = checked_config(args)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    from router.serve import serve
+    from router.serve import GRACE_S, LOG_FORMAT, serve
 
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if args.workers > 1:
+        from fleet.embedded_redis import free_port
+        from router.workers.supervisor import run_workers
+
+        if config.port == 0:  # every worker must bind the same port: choose it here
+            config.port = free_port(config.host)
+        return run_workers(config, args.workers, PROG, GRACE_S)
     serve(config)
     return 0
 

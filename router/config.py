@@ -9,6 +9,7 @@ from fleet.json_body import DEFAULT_MAX_BODY_BYTES
 from fleet.web_security import CORSSettings, TLSSettings
 from router.backends.pool import PoolSettings
 from router.queueing.request_queue import QueueSettings
+from router.workers.shared import WorkerSlot
 
 
 @dataclass
@@ -40,3 +41,4 @@ class RouterConfig:
     tls: TLSSettings | None = None  # HTTPS for clients
     cors: CORSSettings | None = None  # off unless origins are given
     otlp_endpoint: str | None = None  # export spans there (router.tracing); None: no tracing
+    worker: WorkerSlot | None = None  # one of `--workers N` processes (router.workers)
