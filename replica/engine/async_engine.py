@@ -77,8 +77,9 @@ class KVEventSink(Protocol):
     def changes(self, events: dict[int, bool]) -> None:
         """Net changes since the last call: 64-bit hash key -> cached now."""
 
-    def snapshot(self, keys: list[int]) -> None:
-        """Every key cached now, after all the changes handed over before it."""
+    def snapshot(self, digests: list[bytes]) -> None:
+        """Every block hash cached now (whole digests, to be keyed off this thread), after all
+        the changes handed over before it."""
 
 
 @dataclass
@@ -278,7 +279,7 @@ class AsyncEngine:
                 self._hand_kv_events(self.core)
             self._kv_sink = command.sink
             self.core.blocks.record_events()
-            command.sink.snapshot(self.core.blocks.cached_keys())
+            command.sink.snapshot(self.core.blocks.cached_digests())
             return
         if command.request_id not in self._streams:  # abandoned before it started
             return

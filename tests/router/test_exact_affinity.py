@@ -17,7 +17,7 @@ from live_replica import MODEL_NAME, serve
 from router_harness import run_router
 
 from fleet.chat_prompt import template_inputs
-from fleet.control.kv_events import block_keys
+from fleet.control.kv_events import block_keys, key_of
 from fleet.control.kv_reader import KVEventReader
 from fleet.control.membership import MembershipEvent, MembershipWatcher
 from fleet.control.redis_conn import async_client
@@ -68,7 +68,7 @@ def test_router_template_inputs_equal_the_replicas() -> None:
 
 
 def _cached_keys(replica) -> set[int]:
-    return set(replica.engine.core.blocks.cached_keys())
+    return {key_of(d) for d in replica.engine.core.blocks.cached_digests()}
 
 
 async def _until(condition, timeout: float = 10.0) -> bool:

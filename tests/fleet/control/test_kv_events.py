@@ -80,7 +80,7 @@ def test_block_manager_notes_stores_evictions_and_resets() -> None:
     assert blocks.allocate(first, 8)
     stored = blocks.take_events()
     assert stored == dict.fromkeys(block_keys(list(range(8)), 4), True)
-    assert sorted(blocks.cached_keys()) == sorted(stored)
+    assert sorted(map(key_of, blocks.cached_digests())) == sorted(stored)
     blocks.free_sequence(first)
     assert blocks.take_events() == {}  # freed blocks stay cached
     other = _seq(list(range(100, 116)))  # needs all four blocks: both cached ones are evicted
@@ -91,7 +91,7 @@ def test_block_manager_notes_stores_evictions_and_resets() -> None:
     assert sum(events.values()) == 4  # the new prompt's blocks
     blocks.free_sequence(other)
     blocks.reset_prefix_cache()
-    assert set(blocks.take_events().values()) == {False} and blocks.cached_keys() == []
+    assert set(blocks.take_events().values()) == {False} and blocks.cached_digests() == []
 
 
 def test_index_applies_batches_in_order_and_loses_track_on_gaps() -> None:
@@ -138,7 +138,7 @@ class _Engine:
     def request_snapshot(self) -> None:
         self.asked += 1
         assert self.sink is not None
-        self.sink.snapshot(sorted(self.cached))
+        self.sink.snapshot([k.to_bytes(8, "big") + b"rest of the digest" for k in self.cached])
 
 
 async def _eventually(condition, timeout: float = 5.0) -> bool:
