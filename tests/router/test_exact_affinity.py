@@ -209,3 +209,32 @@ def test_membership_without_events_is_not_tracked() -> None:
     assert reader.tracked == {"f1"} and exact.active
     exact.on_membership(MembershipEvent("leave", ours))
     assert not reader.tracked and not exact.active
+
+
+def test_a_prefix_just_sent_is_not_scattered_while_its_events_lag() -> None:
+    """Until the replica publishes a prompt's blocks, the index says no replica has them; the
+    policy keeps a burst of that prefix together on the replica it just sent it to."""
+    from fleet.control.kv_events import ExactIndex, Snapshot
+    from router.backends.backend import Replica
+    from router.routing.policies.base import RouteRequest
+    from router.routing.policies.prefix import PrefixPolicy
+
+    empty = {}
+    for rid in ("a", "b", "c"):
+        empty[rid] = ExactIndex(block_size=16)
+        empty[rid].load(Snapshot(b"e", 0, []))
+    policy = PrefixPolicy()
+    policy.exact = lambda replica_id, recipe: empty[replica_id]
+    replicas = [Replica(rid, f"http://{rid}:1") for rid in ("a", "b", "c")]
+    text = "a tenant's system prompt, the same for the whole burst. " * 40
+    ids = list(range(600))
+
+    def request() -> RouteRequest:
+        req = RouteRequest("m", text + "question?", 600)
+        req.blocks, req.recipe, req.block_tokens = {16: block_keys(ids, 16)}, "r", 600
+        return req
+
+    first = policy.choose(request(), replicas).replica
+    for replica in replicas:  # the first one's prefill is queued there, as a load poll says
+        replica.in_flight = 1 if replica is first else 0
+    assert {policy.choose(request(), replicas).replica.id for _ in range(3)} == {first.id}
