@@ -1,8 +1,9 @@
 """Shared per-key limits: admit a request (rpm, tpm, concurrency), then settle its real usage.
 
-`admit` is one EVALSHA (on the pipelined `fleet.control.resp` client) that checks and takes rpm,
-tpm and concurrency together (429 with Retry-After naming the limit); a key with no limits costs
-no round trip at all (its usage is written back in batches every second). Leaving `admitted`
+`admit` checks and takes rpm, tpm and concurrency together in Redis (429 with Retry-After naming
+the limit); `settle` charges what was used. Both are queued per event-loop tick and sent as one
+EVALSHA (fleet.control.keys.batch, on the pipelined `fleet.control.resp` client); a key with no
+limits costs no round trip at all (its usage is written back in batches every second). Leaving `admitted`
 without `settle` (error, client disconnect, cancellation) refunds the reserved tokens and frees
 the slot; both are idempotent. A concurrency slot is an entry with a deadline that live tickets
 keep extending, so a crashed router's slots expire by themselves (after `slot_ttl`). A ticket
@@ -16,20 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import time
 import weakref
 from collections.abc import AsyncIterator
-from typing import cast
 
 import redis.asyncio as aioredis
 
 from fleet.control.health import RedisHealth
+from fleet.control.keys.batch import LimitBatcher
 from fleet.control.keys.layout import KeyLayout
 from fleet.control.keys.local import LOCAL_ADMISSIONS, LocalKeyState
 from fleet.control.keys.records import KeyRecord, Ticket
 from fleet.control.keys.refusals import CONCURRENCY, RPM, TPM, rate_limited
-from fleet.control.keys.scripts import ADMIT, SETTLE, VOID
+from fleet.control.keys.scripts import VOID
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS
 from fleet.control.resp import RespClient
 
@@ -57,33 +59,34 @@ class KeyLimits:
         self._local: dict[str, LocalKeyState] = {}
         self._pending: dict[str, list[int]] = {}  # key id -> [requests, prompt, completion]
         self._in_doubt: dict[str, str] = {}  # ticket id -> key id, to void once Redis answers
+        self._slot_ttl_ms = int(slot_ttl * 1000)
+        self.batcher = LimitBatcher(fast, layout, self._settle_failed)
+        # Ticket ids: unique across processes by a random prefix, within one by a counter.
+        self._ticket_prefix = secrets.token_hex(8)
+        self._ticket_numbers = itertools.count()
 
     async def admit(self, record: KeyRecord, reserve_tokens: int = 0) -> Ticket:
         """Take one request (and `reserve_tokens` of the tpm budget, plus a concurrency slot).
 
-        One EVALSHA round-trip; during an outage, local counters decide. Raises APIError 429.
+        Queued with the tick's other admissions and settlements (one EVALSHA); during an
+        outage, local counters decide. Raises APIError 429.
         """
-        ticket_id = secrets.token_hex(8)
+        ticket_id = f"{self._ticket_prefix}{next(self._ticket_numbers):x}"
         if not (record.rpm or record.tpm or record.max_concurrent):
             # Nothing to enforce: count the request, written back in batches (no round trip).
             self._count_pending(record.id, 1, 0, 0)
             return Ticket(record.id, ticket_id, 0, 0, unlimited=True)
         reserve = max(0, int(reserve_tokens))
         if self.health.up:
-            names = self.layout.limits(record.id)
-            void_key = self.layout.void(record.id, ticket_id)
             try:
-                reply = await self.fast.evalsha(
-                    ADMIT,
-                    [names.rpm, names.tpm, names.slots, names.usage, void_key],
-                    [
-                        record.rpm or 0,
-                        record.tpm or 0,
-                        record.max_concurrent or 0,
-                        reserve,
-                        ticket_id,
-                        int(self.slot_ttl * 1000),
-                    ],
+                code, a, b = await self.batcher.admit(
+                    record.id,
+                    ticket_id,
+                    record.rpm or 0,
+                    record.tpm or 0,
+                    record.max_concurrent or 0,
+                    reserve,
+                    self._slot_ttl_ms,
                 )
             except REDIS_DOWN_ERRORS as exc:
                 self._doubt(record.id, ticket_id)  # it may have run, or still run, in Redis
@@ -92,7 +95,6 @@ class KeyLimits:
                 self._doubt(record.id, ticket_id)
                 raise
             else:
-                code, a, b = cast("list[int]", reply)
                 if code:
                     raise rate_limited(record.name, record.id, code, a, b)
                 ticket = Ticket(record.id, ticket_id, b, a, counts_slot=bool(record.max_concurrent))
@@ -127,42 +129,51 @@ class KeyLimits:
     async def settle(
         self, ticket: Ticket, prompt_tokens: int = 0, completion_tokens: int = 0
     ) -> None:
-        """Charge the real usage, return unused reserved tokens, free the slot. Never raises."""
+        """Charge the real usage, return unused reserved tokens, free the slot. Never raises;
+        returns once Redis has it (or, if Redis failed, once it is counted here instead)."""
+        waiter = self._settle(ticket, prompt_tokens, completion_tokens, True)
+        if waiter is not None:
+            await waiter
+
+    def settle_soon(
+        self, ticket: Ticket, prompt_tokens: int = 0, completion_tokens: int = 0
+    ) -> None:
+        """`settle` for callers with nothing left to do: queued with the tick's other calls,
+        not waited for (a failure is handled all the same)."""
+        self._settle(ticket, prompt_tokens, completion_tokens, False)
+
+    def _settle(
+        self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, wait: bool
+    ) -> asyncio.Future[None] | None:
         if ticket.done:
-            return
+            return None
         ticket.done = True
         self._live.pop(ticket.id, None)
-        used = max(0, int(prompt_tokens)) + max(0, int(completion_tokens))
-        delta = used - ticket.reserved_tokens  # usage counts even when nothing was reserved
+        prompt, completion = max(0, int(prompt_tokens)), max(0, int(completion_tokens))
+        delta = prompt + completion - ticket.reserved_tokens  # usage counts, reserved or not
         if ticket.local or ticket.unlimited:
             state = self._local.get(ticket.key_id)
             if state is not None:
                 state.live.discard(ticket)
                 state.tpm.adjust(ticket.bucket, delta)
-            self._count_pending(ticket.key_id, 0, prompt_tokens, completion_tokens)
-            return
+            self._count_pending(ticket.key_id, 0, prompt, completion)
+            return None
         if not self.health.up:
             self._doubt(ticket.key_id, ticket.id)  # its slot is in Redis: free it when back
-        else:
-            names = self.layout.limits(ticket.key_id)
-            try:
-                await self.fast.evalsha(
-                    SETTLE,
-                    [names.tpm, names.slots, names.usage],
-                    [
-                        ticket.id,
-                        ticket.bucket,
-                        delta,
-                        max(0, int(prompt_tokens)),
-                        max(0, int(completion_tokens)),
-                        repr(time.time()),
-                    ],
-                )
-                return
-            except REDIS_DOWN_ERRORS as exc:
-                self._doubt(ticket.key_id, ticket.id)
-                self.health.failed(exc)
-        self._count_pending(ticket.key_id, 0, prompt_tokens, completion_tokens)
+            self._count_pending(ticket.key_id, 0, prompt, completion)
+            return None
+        return self.batcher.settle(
+            ticket.key_id, ticket.id, ticket.bucket, delta, prompt, completion, wait
+        )
+
+    def _settle_failed(
+        self, key_id: str, ticket_id: str, prompt: int, completion: int, exc: BaseException
+    ) -> None:
+        """A settlement Redis did not confirm: void its ticket when Redis is back, count its
+        usage here (written back then)."""
+        self._doubt(key_id, ticket_id)
+        self.health.failed(exc)
+        self._count_pending(key_id, 0, prompt, completion)
 
     async def release(self, ticket: Ticket) -> None:
         """Failure path: refund the reservation and free the slot (no-op after `settle`)."""

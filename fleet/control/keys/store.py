@@ -147,7 +147,8 @@ class KeyStore:
     async def admit(self, record: KeyRecord, reserve_tokens: int = 0) -> Ticket:
         """Take one request (and `reserve_tokens` of the tpm budget, plus a concurrency slot).
 
-        One EVALSHA round-trip; during an outage, local counters decide. Raises APIError 429.
+        One EVALSHA per event-loop tick, whatever it carries; during an outage, local counters
+        decide. Raises APIError 429.
         """
         return await self.limits.admit(record, reserve_tokens)
 
@@ -156,6 +157,12 @@ class KeyStore:
     ) -> None:
         """Charge the real usage, return unused reserved tokens, free the slot. Never raises."""
         await self.limits.settle(ticket, prompt_tokens, completion_tokens)
+
+    def settle_soon(
+        self, ticket: Ticket, prompt_tokens: int = 0, completion_tokens: int = 0
+    ) -> None:
+        """`settle` without waiting for Redis (for callers with nothing left to do)."""
+        self.limits.settle_soon(ticket, prompt_tokens, completion_tokens)
 
     async def release(self, ticket: Ticket) -> None:
         """Failure path: refund the reservation and free the slot (no-op after `settle`)."""

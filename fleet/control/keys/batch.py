@@ -1,0 +1,167 @@
+"""One event-loop tick's admissions and settlements, sent to Redis as one EVALSHA.
+
+Why: two EVALSHAs per request (admit, settle) cost the router more than the rest of a keyed
+request's extra work; queued per tick they cost two per tick at most (one when a tick has both),
+however many requests it carries. scripts/batch.lua applies them in the order they were queued,
+each as one call of its own would (the same atomic checks inside Redis), so limits hold across
+routers exactly as before, and each caller still gets its own answer. A settlement is never
+waited for by anything but its own caller, and one Redis did not confirm is handed to
+`settle_failed` (its ticket voided later, its usage counted locally).
+
+Encoding is done here, once per operation, into RESP: a key's names are encoded once and cached,
+an operation's arguments travel as one space-separated string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from fleet.control.keys.layout import KeyLayout
+from fleet.control.keys.scripts import BATCH
+from fleet.control.resp import Reply, RespClient
+
+# What a settlement Redis did not confirm was: key id, ticket id, prompt and completion tokens.
+Settlement = tuple[str, str, int, int]
+# An operation's caller (None: a settlement nobody waits for) and, for a settlement, what it was.
+Op = tuple["asyncio.Future[Any] | None", "Settlement | None"]
+
+
+def bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+_EVALSHA = bulk(b"EVALSHA") + bulk(BATCH.sha.encode())
+_EVAL = bulk(b"EVAL") + bulk(BATCH.source.encode())
+
+
+class LimitBatcher:
+    """Queues admissions and settlements until the loop's next round, then sends them as one."""
+
+    def __init__(
+        self,
+        fast: RespClient,
+        layout: KeyLayout,
+        settle_failed: Callable[[str, str, int, int, BaseException], None],
+    ) -> None:
+        self.fast = fast
+        self.layout = layout
+        self.settle_failed = settle_failed
+        self._names: dict[str, tuple[bytes, bytes, str]] = {}
+        self._keys: list[bytes] = []
+        self._args: list[bytes] = []
+        self._ops: list[Op] = []
+        self._key_count = 0
+
+    def admit(
+        self,
+        key_id: str,
+        ticket: str,
+        rpm: int,
+        tpm: int,
+        max_concurrent: int,
+        reserve: int,
+        ttl_ms: int,
+    ) -> asyncio.Future[list[int]]:
+        """Queue an admission; its future gets admit.lua's three integers, or the error that
+        kept Redis from answering."""
+        loop = asyncio.get_running_loop()
+        names, _, void = self._key_names(key_id)
+        marker = (void + ticket).encode()
+        self._keys += (names, b"$%d\r\n%b\r\n" % (len(marker), marker))
+        self._key_count += 5
+        arg = b"a %d %d %d %d %b %d" % (rpm, tpm, max_concurrent, reserve, ticket.encode(), ttl_ms)
+        self._args.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+        waiter: asyncio.Future[list[int]] = loop.create_future()
+        self._queue(loop, (waiter, None))
+        return waiter
+
+    def settle(
+        self,
+        key_id: str,
+        ticket: str,
+        bucket: int,
+        delta: int,
+        prompt: int,
+        completion: int,
+        wait: bool,
+    ) -> asyncio.Future[None] | None:
+        """Queue a settlement; with `wait`, a future done (never failed) once it is settled or
+        handed to `settle_failed`."""
+        loop = asyncio.get_running_loop()
+        _, names, _ = self._key_names(key_id)
+        self._keys.append(names)
+        self._key_count += 3
+        arg = b"s %b %d %d %d %d" % (ticket.encode(), bucket, delta, prompt, completion)
+        self._args.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+        waiter: asyncio.Future[None] | None = loop.create_future() if wait else None
+        self._queue(loop, (waiter, (key_id, ticket, prompt, completion)))
+        return waiter
+
+    def _queue(self, loop: asyncio.AbstractEventLoop, op: Op) -> None:
+        if not self._ops:
+            loop.call_soon(self._send)  # after every callback already due this round
+        self._ops.append(op)
+
+    def _key_names(self, key_id: str) -> tuple[bytes, bytes, str]:
+        """(an admission's four key names, a settlement's three, in RESP; the void prefix)."""
+        names = self._names.get(key_id)
+        if names is None:
+            keys = self.layout.limits(key_id)
+            rpm, tpm, slots, usage = (bulk(name.encode()) for name in keys)
+            names = (rpm + tpm + slots + usage, tpm + slots + usage, self.layout.void(key_id, ""))
+            self._names[key_id] = names
+        return names
+
+    def _send(self) -> None:
+        ops, keys, args, key_count = self._ops, self._keys, self._args, self._key_count
+        self._ops, self._keys, self._args, self._key_count = [], [], [], 0
+        now = repr(time.time()).encode()
+        tail = b"%b%b%b%b" % (bulk(b"%d" % key_count), b"".join(keys), bulk(now), b"".join(args))
+        head = b"*%d\r\n" % (3 + key_count + 1 + len(args))
+        self._submit(ops, head, tail, _EVALSHA)
+
+    def _submit(self, ops: list[Op], head: bytes, tail: bytes, command: bytes) -> None:
+        reply = self.fast.submit(head + command + tail)
+        reply.add_done_callback(functools.partial(self._answered, ops, head, tail, command))
+
+    def _answered(
+        self, ops: list[Op], head: bytes, tail: bytes, command: bytes, done: asyncio.Future[Reply]
+    ) -> None:
+        if done.cancelled():
+            return self._failed(ops, RedisConnectionError("the Redis call was cancelled"))
+        if (error := done.exception()) is not None:
+            return self._failed(ops, error)
+        reply = done.result()
+        if isinstance(reply, ResponseError):
+            if command is _EVALSHA and str(reply).startswith("NOSCRIPT"):
+                return self._submit(ops, head, tail, _EVAL)  # Redis restarted: load it again
+            return self._failed(ops, reply)
+        if not isinstance(reply, list):
+            return self._failed(ops, ResponseError(f"unexpected batch reply {reply!r:.100}"))
+        at = 0
+        for waiter, settled in ops:
+            if settled is None:
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(reply[at : at + 3])
+                at += 3
+            elif waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        return None
+
+    def _failed(self, ops: list[Op], error: BaseException) -> None:
+        """Redis did not answer: admissions' callers get the error, settlements go in doubt."""
+        for waiter, settled in ops:
+            if settled is not None:
+                self.settle_failed(*settled, error)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            elif waiter is not None and not waiter.done():
+                waiter.set_exception(error)
