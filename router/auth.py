@@ -3,6 +3,8 @@ has Redis, a fixed list of `--api-key`s without it, or nobody checked when neith
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyRecord, KeyStore, Ticket, bearer_token, hash_secret
 
@@ -46,17 +48,20 @@ class Gate:
         assert self.store is not None
         return await self.store.authenticate(bearer_token(authorization), model)
 
-    async def admit(self, record: KeyRecord | None, reserve_tokens: int) -> Ticket | None:
-        if record is None or self.store is None:
-            return None
-        return await self.store.admit(record, reserve_tokens)
+    def known(self, authorization: str | None) -> KeyRecord | None:
+        """A fleet key this router knows, checked without I/O (APIError 401); None when it must
+        be looked up in Redis (`authenticate`)."""
+        assert self.store is not None
+        return self.store.known(bearer_token(authorization))
 
-    async def settle(
-        self, ticket: Ticket | None, prompt_tokens: int, completion_tokens: int
+    def admit_soon(
+        self, record: KeyRecord, reserve_tokens: int, done: Callable[[Ticket | APIError], None]
     ) -> None:
-        if ticket is not None and self.store is not None:
-            await self.store.settle(ticket, prompt_tokens, completion_tokens)
+        """Take the key's limits; `done` gets the ticket or the 429 (fleet.control.keys)."""
+        assert self.store is not None
+        self.store.admit_soon(record, reserve_tokens, done)
 
-    async def release(self, ticket: Ticket | None) -> None:
-        if ticket is not None and self.store is not None:
-            await self.store.release(ticket)
+    def settle_soon(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> None:
+        """Charge what the request used and free its hold (not waited for)."""
+        assert self.store is not None
+        self.store.settle_soon(ticket, prompt_tokens, completion_tokens)

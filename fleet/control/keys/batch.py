@@ -27,10 +27,12 @@ from fleet.control.keys.layout import KeyLayout
 from fleet.control.keys.scripts import BATCH
 from fleet.control.resp import Reply, RespClient
 
+# An admission's answer: admit.lua's three integers, or the error that kept Redis from answering.
+Admitted = Callable[["list[int] | BaseException"], None]
 # What a settlement Redis did not confirm was: key id, ticket id, prompt and completion tokens.
 Settlement = tuple[str, str, int, int]
-# An operation's caller (None: a settlement nobody waits for) and, for a settlement, what it was.
-Op = tuple["asyncio.Future[Any] | None", "Settlement | None"]
+# An admission: (its callback, None); a settlement: (its caller's future or None, what it was).
+Op = tuple[Any, "Settlement | None"]
 
 
 def bulk(data: bytes) -> bytes:
@@ -69,19 +71,16 @@ class LimitBatcher:
         max_concurrent: int,
         reserve: int,
         ttl_ms: int,
-    ) -> asyncio.Future[list[int]]:
-        """Queue an admission; its future gets admit.lua's three integers, or the error that
-        kept Redis from answering."""
-        loop = asyncio.get_running_loop()
+        done: Admitted,
+    ) -> None:
+        """Queue an admission; `done` gets its answer from a callback."""
         names, _, void = self._key_names(key_id)
         marker = (void + ticket).encode()
         self._keys += (names, b"$%d\r\n%b\r\n" % (len(marker), marker))
         self._key_count += 5
         arg = b"a %d %d %d %d %b %d" % (rpm, tpm, max_concurrent, reserve, ticket.encode(), ttl_ms)
         self._args.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-        waiter: asyncio.Future[list[int]] = loop.create_future()
-        self._queue(loop, (waiter, None))
-        return waiter
+        self._queue(asyncio.get_running_loop(), (done, None))
 
     def settle(
         self,
@@ -147,21 +146,20 @@ class LimitBatcher:
         if not isinstance(reply, list):
             return self._failed(ops, ResponseError(f"unexpected batch reply {reply!r:.100}"))
         at = 0
-        for waiter, settled in ops:
+        for caller, settled in ops:
             if settled is None:
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(reply[at : at + 3])
+                caller(reply[at : at + 3])
                 at += 3
-            elif waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            elif caller is not None and not caller.done():
+                caller.set_result(None)
         return None
 
     def _failed(self, ops: list[Op], error: BaseException) -> None:
         """Redis did not answer: admissions' callers get the error, settlements go in doubt."""
-        for waiter, settled in ops:
-            if settled is not None:
-                self.settle_failed(*settled, error)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
-            elif waiter is not None and not waiter.done():
-                waiter.set_exception(error)
+        for caller, settled in ops:
+            if settled is None:
+                caller(error)
+                continue
+            self.settle_failed(*settled, error)
+            if caller is not None and not caller.done():
+                caller.set_result(None)

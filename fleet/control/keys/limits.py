@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 
+from fleet.control.errors import APIError
 from fleet.control.health import RedisHealth
 from fleet.control.keys.batch import LimitBatcher
 from fleet.control.keys.layout import KeyLayout
@@ -71,39 +73,68 @@ class KeyLimits:
         Queued with the tick's other admissions and settlements (one EVALSHA); during an
         outage, local counters decide. Raises APIError 429.
         """
+        answer: asyncio.Future[Ticket | APIError] = asyncio.get_running_loop().create_future()
+        self.admit_soon(record, reserve_tokens, functools.partial(self._answer, answer))
+        result = await answer
+        if isinstance(result, APIError):
+            raise result
+        return result
+
+    def _answer(self, answer: asyncio.Future[Ticket | APIError], result: Ticket | APIError) -> None:
+        if not answer.done():
+            answer.set_result(result)
+        elif isinstance(result, Ticket):
+            self.settle_soon(result)  # its caller gave up waiting: give the hold back
+
+    def admit_soon(
+        self, record: KeyRecord, reserve_tokens: int, done: Callable[[Ticket | APIError], None]
+    ) -> None:
+        """`admit` for callers on callbacks: `done` gets the ticket or the 429, at once (a key
+        without limits, an outage) or once Redis answers (a caller gone by then releases it)."""
         ticket_id = f"{self._ticket_prefix}{next(self._ticket_numbers):x}"
         if not (record.rpm or record.tpm or record.max_concurrent):
             # Nothing to enforce: count the request, written back in batches (no round trip).
             self._count_pending(record.id, 1, 0, 0)
-            return Ticket(record.id, ticket_id, 0, 0, unlimited=True)
+            done(Ticket(record.id, ticket_id, 0, 0, unlimited=True))
+            return
         reserve = max(0, int(reserve_tokens))
-        if self.health.up:
-            try:
-                code, a, b = await self.batcher.admit(
-                    record.id,
-                    ticket_id,
-                    record.rpm or 0,
-                    record.tpm or 0,
-                    record.max_concurrent or 0,
-                    reserve,
-                    self._slot_ttl_ms,
-                )
-            except REDIS_DOWN_ERRORS as exc:
-                self._doubt(record.id, ticket_id)  # it may have run, or still run, in Redis
-                self.health.failed(exc)
-            except asyncio.CancelledError:
-                self._doubt(record.id, ticket_id)
-                raise
-            else:
-                if code:
-                    raise rate_limited(record.name, record.id, code, a, b)
-                ticket = Ticket(record.id, ticket_id, b, a, counts_slot=bool(record.max_concurrent))
-                if ticket.counts_slot:
-                    self._live[ticket_id] = ticket
-                return ticket
-        return self._admit_locally(record, ticket_id, reserve)
+        if not self.health.up:
+            done(self._admit_locally(record, ticket_id, reserve))
+            return
+        self.batcher.admit(
+            record.id,
+            ticket_id,
+            record.rpm or 0,
+            record.tpm or 0,
+            record.max_concurrent or 0,
+            reserve,
+            self._slot_ttl_ms,
+            functools.partial(self._admitted, record, ticket_id, reserve, done),
+        )
 
-    def _admit_locally(self, record: KeyRecord, ticket_id: str, reserve: int) -> Ticket:
+    def _admitted(
+        self,
+        record: KeyRecord,
+        ticket_id: str,
+        reserve: int,
+        done: Callable[[Ticket | APIError], None],
+        reply: list[int] | BaseException,
+    ) -> None:
+        if isinstance(reply, BaseException):
+            self._doubt(record.id, ticket_id)  # it may have run, or still run, in Redis
+            self.health.failed(reply)
+            done(self._admit_locally(record, ticket_id, reserve))
+            return
+        code, a, b = reply
+        if code:
+            done(rate_limited(record.name, record.id, code, a, b))
+            return
+        ticket = Ticket(record.id, ticket_id, b, a, counts_slot=bool(record.max_concurrent))
+        if ticket.counts_slot:
+            self._live[ticket_id] = ticket
+        done(ticket)
+
+    def _admit_locally(self, record: KeyRecord, ticket_id: str, reserve: int) -> Ticket | APIError:
         state = self._local.get(record.id)
         if state is None:
             state = self._local[record.id] = LocalKeyState()
@@ -111,11 +142,11 @@ class KeyLimits:
         if record.tpm and reserve > record.tpm:
             reserve = record.tpm
         if record.rpm and (wait := state.rpm.wait_ms(now, record.rpm, 1)):
-            raise rate_limited(record.name, record.id, RPM, wait, record.rpm)
+            return rate_limited(record.name, record.id, RPM, wait, record.rpm)
         if record.tpm and (wait := state.tpm.wait_ms(now, record.tpm, reserve)):
-            raise rate_limited(record.name, record.id, TPM, wait, record.tpm)
+            return rate_limited(record.name, record.id, TPM, wait, record.tpm)
         if record.max_concurrent and len(state.live) >= record.max_concurrent:
-            raise rate_limited(record.name, record.id, CONCURRENCY, 1000, record.max_concurrent)
+            return rate_limited(record.name, record.id, CONCURRENCY, 1000, record.max_concurrent)
         sec = int(now)
         state.rpm.add(sec, 1)
         if record.tpm:
