@@ -14,7 +14,8 @@ VERIFIED_CACHE = 1024
 class Gate:
     """Static keys are kept as SHA-256 digests: a presented key is hashed and looked up once,
     which takes the same time whichever key (if any) it matches; Authorization headers that
-    matched are remembered so that clients reusing a key skip parsing and hashing."""
+    matched are remembered so that clients reusing a key skip parsing and hashing. So are the
+    digests of fleet keys' headers (the store still checks each request's record)."""
 
     def __init__(
         self, store: KeyStore | None = None, static_keys: list[str] | tuple[str, ...] = ()
@@ -22,6 +23,7 @@ class Gate:
         self.store = store
         self.static_keys = frozenset(hash_secret(k) for k in static_keys)
         self._verified: set[str] = set()
+        self._digests: dict[str, str] = {}  # Authorization header -> its fleet key's digest
 
     @property
     def open(self) -> bool:
@@ -32,11 +34,12 @@ class Gate:
         store, anything else is APIError 401. No I/O: the data path calls it inline."""
         if self.open or authorization in self._verified:
             return True
-        token = bearer_token(authorization)
-        if token is not None and self.static_keys and hash_secret(token) in self.static_keys:
-            if len(self._verified) < VERIFIED_CACHE:
-                self._verified.add(authorization)  # type: ignore[arg-type]
-            return True
+        if self.static_keys:
+            token = bearer_token(authorization)
+            if token is not None and hash_secret(token) in self.static_keys:
+                if len(self._verified) < VERIFIED_CACHE:
+                    self._verified.add(authorization)  # type: ignore[arg-type]
+                return True
         if self.store is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return False
@@ -52,7 +55,15 @@ class Gate:
         """A fleet key this router knows, checked without I/O (APIError 401); None when it must
         be looked up in Redis (`authenticate`)."""
         assert self.store is not None
-        return self.store.known(bearer_token(authorization))
+        digest = self._digests.get(authorization)  # type: ignore[arg-type]
+        if digest is None:
+            token = bearer_token(authorization)
+            if not token:
+                return self.store.known(token)  # 401: no key
+            digest = hash_secret(token)
+            if len(self._digests) < VERIFIED_CACHE:
+                self._digests[authorization] = digest  # type: ignore[index]
+        return self.store.known_digest(digest)
 
     def admit_soon(
         self, record: KeyRecord, reserve_tokens: int, done: Callable[[Ticket | APIError], None]

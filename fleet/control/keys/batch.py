@@ -9,7 +9,7 @@ waited for by anything but its own caller, and one Redis did not confirm is hand
 `settle_failed` (its ticket voided later, its usage counted locally).
 
 Encoding is done here, once per operation, into RESP: a key's names are encoded once and cached,
-an operation's arguments travel as one space-separated string.
+an operation's arguments travel as one space-separated string, and so do the answers.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fleet.control.keys.scripts import BATCH
 from fleet.control.resp import Reply, RespClient
 
 # An admission's answer: admit.lua's three integers, or the error that kept Redis from answering.
-Admitted = Callable[["list[int] | BaseException"], None]
+Admitted = Callable[["tuple[int, int, int] | BaseException"], None]
 # What a settlement Redis did not confirm was: key id, ticket id, prompt and completion tokens.
 Settlement = tuple[str, str, int, int]
 # An admission: (its callback, None); a settlement: (its caller's future or None, what it was).
@@ -51,12 +51,14 @@ class LimitBatcher:
         self,
         fast: RespClient,
         layout: KeyLayout,
+        slot_ttl_ms: int,
         settle_failed: Callable[[str, str, int, int, BaseException], None],
     ) -> None:
         self.fast = fast
         self.layout = layout
         self.settle_failed = settle_failed
-        self._names: dict[str, tuple[bytes, bytes, str]] = {}
+        self._ttl = bulk(b"%d" % slot_ttl_ms)
+        self._names: dict[str, tuple[bytes, bytes]] = {}
         self._keys: list[bytes] = []
         self._args: list[bytes] = []
         self._ops: list[Op] = []
@@ -70,17 +72,15 @@ class LimitBatcher:
         tpm: int,
         max_concurrent: int,
         reserve: int,
-        ttl_ms: int,
         done: Admitted,
     ) -> None:
         """Queue an admission; `done` gets its answer from a callback."""
-        names, _, void = self._key_names(key_id)
-        marker = (void + ticket).encode()
-        self._keys += (names, b"$%d\r\n%b\r\n" % (len(marker), marker))
+        names = self._names.get(key_id) or self._key_names(key_id)
+        self._keys.append(names[0])
         self._key_count += 5
-        arg = b"a %d %d %d %d %b %d" % (rpm, tpm, max_concurrent, reserve, ticket.encode(), ttl_ms)
-        self._args.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-        self._queue(asyncio.get_running_loop(), (done, None))
+        arg = f"a {rpm} {tpm} {max_concurrent} {reserve} {ticket}"
+        self._args.append(f"${len(arg)}\r\n{arg}\r\n".encode())
+        self._queue((done, None))
 
     def settle(
         self,
@@ -94,37 +94,38 @@ class LimitBatcher:
     ) -> asyncio.Future[None] | None:
         """Queue a settlement; with `wait`, a future done (never failed) once it is settled or
         handed to `settle_failed`."""
-        loop = asyncio.get_running_loop()
-        _, names, _ = self._key_names(key_id)
-        self._keys.append(names)
+        names = self._names.get(key_id) or self._key_names(key_id)
+        self._keys.append(names[1])
         self._key_count += 3
-        arg = b"s %b %d %d %d %d" % (ticket.encode(), bucket, delta, prompt, completion)
-        self._args.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-        waiter: asyncio.Future[None] | None = loop.create_future() if wait else None
-        self._queue(loop, (waiter, (key_id, ticket, prompt, completion)))
+        arg = f"s {ticket} {bucket} {delta} {prompt} {completion}"
+        self._args.append(f"${len(arg)}\r\n{arg}\r\n".encode())
+        waiter = asyncio.get_running_loop().create_future() if wait else None
+        self._queue((waiter, (key_id, ticket, prompt, completion)))
         return waiter
 
-    def _queue(self, loop: asyncio.AbstractEventLoop, op: Op) -> None:
-        if not self._ops:
-            loop.call_soon(self._send)  # after every callback already due this round
+    def _queue(self, op: Op) -> None:
+        if not self._ops:  # the tick's first: asking for the loop costs a getpid() syscall
+            asyncio.get_running_loop().call_soon(self._send)  # after the callbacks due now
         self._ops.append(op)
 
-    def _key_names(self, key_id: str) -> tuple[bytes, bytes, str]:
-        """(an admission's four key names, a settlement's three, in RESP; the void prefix)."""
-        names = self._names.get(key_id)
-        if names is None:
-            keys = self.layout.limits(key_id)
-            rpm, tpm, slots, usage = (bulk(name.encode()) for name in keys)
-            names = (rpm + tpm + slots + usage, tpm + slots + usage, self.layout.void(key_id, ""))
-            self._names[key_id] = names
+    def _key_names(self, key_id: str) -> tuple[bytes, bytes]:
+        """An admission's five key names and a settlement's three, in RESP, cached."""
+        rpm, tpm, slots, usage, voided = (bulk(n.encode()) for n in self.layout.limits(key_id))
+        names = self._names[key_id] = (rpm + tpm + slots + usage + voided, tpm + slots + usage)
         return names
 
     def _send(self) -> None:
         ops, keys, args, key_count = self._ops, self._keys, self._args, self._key_count
         self._ops, self._keys, self._args, self._key_count = [], [], [], 0
         now = repr(time.time()).encode()
-        tail = b"%b%b%b%b" % (bulk(b"%d" % key_count), b"".join(keys), bulk(now), b"".join(args))
-        head = b"*%d\r\n" % (3 + key_count + 1 + len(args))
+        tail = b"%b%b%b%b%b" % (
+            bulk(b"%d" % key_count),
+            b"".join(keys),
+            bulk(now),
+            self._ttl,
+            b"".join(args),
+        )
+        head = b"*%d\r\n" % (3 + key_count + 2 + len(args))
         self._submit(ops, head, tail, _EVALSHA)
 
     def _submit(self, ops: list[Op], head: bytes, tail: bytes, command: bytes) -> None:
@@ -143,12 +144,13 @@ class LimitBatcher:
             if command is _EVALSHA and str(reply).startswith("NOSCRIPT"):
                 return self._submit(ops, head, tail, _EVAL)  # Redis restarted: load it again
             return self._failed(ops, reply)
-        if not isinstance(reply, list):
+        if not isinstance(reply, bytes):
             return self._failed(ops, ResponseError(f"unexpected batch reply {reply!r:.100}"))
+        answers = reply.split()
         at = 0
         for caller, settled in ops:
             if settled is None:
-                caller(reply[at : at + 3])
+                caller((int(answers[at]), int(answers[at + 1]), int(answers[at + 2])))
                 at += 3
             elif caller is not None and not caller.done():
                 caller.set_result(None)

@@ -62,7 +62,7 @@ class KeyLimits:
         self._pending: dict[str, list[int]] = {}  # key id -> [requests, prompt, completion]
         self._in_doubt: dict[str, str] = {}  # ticket id -> key id, to void once Redis answers
         self._slot_ttl_ms = int(slot_ttl * 1000)
-        self.batcher = LimitBatcher(fast, layout, self._settle_failed)
+        self.batcher = LimitBatcher(fast, layout, self._slot_ttl_ms, self._settle_failed)
         # Ticket ids: unique across processes by a random prefix, within one by a counter.
         self._ticket_prefix = secrets.token_hex(8)
         self._ticket_numbers = itertools.count()
@@ -108,7 +108,6 @@ class KeyLimits:
             record.tpm or 0,
             record.max_concurrent or 0,
             reserve,
-            self._slot_ttl_ms,
             functools.partial(self._admitted, record, ticket_id, reserve, done),
         )
 
@@ -118,7 +117,7 @@ class KeyLimits:
         ticket_id: str,
         reserve: int,
         done: Callable[[Ticket | APIError], None],
-        reply: list[int] | BaseException,
+        reply: tuple[int, int, int] | BaseException,
     ) -> None:
         if isinstance(reply, BaseException):
             self._doubt(record.id, ticket_id)  # it may have run, or still run, in Redis
@@ -179,7 +178,8 @@ class KeyLimits:
         if ticket.done:
             return None
         ticket.done = True
-        self._live.pop(ticket.id, None)
+        if ticket.counts_slot:
+            self._live.pop(ticket.id, None)
         prompt, completion = max(0, int(prompt_tokens)), max(0, int(completion_tokens))
         delta = prompt + completion - ticket.reserved_tokens  # usage counts, reserved or not
         if ticket.local or ticket.unlimited:
@@ -239,7 +239,7 @@ class KeyLimits:
             *(
                 self.fast.evalsha(
                     VOID,
-                    [self.layout.limits(key_id).slots, self.layout.void(key_id, ticket_id)],
+                    [self.layout.limits(key_id).slots, self.layout.limits(key_id).voided],
                     [ticket_id, ttl_ms],
                 )
                 for ticket_id, key_id in batch

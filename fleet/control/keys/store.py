@@ -109,7 +109,10 @@ class KeyStore:
         is not cached here (`authenticate` looks it up in Redis)."""
         if not secret:
             raise unauthorized("invalid", "Missing API key: send 'Authorization: Bearer <key>'.")
-        digest = hash_secret(secret)
+        return self.known_digest(hash_secret(secret))
+
+    def known_digest(self, digest: str) -> KeyRecord | None:
+        """`known`, given the secret's digest (`hash_secret`)."""
         record = self._by_hash.get(digest)
         if record is not None:
             _check(record, digest)

@@ -1,12 +1,12 @@
 -- One admission: take rpm, tpm and a concurrency slot together (needs window.lua).
--- Keys: rpm, tpm, slots, usage, the ticket's void marker. rpm, tpm, maxc: limits (0 = none);
+-- Keys: rpm, tpm, slots, usage, voided (void.lua). rpm, tpm, maxc: limits (0 = none);
 -- reserve: tokens to hold; ticket; ttl_ms: the slot's life. sec, now_ms: Redis TIME.
 -- Returns 0, bucket, reserved on admission; code, retry_ms, limit when refused (code 1 rpm,
 -- 2 tpm, 3 concurrency); 4, 0, 0 for a ticket voided already (its caller gave up on it, so
 -- nobody reads that reply).
-local function admit(k_rpm, k_tpm, k_slots, k_usage, k_void, rpm, tpm, maxc, reserve, ticket,
+local function admit(k_rpm, k_tpm, k_slots, k_usage, k_voided, rpm, tpm, maxc, reserve, ticket,
                      ttl_ms, sec, now_ms)
-  if redis.call('EXISTS', k_void) == 1 then return 4, 0, 0 end
+  if redis.call('ZSCORE', k_voided, ticket) then return 4, 0, 0 end
   if tpm > 0 and reserve > tpm then reserve = tpm end
   if rpm > 0 then
     local _, wait = window(k_rpm, sec, now_ms, rpm, 1)
