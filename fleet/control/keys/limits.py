@@ -2,15 +2,16 @@
 
 `admit` checks and takes rpm, tpm and concurrency together in Redis (429 with Retry-After naming
 the limit); `settle` charges what was used. Both are queued per event-loop tick and sent as one
-EVALSHA (fleet.control.keys.batch, on the pipelined `fleet.control.resp` client); a key with no
-limits costs no round trip at all (its usage is written back in batches every second). Leaving `admitted`
-without `settle` (error, client disconnect, cancellation) refunds the reserved tokens and frees
-the slot; both are idempotent. A concurrency slot is an entry with a deadline that live tickets
-keep extending, so a crashed router's slots expire by themselves (after `slot_ttl`). A ticket
-whose admission or settlement went unconfirmed (timeout in a stall, outage, caller gone) is
-voided once Redis answers again: its slot is freed and an admission still queued in Redis takes
-nothing, so a stall leaves no phantom slot behind. While Redis is down, fleet.control.keys.local
-decides.
+EVALSHA (fleet.control.keys.batch, on the pipelined `fleet.control.resp` client); callers on
+callbacks use `admit_soon` and `settle_soon` (the router: no task or future per request). A key
+with no limits costs no round trip at all (its usage is written back in batches every second).
+Leaving `admitted` without `settle` (error, client disconnect, cancellation) refunds the reserved
+tokens and frees the slot; both are idempotent; an admission whose caller left before Redis
+answered is given back as soon as it does. A concurrency slot is an entry with a deadline that
+live tickets keep extending, so a crashed router's slots expire by themselves (after `slot_ttl`).
+A ticket whose admission or settlement went unconfirmed (timeout in a stall, outage) is voided
+once Redis answers again: its slot is freed and an admission still queued in Redis takes nothing,
+so a stall leaves no phantom slot behind. While Redis is down, fleet.control.keys.local decides.
 """
 
 from __future__ import annotations
