@@ -56,14 +56,16 @@ class Gate:
         be looked up in Redis (`authenticate`)."""
         assert self.store is not None
         digest = self._digests.get(authorization)  # type: ignore[arg-type]
-        if digest is None:
-            token = bearer_token(authorization)
-            if not token:
-                return self.store.known(token)  # 401: no key
-            digest = hash_secret(token)
-            if len(self._digests) < VERIFIED_CACHE:
-                self._digests[authorization] = digest  # type: ignore[index]
-        return self.store.known_digest(digest)
+        if digest is not None:
+            return self.store.known_digest(digest)
+        token = bearer_token(authorization)
+        if not token:
+            return self.store.known(token)  # 401: no key
+        digest = hash_secret(token)
+        record = self.store.known_digest(digest)
+        if record is not None and len(self._digests) < VERIFIED_CACHE:
+            self._digests[authorization] = digest  # type: ignore[index]  # only keys it knows
+        return record
 
     def admit_soon(
         self, record: KeyRecord, reserve_tokens: int, done: Callable[[Ticket | APIError], None]
