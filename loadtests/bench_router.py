@@ -1,5 +1,5 @@
-"""Router benchmark: what the router costs (bench_overhead.py), and what its routing buys
-(bench_routing.py).
+"""Router benchmark: what the router costs (bench_overhead.py), what its routing buys
+(bench_routing.py), and what predicts how `--workers N` scales (bench_workers.py).
 
 Part 1, overhead: fake replicas answering instantly, reached directly, through the router (Redis
 keys, static key) and through bare proxies (HTTP in and out, nothing else: the floor, and the
@@ -10,6 +10,7 @@ everything else the other CPUs.
     .venv/bin/python loadtests/bench_router.py --out bench_router.png
     .venv/bin/python loadtests/bench_router.py --part overhead --rounds 3
     .venv/bin/python loadtests/bench_router.py --part overhead --pin --baseline 11b5f4d
+    .venv/bin/python loadtests/bench_router.py --part workers --pin
 
 Prints tables; saves a PNG with both parts. Everything runs on loopback and ends by itself.
 """
@@ -25,12 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_overhead
 import bench_routing
+import bench_workers
 from bench_plot import save_panels
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["overhead", "routing", "all"], default="all")
+    parser.add_argument("--part", choices=["overhead", "routing", "workers", "all"], default="all")
     parser.add_argument("--out", type=Path, default=Path("bench_router.png"))
     parser.add_argument(
         "--pin",
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     bench_overhead.add_arguments(parser)
     bench_routing.add_arguments(parser)
+    bench_workers.add_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="bench-router-") as tmp:
@@ -50,10 +53,15 @@ def main(argv: list[str] | None = None) -> None:
         routing_rows = (
             bench_routing.routing(args, workdir) if args.part in ("routing", "all") else []
         )
+        workers_results = (
+            bench_workers.workers(args, workdir) if args.part in ("workers", "all") else []
+        )
     if overhead_rows:
         bench_overhead.print_overhead(overhead_rows)
     if routing_rows:
         bench_routing.print_routing(routing_rows, args)
+    if workers_results:
+        bench_workers.print_workers(workers_results)
     panels = bench_overhead.overhead_panels(overhead_rows)
     save_panels(panels + bench_routing.routing_panels(routing_rows), args.out)
 

@@ -18,6 +18,7 @@ from fleet.commands import server_flags as flags
 from fleet.commands.preflight import check_model, check_port, check_redis_url, usage_errors
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders, replica_key
 from fleet.control.membership import new_replica_id
+from fleet.json_body import DEFAULT_MAX_BODY_BYTES
 from fleet.web_security import cors_from_args, tls_from_args
 from replica.engine.config import EngineArgs
 from replica.http_api.tool_calls.registry import ParserName
@@ -129,7 +130,7 @@ def replica(
         30.0, min=0, rich_help_panel=SERVING, help="Seconds in-flight requests get on SIGTERM."
     ),
     max_body_bytes: int = typer.Option(
-        32 * 1024 * 1024, min=1, rich_help_panel=SERVING, help="Largest request body."
+        DEFAULT_MAX_BODY_BYTES, min=1, rich_help_panel=SERVING, help="Largest request body."
     ),
     protect_info_routes: bool = typer.Option(
         False,

@@ -12,6 +12,7 @@ from fleet.commands import server_flags as flags
 from fleet.commands.preflight import FlagError, check_port, check_redis_url, usage_errors
 from fleet.control.internal import INTERNAL_SECRET_ENV, exit_on_placeholders
 from fleet.control.keys import ADMIN_KEY_ENV
+from fleet.json_body import DEFAULT_MAX_BODY_BYTES
 from fleet.web_security import cors_from_args, tls_from_args
 from router.backends.pool import PoolSettings
 from router.config import RouterConfig
@@ -69,7 +70,7 @@ def router(
         help="Bearer key /metrics requires (the admin key also works); without one it is open.",
     ),
     max_body_bytes: int = typer.Option(
-        32 * 1024 * 1024,
+        DEFAULT_MAX_BODY_BYTES,
         min=1,
         rich_help_panel=LIMITS,
         help="Largest request body (413 beyond, at once from Content-Length); also bounds the "
@@ -133,6 +134,13 @@ def router(
         rich_help_panel=QUEUE,
         help="Requests this router sends one replica at a time; more wait in the queue "
         "(e.g. the replicas' --max-num-seqs divided by the number of routers). 0: no cap.",
+    ),
+    workers: int = typer.Option(
+        1,
+        min=1,
+        max=64,
+        help="Router processes on the one port (SO_REUSEPORT: the kernel spreads connections); "
+        "1 runs the router in this process.",
     ),
     log_level: flags.LogLevel = flags.LOG_LEVEL,
     otlp_endpoint: str = flags.OTLP_ENDPOINT,
@@ -223,11 +231,16 @@ def checked_config(args: argparse.Namespace) -> RouterConfig:
 
 def serve(args: argparse.Namespace) -> int:
     config = checked_config(args)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    from router.serve import serve
+    from router.serve import GRACE_S, LOG_FORMAT, serve
 
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if args.workers > 1:
+        from fleet.embedded_redis import free_port
+        from router.workers.supervisor import run_workers
+
+        if config.port == 0:  # every worker must bind the same port: choose it here
+            config.port = free_port(config.host)
+        return run_workers(config, args.workers, PROG, GRACE_S)
     serve(config)
     return 0
 

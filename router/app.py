@@ -45,6 +45,9 @@ from router.proxy import Proxy
 from router.routing.policies import make_policy
 from router.routing.tokens import TokenEstimator
 from router.side_app import InfoRoutes, side_app
+from router.workers.metrics import WorkerMetrics
+from router.workers.placements import SharedPlacements
+from router.workers.sync import WorkerSync
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -82,8 +85,17 @@ class RouterApp:
                 key_store = key_store or KeyStore(config.redis_url, prefix=config.redis_prefix)
             watcher = watcher or MembershipWatcher(config.redis_url, prefix=config.redis_prefix)
         self.key_store = key_store
-        self.policy = make_policy(config.policy, queue_weight=config.prefix_queue_weight)
-        self.metrics = RouterMetrics(lambda: self.pool.gauges(), lambda: self.proxy.queue.depth)
+        placements = None
+        if config.worker is not None:  # one of several workers: they share where prefixes went
+            placements = SharedPlacements(config.worker.folder)
+        self.policy = make_policy(config.policy, config.prefix_queue_weight, placements)
+        self.metrics: RouterMetrics
+        if config.worker is None:
+            self.metrics = RouterMetrics(lambda: self.pool.gauges(), lambda: self.proxy.queue.depth)
+        else:  # one of several workers: its metrics answer for all of them
+            self.metrics = WorkerMetrics(
+                config.worker, lambda: self.pool.gauges(), lambda: self.proxy.queue.depth
+            )
         self.pool = ReplicaPool(
             config.replicas,
             config.pool,
@@ -112,6 +124,9 @@ class RouterApp:
             queue=config.queue,
         )
         self.dashboard = Dashboard(self)
+        self.sync = None
+        if isinstance(self.metrics, WorkerMetrics):  # one of several workers (router.workers)
+            self.sync = WorkerSync(self.metrics, self.pool)
         self.tracer = tracer(config, tracer_provider)
         self.web = side_app(
             InfoRoutes(config, self.pool, self.gate, self.metrics, self.started_at),
@@ -130,6 +145,8 @@ class RouterApp:
         await self.pool.start()
         self.proxy.watchdog.start()
         self.dashboard.start()
+        if self.sync is not None:
+            self.sync.start()
         log.info(
             "router up: policy=%s, %d replicas, auth=%s",
             self.policy.name,
@@ -138,6 +155,8 @@ class RouterApp:
         )
 
     async def stop(self) -> None:
+        if self.sync is not None:
+            await self.sync.stop()
         await self.dashboard.stop()
         await self.proxy.close()
         await self.pool.close()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fleet.control.redis_conn import DEFAULT_PREFIX
+from fleet.json_body import DEFAULT_MAX_BODY_BYTES
 from fleet.web_security import CORSSettings, TLSSettings
 from router.backends.pool import PoolSettings
 from router.queueing.request_queue import QueueSettings
+from router.workers.shared import WorkerSlot
 
 
 @dataclass
@@ -29,7 +31,7 @@ class RouterConfig:
     max_attempts: int = 3
     retry_budget_ratio: float = 0.2
     retry_budget_min_per_s: float = 5.0
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_answer_bytes: int = 64 * 1024 * 1024
     metrics_key: str | None = None
     prefix_queue_weight: float = 64.0
@@ -39,3 +41,4 @@ class RouterConfig:
     tls: TLSSettings | None = None  # HTTPS for clients
     cors: CORSSettings | None = None  # off unless origins are given
     otlp_endpoint: str | None = None  # export spans there (router.tracing); None: no tracing
+    worker: WorkerSlot | None = None  # one of `--workers N` processes (router.workers)

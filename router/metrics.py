@@ -65,12 +65,33 @@ class MetricsSnapshot(TypedDict):
     queue: QueueSnapshot
 
 
+class MetricsState(TypedDict):
+    """One router process's counters as plain JSON (router.workers adds the workers' up); the
+    gauges are what it holds now, left out of the counts of a worker that has exited."""
+
+    requests: list[tuple[str, str, str, str, int]]
+    ttft: list[tuple[str, str, list[int], float]]
+    e2e: list[tuple[str, str, list[int], float]]
+    retries: list[tuple[str, str, int]]
+    ejections: dict[str, int]
+    decisions: list[tuple[str, str, int]]
+    queue_waits: tuple[list[int], float]
+    queue_rejections: dict[str, int]
+    replicas: list[tuple[str, int, bool]]  # gauges: (replica, in flight, routable)
+    queue_depth: int  # gauge
+
+
 class Histogram:
     __slots__ = ("counts", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.sum = 0.0
+
+    def add(self, counts: list[int], total: float) -> None:
+        for i, count in enumerate(counts[: len(self.counts)]):
+            self.counts[i] += count
+        self.sum += total
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
@@ -211,6 +232,53 @@ class RouterMetrics:
         """Ours plus the process-wide registry (the control plane's Redis health lives there)."""
         return generate_latest(self.registry) + generate_latest(REGISTRY)
 
+    def fleet_view(self) -> RouterMetrics:
+        """The metrics of the whole router: this process's own, unless it is one of several
+        workers (router.workers.metrics)."""
+        return self
+
+    def state(self) -> MetricsState:
+        return {
+            "requests": [(*labels, value) for labels, value in list(self.requests.items())],
+            "ttft": [(*labels, h.counts, h.sum) for labels, h in list(self.ttft.items())],
+            "e2e": [(*labels, h.counts, h.sum) for labels, h in list(self.e2e.items())],
+            "retries": [(*labels, value) for labels, value in list(self.retries.items())],
+            "ejections": dict(self.ejections),
+            "decisions": [(*labels, value) for labels, value in list(self.decisions.items())],
+            "queue_waits": (self.queue_waits.counts, self.queue_waits.sum),
+            "queue_rejections": dict(self.queue_rejections),
+            "replicas": self._replica_gauges(),
+            "queue_depth": self._queue_depth(),
+        }
+
+    @classmethod
+    def merged(cls, states: list[MetricsState]) -> RouterMetrics:
+        """Several processes' metrics as one router's: counters and histograms added, in-flight
+        and queue depth added, a replica routable where any process may route to it."""
+        replicas: dict[str, tuple[int, bool]] = {}
+        for state in states:
+            for replica_id, count, ok in state["replicas"]:
+                before, was_ok = replicas.get(replica_id, (0, False))
+                replicas[replica_id] = (before + count, was_ok or bool(ok))
+        depth = sum(state["queue_depth"] for state in states)
+        merged = cls(lambda: [(r, n, ok) for r, (n, ok) in sorted(replicas.items())], lambda: depth)
+        for state in states:
+            for route, model, replica, status, value in state["requests"]:
+                key = (route, model, replica, status)
+                merged.requests[key] = merged.requests.get(key, 0) + value
+            for target, rows in ((merged.ttft, state["ttft"]), (merged.e2e, state["e2e"])):
+                for route, model, counts, total in rows:
+                    target.setdefault((route, model), Histogram()).add(counts, total)
+            for model, reason, value in state["retries"]:
+                merged.retries[(model, reason)] = merged.retries.get((model, reason), 0) + value
+            _add_counts(merged.ejections, state["ejections"])
+            for policy, outcome, value in state["decisions"]:
+                key2 = (policy, outcome)
+                merged.decisions[key2] = merged.decisions.get(key2, 0) + value
+            merged.queue_waits.add(*state["queue_waits"])
+            _add_counts(merged.queue_rejections, state["queue_rejections"])
+        return merged
+
     def snapshot(self) -> MetricsSnapshot:
         """Totals for the admin stats endpoint."""
         by_status: dict[str, int] = {}
@@ -234,3 +302,8 @@ class RouterMetrics:
             "mean_wait_s": round(waits.sum / waited, 4) if waited else 0.0,
             "rejections": dict(self.queue_rejections),
         }
+
+
+def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    for name, value in counts.items():
+        into[name] = into.get(name, 0) + value

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import orjson
 
 from fleet.control.errors import APIError
+from fleet.json_body import decode_json
 from router.backends.backend import Replica
 from router.backends.pool import ReplicaPool
 from router.routing.policies import RouteRequest
@@ -216,7 +217,7 @@ def prompt_count(request: dict[str, object], route: str) -> int:
 def parse_object(body: bytes) -> dict[str, object]:
     """A client's JSON object, unchecked: readers check each member's type."""
     try:
-        request = orjson.loads(body)
+        request = decode_json(body)
     except orjson.JSONDecodeError:
         raise APIError(400, "We could not parse the JSON body of your request.") from None
     if not isinstance(request, dict):

@@ -10,6 +10,7 @@ of the router's CPU under load).
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import uvloop
 
@@ -17,9 +18,11 @@ from router.app import RouterApp
 from router.config import RouterConfig
 from router.http.cors import CorsPolicy
 from router.http.server import HttpServer, run_until_signalled
+from router.workers.metrics import WorkerMetrics
 
 GRACE_S = 30.0
 GC_YOUNG_THRESHOLD = 20_000
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 def http_server(app: RouterApp, config: RouterConfig) -> HttpServer:
@@ -32,11 +35,16 @@ def http_server(app: RouterApp, config: RouterConfig) -> HttpServer:
         max_connections=config.max_connections,
         tls=config.tls.server_context() if config.tls is not None else None,
         cors=CorsPolicy(config.cors) if config.cors is not None else None,
+        reuse_port=config.worker is not None,
     )
 
 
-def serve(config: RouterConfig) -> None:
+def serve(config: RouterConfig, listening: Callable[[], None] = lambda: None) -> None:
+    """Serve until signalled; `listening` hears that the port is taken (router.workers)."""
     app = RouterApp(config)
+    server = http_server(app, config)
+    if isinstance(app.metrics, WorkerMetrics):
+        app.metrics.connections = lambda: server.accepted
 
     async def startup() -> None:
         await app.start()
@@ -44,4 +52,4 @@ def serve(config: RouterConfig) -> None:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
-    uvloop.run(run_until_signalled(http_server(app, config), startup, app.stop, GRACE_S))
+    uvloop.run(run_until_signalled(server, startup, app.stop, GRACE_S, listening))

@@ -3,7 +3,6 @@ logprobs, whole or streamed (a role chunk per choice first, then content deltas)
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
@@ -14,7 +13,6 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 from replica.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from replica.engine.sampling_params import SamplingParams
-from replica.http_api.body import read_body, runtime_of
 from replica.http_api.chat_tools import (
     ParserFactory,
     chat_tools,
@@ -27,12 +25,13 @@ from replica.http_api.generation import (
     answer,
     build_grammar,
     build_stop_matcher,
+    open_generation,
     open_streams,
     run_prompt,
     sampling_params,
 )
 from replica.http_api.prompts import chat_token_ids
-from replica.http_api.protocol import ChatCompletionRequest, parse_body, plain_messages
+from replica.http_api.protocol import ChatCompletionRequest, plain_messages
 from replica.http_api.responses import (
     ResponseHead,
     chat_choice,
@@ -42,21 +41,20 @@ from replica.http_api.responses import (
     usage,
     usage_chunk,
 )
-from replica.http_api.resume import StreamResume, stream_resume
+from replica.http_api.resume import StreamResume
 from replica.http_api.sse_response import frame
 from replica.http_api.tool_calls import ToolCallParser, assemble, delta_fields
-from replica.http_api.tracing import tag_request
 
 
 async def create_chat_completion(request: Request) -> Response:
-    arrival = time.time()
-    runtime = runtime_of(request)
-    record = await runtime.auth.authenticate(request)
-    engine = runtime.accept()
-    body = parse_body(ChatCompletionRequest, await read_body(request))
-    resume = stream_resume(request, record, body)
-    model = runtime.check_model(body.model)
-    tag_request(model, record.id if record is not None else None)
+    opened = await open_generation(request, ChatCompletionRequest)
+    runtime, engine, body, resume, model = (
+        opened.runtime,
+        opened.engine,
+        opened.body,
+        opened.resume,
+        opened.model,
+    )
     runtime.check_fanout(body.n or 1)
     tools = await runtime.prompts.run(lambda: chat_tools(body, runtime.tool_parser), "tools")
     prompt_ids = await runtime.prompts.run(
@@ -86,9 +84,9 @@ async def create_chat_completion(request: Request) -> Response:
     runtime.check_queue(params.n)
     reserve = len(prompt_ids) + max_tokens * params.n
     # A key's model list applies to the name the request used (any served name).
-    admission = await runtime.auth.admit(record, body.model or model, reserve)
+    admission = await runtime.auth.admit(opened.record, body.model or model, reserve)
     job = ChatJob(
-        RequestScope(runtime, admission, arrival, len(prompt_ids), params.n),
+        RequestScope(runtime, admission, opened.arrival, len(prompt_ids), params.n),
         head,
         body,
         prompt_ids,

@@ -3,7 +3,6 @@ and logprobs, whole or streamed. Choice `index` runs over prompt x n, prompt 0's
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import cast
@@ -15,18 +14,18 @@ from starlette.responses import Response
 from fleet.control.errors import APIError
 from replica.engine.outputs import CompletionOutput, RequestOutput
 from replica.engine.sampling_params import SamplingParams
-from replica.http_api.body import read_body, runtime_of
 from replica.http_api.generation import (
     RequestScope,
     answer,
     build_grammar,
     build_stop_matcher,
+    open_generation,
     open_streams,
     run_prompts,
     sampling_params,
 )
 from replica.http_api.prompts import encode
-from replica.http_api.protocol import CompletionRequest, parse_body
+from replica.http_api.protocol import CompletionRequest
 from replica.http_api.responses import (
     CompletionLogprobs,
     ResponseHead,
@@ -36,9 +35,8 @@ from replica.http_api.responses import (
     usage,
     usage_chunk,
 )
-from replica.http_api.resume import StreamResume, stream_resume
+from replica.http_api.resume import StreamResume
 from replica.http_api.sse_response import frame
-from replica.http_api.tracing import tag_request
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for this route
 
@@ -50,14 +48,14 @@ class Prompt:
 
 
 async def create_completion(request: Request) -> Response:
-    arrival = time.time()
-    runtime = runtime_of(request)
-    record = await runtime.auth.authenticate(request)
-    engine = runtime.accept()
-    body = parse_body(CompletionRequest, await read_body(request))
-    resume = stream_resume(request, record, body)
-    model = runtime.check_model(body.model)
-    tag_request(model, record.id if record is not None else None)
+    opened = await open_generation(request, CompletionRequest)
+    runtime, engine, body, resume, model = (
+        opened.runtime,
+        opened.engine,
+        opened.body,
+        opened.resume,
+        opened.model,
+    )
     tokenizer = engine.tokenizer
     runtime.check_fanout(len(body.prompts) * (body.n or 1))
     prompt_ids = await runtime.prompts.run(
@@ -84,10 +82,10 @@ async def create_completion(request: Request) -> Response:
     seqs = len(prompts) * params.n
     runtime.check_queue(seqs)
     reserve = sum(len(p.token_ids) + max_tokens * params.n for p in prompts)
-    admission = await runtime.auth.admit(record, body.model or model, reserve)  # name used
+    admission = await runtime.auth.admit(opened.record, body.model or model, reserve)  # name used
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     job = CompletionJob(
-        RequestScope(runtime, admission, arrival, prompt_tokens, seqs),
+        RequestScope(runtime, admission, opened.arrival, prompt_tokens, seqs),
         head,
         body,
         prompts,

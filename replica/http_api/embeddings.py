@@ -36,7 +36,7 @@ async def create_embedding(request: Request) -> Response:
     runtime = runtime_of(request)
     record = await runtime.auth.authenticate(request)
     engine = runtime.accept("embed")
-    body = parse_body(EmbeddingRequest, await read_body(request))
+    body = parse_body(EmbeddingRequest, await read_body(request), runtime.body_bounds)
     model = runtime.check_model(body.model)
     check_dimensions(body.dimensions, engine.core.model_config.hidden_size)
     inputs = body.inputs

@@ -7,21 +7,54 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from fleet.control.keys import KeyRecord
+from replica.engine.async_engine import AsyncEngine
 from replica.engine.outputs import RequestOutput
 from replica.engine.sampling_params import SamplingParams, SamplingParamsError
 from replica.http_api.auth import Admission
-from replica.http_api.body import json_response
+from replica.http_api.body import json_response, read_body, runtime_of
 from replica.http_api.disconnect import until_disconnect
 from replica.http_api.metrics import ReplicaMetrics
-from replica.http_api.protocol import SamplingFields
+from replica.http_api.protocol import SamplingFields, parse_body
+from replica.http_api.resume import StreamResume, stream_resume
 from replica.http_api.runtime import ReplicaRuntime
 from replica.http_api.sse_response import SSEResponse
-from replica.http_api.tracing import engine_finished
+from replica.http_api.tracing import engine_finished, tag_request
+
+BodyT = TypeVar("BodyT", bound=SamplingFields)
+
+
+@dataclass
+class Opened(Generic[BodyT]):
+    """A generation request past the checks both routes make before their own."""
+
+    arrival: float
+    runtime: ReplicaRuntime
+    record: KeyRecord | None  # the caller's fleet key; None for the static key or no auth
+    engine: AsyncEngine
+    body: BodyT
+    resume: StreamResume
+    model: str  # the served name the answer carries
+
+
+async def open_generation(request: Request, kind: type[BodyT]) -> Opened[BodyT]:
+    """Authenticate, take the engine (503 unless ready), validate the body, its resume
+    extension and its model, and tag the trace; each refusal is an APIError."""
+    arrival = time.time()
+    runtime = runtime_of(request)
+    record = await runtime.auth.authenticate(request)
+    engine = runtime.accept()
+    body = parse_body(kind, await read_body(request), runtime.body_bounds)
+    resume = stream_resume(request, record, body)
+    model = runtime.check_model(body.model)
+    tag_request(model, record.id if record is not None else None)
+    return Opened(arrival, runtime, record, engine, body, resume, model)
 
 
 def sampling_params(

@@ -147,7 +147,7 @@ async def model_info(request: Request) -> Response:
 async def tokenize(request: Request) -> Response:
     runtime = runtime_of(request)
     await runtime.auth.authenticate(request)
-    body = parse_body(TokenizeRequest, await read_body(request))
+    body = parse_body(TokenizeRequest, await read_body(request), runtime.body_bounds)
     runtime.check_model(body.model)
     tokenizer, limits = runtime.engine.tokenizer, runtime.limits
     messages = body.messages
@@ -176,7 +176,7 @@ async def tokenize(request: Request) -> Response:
 async def detokenize(request: Request) -> Response:
     runtime = runtime_of(request)
     await runtime.auth.authenticate(request)
-    body = parse_body(DetokenizeRequest, await read_body(request))
+    body = parse_body(DetokenizeRequest, await read_body(request), runtime.body_bounds)
     runtime.check_model(body.model)
     vocab = len(runtime.engine.tokenizer)
     if any(t >= vocab for t in body.tokens):

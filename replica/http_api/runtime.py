@@ -19,12 +19,14 @@ from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
 from fleet.control.redis_conn import DEFAULT_PREFIX
+from fleet.json_body import DEFAULT_MAX_BODY_BYTES
 from fleet.web_security import CORSSettings, TLSSettings
 from replica.engine.outputs import EngineLoad
 from replica.http_api.auth import Auth
 from replica.http_api.metrics import ReplicaMetrics
 from replica.http_api.prompt_worker import PromptWorker
 from replica.http_api.prompts import PromptLimits, template_text
+from replica.http_api.protocol import BodyBounds
 from replica.http_api.token_text import TokenTexts
 from replica.http_api.tool_calls import resolve_parser
 
@@ -70,7 +72,7 @@ class ReplicaSettings:
     max_waiting: int | None = 1024
     max_seqs_per_request: int = 256  # prompts x n of one request
     drain_grace_s: float = 30.0
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # a template file replacing the tokenizer's (vLLM's flag)
     tool_call_parser: str = "auto"  # tool_calls/registry.py's names; auto: from the chat template
     prompt_timeout_s: float = 5.0  # budget to render and tokenize one request's prompts
@@ -262,6 +264,14 @@ class ReplicaRuntime:
     def task(self) -> str | None:
         """generate or embed (the engine's `--task`); None until the engine is loaded."""
         return self._engine.args.task if self._engine is not None else None
+
+    @property
+    def body_bounds(self) -> BodyBounds | None:
+        """What a body's lists are held to before their items are validated (protocol.py); none
+        until the engine has loaded."""
+        if self._engine is None:
+            return None
+        return BodyBounds(self.settings.max_seqs_per_request, self._engine.max_model_len)
 
     def check_fanout(self, seqs: int, param: str = "n") -> None:
         """One request's sequences (prompts x n, or inputs) are bounded: each costs a slot and

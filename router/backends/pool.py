@@ -77,6 +77,8 @@ class ReplicaPool:
         self.by_task: dict[str, dict[str, list[Replica]]] = {task: {} for task in TASKS}
         self.aliases: dict[str, tuple[str, ...]] = {}  # replica id -> names beyond its model
         self._watcher = watcher
+        # Tells this router's other workers of a drain that only this router records.
+        self.share_drain: Callable[[str, bool], None] | None = None
         self._on_eject = on_eject
         self._on_leave = on_leave
         self._on_change = on_change
@@ -179,6 +181,8 @@ class ReplicaPool:
         replica.admin_drained = drained
         self._on_change()
         if replica.source != "redis" or self._watcher is None:
+            if self.share_drain is not None:  # this router's other workers (router.workers)
+                self.share_drain(replica.id, drained)
             return "router"
         if not await self._watcher.set_admin_drained(replica.id, drained):
             raise APIError(
@@ -188,6 +192,17 @@ class ReplicaPool:
                 headers={"Retry-After": "1"},
             )
         return "fleet"
+
+    def apply_router_drains(self, drained: set[str]) -> None:
+        """The router's drains of replicas not in membership, as another worker recorded them."""
+        changed = False
+        for replica in self.replicas.values():
+            if replica.source != "redis" or self._watcher is None:
+                wanted = replica.id in drained
+                changed |= replica.admin_drained != wanted
+                replica.admin_drained = wanted
+        if changed:
+            self._on_change()
 
     def _add(self, replica: Replica) -> None:
         self.replicas[replica.id] = replica

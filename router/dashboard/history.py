@@ -148,11 +148,12 @@ class FleetHistory:
 
     def _read_totals(self) -> _Totals:
         totals = _Totals()
-        for (_route, _model, _replica, status), count in list(self.metrics.requests.items()):
+        metrics = self.metrics.fleet_view()  # every worker's, when the router has several
+        for (_route, _model, _replica, status), count in list(metrics.requests.items()):
             totals.requests += count
             if not status.startswith(("2", "3")):
                 totals.errors += count
-        for hist in list(self.metrics.ttft.values()):
+        for hist in list(metrics.ttft.values()):
             for i, count in enumerate(hist.counts):
                 totals.ttft[i] += count
         return totals

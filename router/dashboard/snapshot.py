@@ -153,7 +153,7 @@ def router_view(app: RouterApp, history: FleetHistory) -> RouterRow:
             "in_flight": sum(r.in_flight for r in replicas),
             "running": sum(r.load.running for r in replicas),
             "waiting": sum(r.load.waiting for r in replicas),
-            "queued": app.proxy.queue.depth,  # in the router's own queue (router.queueing)
+            "queued": stats["queue"]["depth"],  # in the router's own queue (router.queueing)
         },
     }
 

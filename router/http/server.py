@@ -83,7 +83,10 @@ class HttpServer:
         backlog: int = 4096,
         tls: ssl.SSLContext | None = None,
         cors: CorsPolicy | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """`reuse_port`: join the other listeners on the same port (SO_REUSEPORT), among which
+        the kernel spreads new connections (`--workers`, router.workers)."""
         self.handler = handler
         self.host = host
         self.port = port
@@ -94,6 +97,8 @@ class HttpServer:
         self.backlog = backlog
         self.tls = tls
         self.cors = cors
+        self.reuse_port = reuse_port
+        self.accepted = 0  # connections taken, refused ones included (how evenly workers share)
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -108,13 +113,19 @@ class HttpServer:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._server = await self.loop.create_server(
-            self._protocol, self.host, self.port, backlog=self.backlog, ssl=self.tls
+            self._protocol,
+            self.host,
+            self.port,
+            backlog=self.backlog,
+            ssl=self.tls,
+            reuse_port=self.reuse_port or None,
         )
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]
         self._reaper = self.loop.create_task(self._reap_idle())
 
     def _protocol(self) -> asyncio.Protocol:
+        self.accepted += 1
         if len(self.connections) >= self.max_connections:
             return _Refused()
         return ClientConnection(self)
@@ -156,8 +167,10 @@ async def run_until_signalled(
     startup: Callable[[], Awaitable[None]],
     shutdown: Callable[[], Awaitable[None]],
     grace_s: float = 30.0,
+    listening: Callable[[], None] = lambda: None,
 ) -> None:
-    """Start the app and the server, serve until SIGTERM or SIGINT, then stop both gracefully."""
+    """Start the app and the server, serve until SIGTERM or SIGINT, then stop both gracefully;
+    `listening` hears that the server took its port (a worker tells its parent)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,6 +179,7 @@ async def run_until_signalled(
     try:
         await server.start()
         log.info("listening on %s://%s:%d", server.scheme, server.host, server.port)
+        listening()
         await stop.wait()
         log.info("shutting down: finishing requests in flight (up to %g s)", grace_s)
         await server.stop(grace_s)

@@ -6,6 +6,12 @@ next turn starts with the rendering of everything before it. A request's `tools`
 chat templates render them into the system prompt: they count towards the prompt's tokens and
 requests with other tools share no prefix. Completions use the prompt text, or its token ids when
 given as ids.
+
+A key stops at MAX_KEY_CHARS characters or MAX_KEY_IDS token ids (~250k tokens, beyond nearly
+every model's context): building and hashing all of an 8 MiB body of a million one-token prompts
+held the router's event loop for most of a second, and what lies that deep in a prompt cannot
+change where it goes. Token estimates of longer prompts stop there too, so they are not learned
+from (routing/tokens.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Sequence
 import orjson
 
 Units = str | Sequence[int]
+MAX_KEY_CHARS = 1 << 20
+MAX_KEY_IDS = 1 << 18
 
 
 def _text_of(content: object) -> str:
@@ -43,28 +51,53 @@ def chat_units(messages: object, tools: object = None) -> str:
     if not isinstance(messages, list):
         return ""
     parts = [_tools_text(tools)]
+    size = len(parts[0])
     for m in messages:
         if isinstance(m, dict):
             content, role = m.get("content"), m.get("role")
-            parts.append(role if isinstance(role, str) else "")
-            parts.append("\x1f")
-            parts.append(content if isinstance(content, str) else _text_of(content))
-            parts.append("\x1e")
-    return "".join(parts)
+            text = content if isinstance(content, str) else _text_of(content)
+            name = role if isinstance(role, str) else ""
+            parts += (name, "\x1f", text, "\x1e")
+            size += len(name) + len(text) + 2
+            if size >= MAX_KEY_CHARS:
+                break
+    return "".join(parts)[:MAX_KEY_CHARS]
 
 
 def completion_units(prompt: object) -> Units:
     if isinstance(prompt, str):
-        return prompt
+        return prompt[:MAX_KEY_CHARS]
     if isinstance(prompt, list) and prompt:
         first = prompt[0]
         if isinstance(first, int):
-            return prompt
+            return prompt[:MAX_KEY_IDS]
         if isinstance(first, str):
-            return "\x1e".join(p for p in prompt if isinstance(p, str))
+            return _joined_texts(prompt)
         if isinstance(first, list):
-            return [t for ids in prompt if isinstance(ids, list) for t in ids]
+            return _joined_ids(prompt)
     return ""
+
+
+def _joined_texts(prompts: list[object]) -> str:
+    texts: list[str] = []
+    size = 0
+    for p in prompts:
+        if isinstance(p, str):
+            texts.append(p)
+            size += len(p) + 1
+            if size >= MAX_KEY_CHARS:
+                break
+    return "\x1e".join(texts)[:MAX_KEY_CHARS]
+
+
+def _joined_ids(prompts: list[object]) -> list[int]:
+    ids: list[int] = []
+    for p in prompts:
+        if isinstance(p, list):
+            ids += p
+            if len(ids) >= MAX_KEY_IDS:
+                return ids[:MAX_KEY_IDS]
+    return ids
 
 
 def chunk_hashes(units: Units, chunk: int) -> list[int]:

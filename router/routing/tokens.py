@@ -9,7 +9,7 @@ model's shared ratio learns from requests without a fleet key.
 
 from __future__ import annotations
 
-from router.routing.prompt_key import Units
+from router.routing.prompt_key import MAX_KEY_CHARS, Units
 
 INITIAL_CHARS_PER_TOKEN = 4.0
 SMOOTHING = 0.05
@@ -41,8 +41,8 @@ class TokenEstimator:
         return len(units)
 
     def observe(self, model: str, units: Units, prompt_tokens: int, key: str | None = None) -> None:
-        if not isinstance(units, str) or prompt_tokens <= 0 or len(units) < 16:
-            return
+        if not isinstance(units, str) or prompt_tokens <= 0 or not 16 <= len(units) < MAX_KEY_CHARS:
+            return  # ids need no ratio; a key cut short would teach a wrong one
         sample = len(units) / prompt_tokens
         if key is None:
             current = self.chars_per_token.get(model)

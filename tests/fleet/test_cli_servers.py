@@ -13,7 +13,7 @@ MiB = 1024 * 1024
 ROUTER_DEFAULTS = {
     "host": "127.0.0.1", "port": 8000, "redis_url": None, "redis_prefix": "fleet",
     "policy": "prefix", "replica": [], "admin_key": None, "api_key": [], "fleet_keys": True,
-    "upstream_api_key": None, "metrics_key": None, "max_body_bytes": 32 * MiB,
+    "upstream_api_key": None, "metrics_key": None, "max_body_bytes": 8 * MiB,
     "max_answer_bytes": 64 * MiB, "connect_timeout": 3.0, "ttfb_timeout": 300.0,
     "idle_timeout": 60.0, "max_attempts": 3, "retry_budget": 0.2, "prefix_queue_weight": 64.0,
     "probe_interval": 1.0, "load_interval": 1.0, "log_level": "info", "max_connections": 10_000,
@@ -29,7 +29,7 @@ REPLICA_DEFAULTS = {
     "redis_prefix": "fleet", "fleet_keys": True,
     "advertise_url": None, "replica_id": None, "max_waiting": 1024, "max_seqs_per_request": 256,
     "chat_template": None, "tool_call_parser": "auto", "prompt_timeout": 5.0, "drain_grace": 30.0,
-    "max_body_bytes": 32 * MiB, "protect_info_routes": False, "log_level": "info",
+    "max_body_bytes": 8 * MiB, "protect_info_routes": False, "log_level": "info",
     "otlp_endpoint": None,
 }  # fmt: skip
 WEB_DEFAULTS = {

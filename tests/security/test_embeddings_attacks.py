@@ -69,10 +69,8 @@ def test_each_attack_is_refused_cheaply(embedder: LiveReplica, name: str) -> Non
     assert_valid("ErrorResponse", error)
     if param is not None:
         assert error["error"]["param"] == param
-    # Parsing a million-element body (within the body limit) costs seconds of CPU on a busy
-    # 2-core box, as it does for a completions prompt; everything else is refused at once.
-    budget = 30.0 if name.startswith("a million") else 5.0
-    assert elapsed < budget, f"{name} took {elapsed:.1f} s to refuse"
+    # A million-element body is refused by its length once decoded (~0.1 s), not item by item.
+    assert elapsed < 3.0, f"{name} took {elapsed:.1f} s to refuse"
     assert health.status_code == 200
     assert embedder.runtime.inflight == 0
     load = embedder.engine.load()

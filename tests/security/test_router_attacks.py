@@ -358,3 +358,39 @@ def test_one_keys_text_cannot_skew_another_keys_token_estimate() -> None:
     assert tokens.estimate(MODEL, plain, "other-key") == before
     assert tokens.estimate(MODEL, plain) == before
     assert tokens.estimate(MODEL, emoji, "emoji-key") >= len(emoji) * 2
+
+
+# -- a body's size bounds what it costs the router's event loop
+
+BIG_BODIES = {
+    "one-token prompts": {"prompt": [[1]] * 1_000_000},
+    "token ids": {"prompt": [1] * 2_000_000},
+    "messages": {"messages": [{"role": "user", "content": "a"}] * 250_000},
+}
+
+
+@pytest.mark.parametrize("case", list(BIG_BODIES))
+async def test_the_largest_body_holds_the_event_loop_briefly(replicas, case: str) -> None:
+    """Within the default body limit, a body of millions of small items once held the router's
+    loop (and every other client of it) for seconds: its decoding, the collections its
+    containers triggered, and hashing all of it for the prompt key."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 1, **BIG_BODIES[case]})
+    config = router_config(replicas[:2], policy="prefix")
+    assert len(body) <= config.max_body_bytes
+    lags: list[float] = []
+
+    async def probe() -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(0.005)
+            lags.append(time.monotonic() - started - 0.005)
+
+    async with run_router(config) as router:
+        route = "/v1/chat/completions" if "messages" in BIG_BODIES[case] else "/v1/completions"
+        prober = asyncio.create_task(probe())
+        answer = await router.client.post(
+            route, content=body, headers={"Content-Type": "application/json"}
+        )
+        prober.cancel()
+    assert answer.status_code == 200, answer.text[:300]
+    assert lags and max(lags) < 1.0, f"the loop was held {max(lags):.2f} s"

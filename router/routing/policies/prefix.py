@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left
 from dataclasses import dataclass
+from typing import Protocol
 
 from router.backends.backend import Replica
 from router.routing.policies.base import Decision, Policy, RouteRequest, rotated
@@ -96,6 +97,13 @@ class _Ring:
         return picked
 
 
+class Placements(Protocol):
+    """Where the processes of one router placed new prefixes, by anchor (router.workers)."""
+
+    def get(self, anchor: int) -> int | None: ...  # the replica's salt
+    def put(self, anchor: int, salt: int) -> None: ...
+
+
 class PrefixPolicy(Policy):
     name = "prefix"
 
@@ -104,10 +112,14 @@ class PrefixPolicy(Policy):
         text_chunk: int = TEXT_CHUNK_CHARS,
         id_chunk: int = ID_CHUNK_TOKENS,
         queue_weight: float = DEFAULT_QUEUE_WEIGHT,
+        placements: Placements | None = None,
     ) -> None:
+        """`placements`: shared with this router's other workers; a prefix none of this
+        process's replicas holds goes where a worker placed it, as if held there."""
         self.text_chunk = text_chunk
         self.id_chunk = id_chunk
         self.queue_weight = queue_weight
+        self.placements = placements
         self._indexes: dict[str, tuple[int, PrefixIndex]] = {}
         self._holders: dict[int, set[str]] = {}  # anchor chunk -> replicas whose index claims it
         self._rings: dict[tuple[Replica, ...], _Ring] = {}
@@ -186,11 +198,19 @@ class PrefixPolicy(Policy):
         prompt_tokens = request.prompt_tokens
         anchor = stable_anchor(request.units, unit)
         holders = self._holders.get(hashes[0], set())
+        placed = None  # where another worker placed this prefix, when none here holds it
+        if not holders and self.placements is not None:
+            placed = self.placements.get(anchor)
+            if placed is not None:
+                holders = {r.id for r in candidates if r.salt == placed}
         rows = []
         most_matched = 0
         for replica in self._weighed(anchor, holders, candidates):
             index = self.index_for(replica, unit, per_token)
-            matched = index.match(hashes) if replica.id in holders else 0
+            if placed is not None:
+                matched = len(hashes) if replica.id in holders else 0
+            else:
+                matched = index.match(hashes) if replica.id in holders else 0
             cached = min(int(matched * tokens_per_chunk), prompt_tokens)
             cost = prompt_tokens - cached + self._queued(replica)
             fill = self._fill(replica, index, len(hashes))
@@ -215,6 +235,8 @@ class PrefixPolicy(Policy):
         self._record(replica.id, index, hashes, matched)
         if most_matched == 0:
             outcome = "prefix_miss"
+            if self.placements is not None:
+                self.placements.put(anchor, replica.salt)
         elif matched == most_matched:
             outcome = "prefix_hit"
         else:
