@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import os
 import secrets
 import time
 import weakref
@@ -40,6 +41,22 @@ from fleet.control.resp import RespClient
 
 # Tickets in doubt kept for voiding; beyond this their slots are left to expire (slot_ttl).
 MAX_IN_DOUBT = 10_000
+
+
+class TicketIds:
+    """Ticket ids, unique across processes by a random prefix (drawn again in a forked child,
+    e.g. a router worker) and within one by a counter: no urandom call per request."""
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.numbers = itertools.count()
+
+
+TICKET_IDS = TicketIds()
+os.register_at_fork(after_in_child=TICKET_IDS.renew)
 
 
 class KeyLimits:
@@ -64,9 +81,6 @@ class KeyLimits:
         self._in_doubt: dict[str, str] = {}  # ticket id -> key id, to void once Redis answers
         self._slot_ttl_ms = int(slot_ttl * 1000)
         self.batcher = LimitBatcher(fast, layout, self._slot_ttl_ms, self._settle_failed)
-        # Ticket ids: unique across processes by a random prefix, within one by a counter.
-        self._ticket_prefix = secrets.token_hex(8)
-        self._ticket_numbers = itertools.count()
 
     async def admit(self, record: KeyRecord, reserve_tokens: int = 0) -> Ticket:
         """Take one request (and `reserve_tokens` of the tpm budget, plus a concurrency slot).
@@ -92,7 +106,8 @@ class KeyLimits:
     ) -> None:
         """`admit` for callers on callbacks: `done` gets the ticket or the 429, at once (a key
         without limits, an outage) or once Redis answers (a caller gone by then releases it)."""
-        ticket_id = f"{self._ticket_prefix}{next(self._ticket_numbers):x}"
+        ids = TICKET_IDS
+        ticket_id = f"{ids.prefix}{next(ids.numbers):x}"
         if not (record.rpm or record.tpm or record.max_concurrent):
             # Nothing to enforce: count the request, written back in batches (no round trip).
             self._count_pending(record.id, 1, 0, 0)

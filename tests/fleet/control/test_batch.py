@@ -5,6 +5,7 @@ across routers, and a stall mid-batch that leaves every caller answered and no s
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -245,3 +246,19 @@ async def test_a_stall_mid_batch_answers_every_caller_and_leaves_no_slot() -> No
         await store.close()
         await admin_client.aclose()
         server.stop()
+
+
+def test_ticket_ids_differ_in_a_forked_child() -> None:
+    from fleet.control.keys.limits import TICKET_IDS
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its prefix and leave at once
+        os.write(write, TICKET_IDS.prefix.encode())
+        os._exit(0)
+    os.close(write)
+    child_prefix = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child_prefix) == len(TICKET_IDS.prefix) == 16
+    assert child_prefix != TICKET_IDS.prefix
