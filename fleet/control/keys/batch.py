@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,8 @@ from redis.exceptions import ResponseError
 from fleet.control.keys.layout import KeyLayout
 from fleet.control.keys.scripts import BATCH
 from fleet.control.resp import Reply, RespClient
+
+log = logging.getLogger("fleet.control.keys")
 
 # An admission's answer: admit.lua's three integers, or the error that kept Redis from answering.
 Admitted = Callable[["tuple[int, int, int] | BaseException"], None]
@@ -150,7 +153,7 @@ class LimitBatcher:
         at = 0
         for caller, settled in ops:
             if settled is None:
-                caller((int(answers[at]), int(answers[at + 1]), int(answers[at + 2])))
+                _call(caller, (int(answers[at]), int(answers[at + 1]), int(answers[at + 2])))
                 at += 3
             elif caller is not None and not caller.done():
                 caller.set_result(None)
@@ -160,8 +163,16 @@ class LimitBatcher:
         """Redis did not answer: admissions' callers get the error, settlements go in doubt."""
         for caller, settled in ops:
             if settled is None:
-                caller(error)
+                _call(caller, error)
                 continue
             self.settle_failed(*settled, error)
             if caller is not None and not caller.done():
                 caller.set_result(None)
+
+
+def _call(done: Admitted, answer: tuple[int, int, int] | BaseException) -> None:
+    """One caller's callback: its failure must not keep the batch's other callers waiting."""
+    try:
+        done(answer)
+    except Exception:
+        log.exception("an admission's callback failed")
