@@ -240,7 +240,7 @@ class RouterApp:
         method: str = "POST",
     ) -> Awaitable[bool | None] | None:
         """Check, plan and start one proxied request. Static keys (or none) are checked here and
-        now; a fleet key may need Redis, so that path is a coroutine."""
+        now; a fleet key goes on in router.keyed (a coroutine only to look an uncached key up)."""
         started = time.perf_counter()
         authorization, session_id, traceparent = request_headers(incoming.headers)
         trace = None
