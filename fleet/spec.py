@@ -171,6 +171,8 @@ class HostsSpec(_Strict):
     @classmethod
     def _hosts(cls, value: list[str]) -> list[str]:
         for host in value:
+            if not host:
+                raise ValueError("an empty host name (a comma too many?)")
             if not _is_host(host):
                 raise ValueError(f"{host!r} is not a host name or IP address")
         repeated = sorted({h for h in value if value.count(h) > 1})

@@ -116,7 +116,11 @@ class RayReplica:
         return None  # the actor's constructor starts the server
 
     async def _ask(self, method: str, *args: Any, timeout: float = 5.0) -> Any:
-        return await asyncio.wait_for(getattr(self.actor, method).remote(*args), timeout)
+        # Shielded: an ask that times out must not cancel Ray Client's future of the answer, which
+        # Ray would then fail to resolve (a traceback in the log for every such ask).
+        answer = asyncio.ensure_future(getattr(self.actor, method).remote(*args))
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.wait_for(asyncio.shield(answer), timeout)
 
     async def wait_ready(self, timeout: float) -> bool:
         try:
