@@ -151,8 +151,8 @@ class RayCluster:
             else:
                 lines.append(f"could not stop Ray on {host}: {last_line(result.stderr)}")
         if self.config_path.exists():
-            result = self._launcher("down", timeout)
-            if result is not None and result.returncode == 0:
+            released = self._launcher("down", timeout)
+            if released is not None and released.returncode == 0:
                 lines.append(f"`ray down` released the cluster {self.name}")
             else:
                 lines.append(f"`ray down` failed; see {self.log_path}")
@@ -187,12 +187,18 @@ class RayCluster:
         return result
 
 
+_TELLING = re.compile(r"error|fail|refused|denied|timed out|no such|not found", re.I)
+_LAUNCHER_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # the launcher's own log
+
+
 def _reason(output: str) -> str:
-    """The launcher's most telling line: the last that names an error or failure."""
+    """The most telling line of `ray up`'s output: what the failing command on the host said last
+    before the launcher gave up on it, else the launcher's last line naming a failure."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    telling = [
-        line for line in lines if re.search(r"error|fail|refused|denied|timed out", line, re.I)
-    ]
+    cut = next((i for i, line in enumerate(lines) if "update-failed" in line), len(lines))
+    remote = [line for line in lines[:cut] if not _LAUNCHER_LINE.match(line)]
+    telling = [line for line in remote if _TELLING.search(line)]
+    telling = telling or [line for line in lines if _TELLING.search(line)]
     return (telling or lines or ["no output"])[-1]
 
 

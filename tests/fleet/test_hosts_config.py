@@ -110,3 +110,25 @@ def test_up_with_a_host_that_refuses_ssh(tmp_path: Path, env: dict[str, str]) ->
     )  # fmt: skip
     assert time.monotonic() - began < 30
     assert nothing_started(tmp_path / "run")
+
+
+def test_a_failed_ray_up_is_told_by_the_failing_command() -> None:
+    """The launcher's output ends in its own "Failed to setup head node"; the user needs what the
+    command on the host said before the launcher gave up on it (and not a missing ~/.bashrc)."""
+    from fleet.launch.ray_cluster import _reason
+
+    output = "\n".join([
+        "2026-12-07 02:16:11,421\tINFO updater.py:413 -- New status: setting-up",
+        "bash: /root/.bashrc: No such file or directory",
+        "2026-12-07 02:16:18,902\tVVINFO command_runner.py:401 -- Full command is `ssh -o "
+        "ExitOnForwardFailure=yes ...`",
+        "Error: No such option '--bogus-flag'.",
+        "2026-12-07 02:16:22,509\tERR updater.py:177 -- New status: update-failed",
+        "click.exceptions.ClickException: SSH command failed.",
+        "Error: Failed to setup head node.",
+    ])  # fmt: skip
+    assert _reason(output) == "Error: No such option '--bogus-flag'."
+    assert _reason("Shared connection closed.\nError: Failed to setup head node.") == (
+        "Error: Failed to setup head node."
+    )
+    assert _reason("") == "no output"

@@ -11,8 +11,9 @@ host offers one logical GPU (`--num-gpus=1`: replicas run on CPU with a tiny mod
 from __future__ import annotations
 
 import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,8 +31,8 @@ RAY_ARGS = "[--num-cpus=1, --num-gpus=1, --object-store-memory=100000000]"
 
 
 def _local_leftovers(folder: Path, hosts: SshHosts) -> list[str]:
-    """Processes of this machine (not of the hosts) whose command line names the test's folder:
-    the fleet's manager, router and Redis, `ray up` and the SSH connections it shares."""
+    """Processes of this machine (not of the hosts) whose command line names the test's folder or
+    the hosts' key: the fleet's manager and Redis, `ray up`, the SSH connections Ray shares."""
     ours = os.readlink("/proc/self/ns/pid")
     servers = {h.server.pid for h in hosts.hosts} | {os.getpid()}
     found = []
@@ -44,7 +45,7 @@ def _local_leftovers(folder: Path, hosts: SshHosts) -> list[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if str(folder) in cmdline:
+        if str(folder) in cmdline or str(hosts.key) in cmdline:
             found.append(f"{entry.name}: {cmdline.strip()}")
     return found
 
@@ -58,52 +59,88 @@ def _logs(run_dir: Path) -> str:
     return "\n".join(tails)
 
 
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshHosts]:
+    with ssh_hosts(2, tmp_path_factory.mktemp("hosts")) as made:
+        yield made
+
+
+def _up(hosts: SshHosts, run_dir: Path, env: dict[str, str], model: Path) -> RunningFleet:
+    up = run_cli(
+        "up", "--detach", "--hosts", ",".join(hosts.addresses), "--ssh-user", "root",
+        "--ssh-key", str(hosts.key), "--model", str(model), "--device", "cpu",
+        "--name", "hosts-ci", "--port", str(free_port()), "--run-dir", str(run_dir),
+        "--set", f"hosts.ray_args={RAY_ARGS}",
+        env=env, timeout=600,
+    )  # fmt: skip
+    assert up.code == 0, up.text + _logs(run_dir)
+    return RunningFleet(run_dir, env, up)
+
+
+def _nothing_left(hosts: SshHosts, folder: Path) -> None:
+    _wait_until_none(lambda: [p for h in hosts.hosts for p in h.processes()], "on the hosts")
+    _wait_until_none(lambda: _local_leftovers(folder, hosts), "on this machine")
+
+
 def test_up_hosts_serves_a_chat_and_down_leaves_nothing(
-    tmp_path: Path, fleet_cache: Path, tiny_model: Path
+    hosts: SshHosts, tmp_path: Path, fleet_cache: Path, tiny_model: Path
 ) -> None:
-    with ssh_hosts(2, tmp_path / "hosts") as hosts:
-        env = fleet_env(fleet_cache)
-        run_dir = tmp_path / "run"
+    env = fleet_env(fleet_cache)
+    run_dir = tmp_path / "run"
+    began = time.monotonic()
+    try:
+        fleet = _up(hosts, run_dir, env, tiny_model)
+        answer = fleet.chat()
+        first_answer = time.monotonic() - began
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+        assert answer["usage"]["completion_tokens"] >= 1
+        rows = fleet.status()["replicas"]
+        assert {r["state"] for r in rows} == {"ready"}, rows
+        placed = sorted(str(urlsplit(r["url"]).hostname) for r in rows)
+        assert placed == hosts.addresses, rows  # one replica on each host
+        for host in hosts.hosts:
+            running = " ".join(host.processes())
+            assert "raylet" in running and "replica" in running, running
+        print(
+            f"\nfleet up --hosts {','.join(hosts.addresses)}: first chat answer "
+            f"{first_answer:.1f}s after `fleet up` began (replicas on {placed})"
+        )
         began = time.monotonic()
-        try:
-            up = run_cli(
-                "up", "--detach", "--hosts", ",".join(hosts.addresses), "--ssh-user", "root",
-                "--ssh-key", str(hosts.key), "--model", str(tiny_model), "--device", "cpu",
-                "--name", "hosts-ci", "--port", str(free_port()), "--run-dir", str(run_dir),
-                "--set", f"hosts.ray_args={RAY_ARGS}",
-                env=env, timeout=600,
-            )  # fmt: skip
-            assert up.code == 0, up.text + _logs(run_dir)
-            fleet = RunningFleet(run_dir, env, up)
-            answer = fleet.chat()
-            first_answer = time.monotonic() - began
-            assert answer["choices"][0]["message"]["role"] == "assistant"
-            assert answer["usage"]["completion_tokens"] >= 1
-            rows = fleet.status()["replicas"]
-            assert {r["state"] for r in rows} == {"ready"}, rows
-            placed = sorted(str(urlsplit(r["url"]).hostname) for r in rows)
-            assert placed == hosts.addresses, rows  # one replica on each host
-            for host in hosts.hosts:
-                running = " ".join(host.processes())
-                assert "raylet" in running and "replica" in running, running
-            print(
-                f"\nfleet up --hosts {','.join(hosts.addresses)}: first chat answer "
-                f"{first_answer:.1f}s after `fleet up` began (replicas on {placed})"
-            )
-            began = time.monotonic()
-            down = fleet.cli("down")
-            assert down.code == 0, down.text
-            assert not (run_dir / "state.json").exists()
-            for host in hosts.hosts:
-                assert f"stopped Ray on {host.address}" in _logs(run_dir) + down.text
-            _wait_until_none(
-                lambda: [p for h in hosts.hosts for p in h.processes()], "on the hosts"
-            )
-            _wait_until_none(lambda: _local_leftovers(tmp_path, hosts), "on this machine")
-            print(f"fleet down: nothing left on any host after {time.monotonic() - began:.1f}s")
-        finally:
-            if (run_dir / "state.json").exists():
-                run_cli("down", "--run-dir", str(run_dir), env=env, timeout=300)
+        down = fleet.cli("down")
+        assert down.code == 0, down.text
+        assert not (run_dir / "state.json").exists()
+        for host in hosts.hosts:
+            assert f"stopped Ray on {host.address}" in _logs(run_dir)
+        _nothing_left(hosts, tmp_path)
+        print(f"fleet down: nothing left on any host after {time.monotonic() - began:.1f}s")
+    finally:
+        if (run_dir / "state.json").exists():
+            run_cli("down", "--run-dir", str(run_dir), env=env, timeout=300)
+
+
+def test_down_after_the_manager_was_killed_leaves_nothing(
+    hosts: SshHosts, tmp_path: Path, fleet_cache: Path, tiny_model: Path
+) -> None:
+    """`fleet down` cleans up from the state file alone: actors, then Ray on every host."""
+    env = fleet_env(fleet_cache)
+    run_dir = tmp_path / "run"
+    try:
+        fleet = _up(hosts, run_dir, env, tiny_model)
+        assert fleet.chat()["usage"]["completion_tokens"] >= 1
+        os.kill(fleet.state["manager_pid"], signal.SIGKILL)
+        began = time.monotonic()
+        down = fleet.cli("down")
+        assert down.code == 0, down.text
+        assert "is gone: cleaning up after it" in down.out
+        for host in hosts.hosts:
+            assert f"stopped Ray on {host.address}" in down.out, down.out
+        assert "killed Ray actor hosts-ci." in down.out, down.out
+        _nothing_left(hosts, tmp_path)
+        print(f"\nfleet down after kill -9 of the manager: nothing left after "
+              f"{time.monotonic() - began:.1f}s")  # fmt: skip
+    finally:
+        if (run_dir / "state.json").exists():
+            run_cli("down", "--run-dir", str(run_dir), env=env, timeout=300)
 
 
 def _wait_until_none(processes: Callable[[], list[str]], where: str, timeout: float = 30) -> None:
