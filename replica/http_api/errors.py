@@ -45,7 +45,7 @@ async def unexpected(request: Request, exc: Exception) -> Response:
     """Starlette answers this outside every middleware, so the request id that tracing.py keeps
     in the scope is added here."""
     request_id: bytes | None = request.scope.get(REQUEST_ID_SCOPE_KEY)
-    headers = {"X-Request-Id": request_id.decode("latin-1")} if request_id else None
+    headers = {"X-Request-Id": request_id.decode("latin-1")} if request_id else {}
     return error_response(APIError(500, "internal server error", headers=headers))
 
 
