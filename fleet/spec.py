@@ -5,7 +5,7 @@ visible GPU, or `cpu_replicas` CPU replicas on a machine without one), an embedd
 on, and the router on 127.0.0.1:8000. Example:
 
     name: demo
-    backend: local            # or ray (then ray_address)
+    backend: local            # or ray (then ray_address, or hosts to bring up over SSH)
     redis: {url: null}        # null: an embedded redis-server for this fleet
     router: {host: 0.0.0.0, port: 8000, policy: prefix}
     keys: {enabled: true, admin_key: null}   # null: FLEET_ADMIN_KEY, else generated
@@ -23,6 +23,7 @@ Command-line flags are applied on top as dotted overrides (`models.*.dtype=bfloa
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -135,6 +136,58 @@ class SupervisionSpec(_Strict):
     drain_timeout_s: float = Field(60.0, gt=0, description="SIGTERM grace before SIGKILL.")
 
 
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return bool(_HOSTNAME.match(text))
+    return True
+
+
+class HostsSpec(_Strict):
+    """On-prem hosts that `fleet up` makes a Ray cluster of over SSH, with Ray's cluster launcher
+    (fleet.launch.ray_cluster); every host needs fleetserve installed at this machine's path."""
+
+    addresses: list[str] = Field(
+        default_factory=list, description="Host names or IPs; the first runs Ray's head. []: none."
+    )
+    ssh_user: str | None = Field(None, description="SSH user on every host; null: this user.")
+    ssh_key: str | None = Field(
+        None, description="SSH private key; null: ~/.ssh/id_ed25519, else ~/.ssh/id_rsa."
+    )
+    ray_port: int = Field(6380, ge=1, le=65535, description="The head's Ray (GCS) port.")
+    client_port: int = Field(10001, ge=1, le=65535, description="The head's Ray Client port.")
+    ray_args: list[str] = Field(
+        default_factory=list, description="Extra `ray start` flags on every host: --num-gpus=2."
+    )
+    join_timeout_s: float = Field(300.0, gt=0, description="How long hosts may take to join.")
+
+    @field_validator("addresses")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host:
+                raise ValueError("an empty host name (a comma too many?)")
+            if not _is_host(host):
+                raise ValueError(f"{host!r} is not a host name or IP address")
+        repeated = sorted({h for h in value if value.count(h) > 1})
+        if repeated:
+            raise ValueError(f"hosts must differ (repeated: {', '.join(repeated)})")
+        return value
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._][A-Za-z0-9._-]*", value):
+            raise ValueError(f"{value!r} is not a user name")
+        return value
+
+
 class FleetSpec(_Strict):
     name: str = Field("default", description="Names Ray actors and log files of this fleet.")
     backend: Literal["local", "ray"] = "local"
@@ -144,7 +197,18 @@ class FleetSpec(_Strict):
     router: RouterSpec = Field(default_factory=RouterSpec)
     keys: KeysSpec = Field(default_factory=KeysSpec)
     supervision: SupervisionSpec = Field(default_factory=SupervisionSpec)
+    hosts: HostsSpec = Field(default_factory=HostsSpec)
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec()])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hosts_imply_ray(cls, data: Any) -> Any:
+        """Hosts to bring up are a Ray cluster: `--hosts` alone means `--backend ray`."""
+        if isinstance(data, dict) and "backend" not in data:
+            hosts = data.get("hosts")
+            if isinstance(hosts, dict) and hosts.get("addresses"):
+                return {**data, "backend": "ray"}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -163,6 +227,12 @@ class FleetSpec(_Strict):
             raise ValueError(f"models: served names must differ (repeated: {sorted(duplicates)})")
         if self.ray_address and self.backend != "ray":
             raise ValueError("ray_address is only meaningful with backend: ray")
+        if self.hosts.addresses and self.backend != "ray":
+            raise ValueError("hosts (--hosts) become a Ray cluster: backend must be ray")
+        if self.hosts.addresses and self.ray_address:
+            raise ValueError(
+                "hosts (--hosts) start a Ray cluster of their own: drop ray_address (--ray-address)"
+            )
         return self
 
     def resolved_run_dir(self) -> Path:

@@ -11,6 +11,7 @@ everything else the other CPUs.
     .venv/bin/python loadtests/bench_router.py --part overhead --rounds 3
     .venv/bin/python loadtests/bench_router.py --part overhead --pin --baseline 11b5f4d
     .venv/bin/python loadtests/bench_router.py --part workers --pin
+    .venv/bin/python loadtests/bench_router.py --part overhead workers --pin
 
 Prints tables; saves a PNG with both parts. Everything runs on loopback and ends by itself.
 """
@@ -32,7 +33,13 @@ from bench_plot import save_panels
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["overhead", "routing", "workers", "all"], default="all")
+    parser.add_argument(
+        "--part",
+        nargs="+",
+        choices=["overhead", "routing", "workers", "all"],
+        default=["all"],
+        help="one or more parts, run in this order in one run",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_router.png"))
     parser.add_argument(
         "--pin",
@@ -44,18 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     bench_routing.add_arguments(parser)
     bench_workers.add_arguments(parser)
     args = parser.parse_args(argv)
+    parts = {"overhead", "routing", "workers"} if "all" in args.part else set(args.part)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="bench-router-") as tmp:
         workdir = Path(tmp)
-        overhead_rows = (
-            bench_overhead.overhead(args, workdir) if args.part in ("overhead", "all") else []
-        )
-        routing_rows = (
-            bench_routing.routing(args, workdir) if args.part in ("routing", "all") else []
-        )
-        workers_results = (
-            bench_workers.workers(args, workdir) if args.part in ("workers", "all") else []
-        )
+        overhead_rows = bench_overhead.overhead(args, workdir) if "overhead" in parts else []
+        routing_rows = bench_routing.routing(args, workdir) if "routing" in parts else []
+        workers_results = bench_workers.workers(args, workdir) if "workers" in parts else []
     if overhead_rows:
         bench_overhead.print_overhead(overhead_rows)
     if routing_rows:

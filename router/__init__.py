@@ -10,6 +10,7 @@ The folders are the design:
       __main__.py         `python -m router` / `fleet router`: flags -> RouterConfig (config.py)
       serve.py            runs one process: the HTTP server on uvloop until SIGTERM
       app.py              RouterApp: builds the parts; the handlers each path is dispatched to
+      keyed.py            a fleet key's request until its exchange: plan, admission (callbacks)
       plan.py             what a proxied request is (model, body, prompt units, reservation)
       proxy.py            what every exchange shares: pool, policies, client, queue, budget
       exchange.py         one request's state machine, replica to client, retries included
@@ -34,8 +35,8 @@ One chat request, in order (each file entered once):
     http/connection.py  ClientConnection parses the request whole and calls the handler
     app.py              RouterApp.handle -> _proxied: the caller's key (auth.py), then
     plan.py             Planner.plan: parse the body once, the model, prompt units and token
-                        estimate -> Plan (a fleet key: check its model, admit it against its
-                        limits, back in app.py)
+                        estimate -> Plan (a fleet key: keyed.py checks its model and admits
+                        it against its limits, Redis answering on a callback)
     proxy.py            Proxy.start builds the exchange from the plan
     exchange.py         Exchange.dispatch asks
     routing/pick.py     for the replica: the pool's routable ones of the task with room, then

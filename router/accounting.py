@@ -3,8 +3,8 @@
 Every exchange reports its end here (`ended`), and so does a request refused before it had one
 (`refused`). Usage comes from the replica's own answer: a whole answer's `usage`
 (router.usage) or the usage frame a stream's tap picked out (router.usage_tap). A fleet key's
-request is then settled against its key's limits (`settle`), after the answer is out, by the
-handler that admitted it.
+request is then settled against its key's limits (`settle`), after the answer is out: queued
+with the tick's other settlements, not waited for (fleet.control.keys.batch).
 
 Each end is also the request's access log line (logger `router.access`, at debug level: a line
 per request costs more than the rest of the router's work on it) and, with tracing on, the end
@@ -64,6 +64,8 @@ class Accounting:
             log_access(plan.route, model, ex.replica_id, ex.status, took, ex.conn.request_id)
         if ex.trace is not None:
             ex.trace.ended(ex.status, plan.model, ex.replica_id, usage_of(ex))
+        if ex.ticket is not None:
+            self.settle(ex, ex.ticket)
 
     def refused(
         self,
@@ -84,7 +86,7 @@ class Accounting:
         if trace is not None:
             trace.ended(status, model if model != "unknown" else "", "", None)
 
-    async def settle(self, ex: Exchange, ticket: Ticket) -> None:
+    def settle(self, ex: Exchange, ticket: Ticket) -> None:
         """Charge what the replica reports it used. A stream cut short (by the client, a stalled
         reader or the replica) has no report: charge the prompt's estimate and the chunks that
         reached the client. Nothing is charged when no answer reached the client."""
@@ -94,7 +96,7 @@ class Accounting:
             or plan.route not in INFERENCE_KINDS
             or (ex.status != 200 and not ex.streamed)
         ):
-            await self.gate.release(ticket)
+            self.gate.settle_soon(ticket, 0, 0)
             return
         usage = usage_of(ex)
         if usage is not None:
@@ -104,11 +106,11 @@ class Accounting:
         else:
             prompt = self.tokens.estimate(plan.model, plan.routing.units, ticket.key_id)
             completion = plan.tap.frames if plan.tap is not None else 0
-        await self.gate.settle(ticket, prompt, completion)
+        self.gate.settle_soon(ticket, prompt, completion)
 
-    async def release(self, ticket: Ticket | None) -> None:
+    def release(self, ticket: Ticket) -> None:
         """Give back a key's hold when its request never reached a replica."""
-        await self.gate.release(ticket)
+        self.gate.settle_soon(ticket, 0, 0)
 
     def _learn(self, plan: Plan, usage: Usage | None, key: str | None = None) -> None:
         if usage is not None and isinstance(usage.get("prompt_tokens"), int):

@@ -10,10 +10,10 @@ A proxied request goes one way: read the headers and check the caller's key (cac
 (router.plan: parse the body once with orjson, the model, the prompt's units and token estimate),
 check the key may use the plan's model and take its limits, then hand the plan to the proxy,
 whose exchange (router.exchange) picks a replica through the policy and relays the answer; when
-it ends, the exchange reports to accounting (router.accounting), which counts it and learns from
-its usage; a fleet key's handler then settles the key from that usage. With static keys (or none)
-nothing here waits, so the whole request runs on callbacks; a fleet key may wait on Redis, so its
-requests run as a task.
+it ends, the exchange reports to accounting (router.accounting), which counts it, learns from its
+usage and settles a fleet key's ticket from that usage. Nothing here waits: with static keys (or
+none) the whole request runs on callbacks, and so does a fleet key's (router.keyed: Redis answers
+its admission on a callback), but for the first request of a key this router has not cached.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from fleet.control.errors import CLIENT_GONE_STATUS, APIError
-from fleet.control.keys import KeyStore, Ticket
+from fleet.control.errors import APIError
+from fleet.control.keys import KeyStore
 from fleet.control.kv_reader import KVEventReader
 from fleet.control.membership import MembershipWatcher
 from fleet.control.redis_conn import async_client
@@ -40,6 +40,7 @@ from router.http.asgi import asgi_bridge
 from router.http.connection import ClientConnection
 from router.http.messages import Request
 from router.http.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_target
+from router.keyed import KeyedRequest
 from router.metrics import RouterMetrics
 from router.plan import INFERENCE_KINDS, Plan, Planner
 from router.proxy import Proxy
@@ -187,7 +188,7 @@ class RouterApp:
 
     # -- dispatch
 
-    def handle(self, request: Request, conn: ClientConnection) -> Awaitable[None] | None:
+    def handle(self, request: Request, conn: ClientConnection) -> Awaitable[bool | None] | None:
         """Proxied paths are answered from callbacks (router.exchange); the rest runs as a task."""
         path = request.path
         route = INFERENCE_ROUTES.get(path)
@@ -215,7 +216,7 @@ class RouterApp:
             return self._pinned(request, conn)
         return asgi_bridge(self.web, request, conn)
 
-    def _pinned(self, request: Request, conn: ClientConnection) -> Awaitable[None] | None:
+    def _pinned(self, request: Request, conn: ClientConnection) -> Awaitable[bool | None] | None:
         """`/replicas/{id}/<path>`: the replica's OpenAI routes, served by exactly that replica
         (no retries), under the same key checks, model allow-list and limits as any request."""
         try:
@@ -258,9 +259,9 @@ class RouterApp:
         pinned: Replica | None,
         refusal: APIError | None,
         method: str = "POST",
-    ) -> Awaitable[None] | None:
+    ) -> Awaitable[bool | None] | None:
         """Check, plan and start one proxied request. Static keys (or none) are checked here and
-        now; a fleet key may need Redis, so that path is a coroutine."""
+        now; a fleet key goes on in router.keyed (a coroutine only to look an uncached key up)."""
         started = time.perf_counter()
         authorization, session_id, traceparent = request_headers(incoming.headers)
         trace = None
@@ -282,7 +283,7 @@ class RouterApp:
             self.accounting.refused(route, "", err.status, started, incoming.request_id, trace)
             return None
         if self.exact is not None and self.exact.active:
-            exact = self._exact_recipe(plan)
+            exact = self.exact_recipe(plan)
             if exact is not None:
                 return self._proxied_exact(
                     plan, exact, conn, started, incoming.request_id, traceparent, trace,
@@ -293,8 +294,8 @@ class RouterApp:
         )
         return None
 
-    def _exact_recipe(self, plan: Plan) -> tuple[Recipe, list[Replica]] | None:
-        """How to hash this plan's prompt for exact affinity, if it can use it."""
+    def exact_recipe(self, plan: Plan) -> tuple[Recipe, list[Replica]] | None:
+        """How to hash this plan's prompt for exact affinity, if it can use it (exact is on)."""
         assert self.exact is not None
         if plan.pinned is not None or plan.routing.session_id or plan.route not in EXACT_ROUTES:
             return None
@@ -312,14 +313,15 @@ class RouterApp:
         traceparent: bytes | None,
         trace: RequestTrace | None,
         caller: str,
-    ) -> None:
-        """A static key's request whose prompt is tokenized first (off the event loop)."""
+    ) -> bool:
+        """A static key's request whose prompt is tokenized first (off the event loop); then
+        the exchange answers from callbacks."""
         assert self.exact is not None
         await self.exact.prepare(plan, exact[1], exact[0])
-        ex = self.proxy.start(plan, conn, started, request_id, traceparent, trace, caller)
-        await ex.wait_end()
+        self.proxy.start(plan, conn, started, request_id, traceparent, trace, caller)
+        return True
 
-    async def _proxied_with_key(
+    def _proxied_with_key(
         self,
         incoming: Request,
         conn: ClientConnection,
@@ -333,47 +335,18 @@ class RouterApp:
         started: float,
         traceparent: bytes | None,
         trace: RequestTrace | None,
-    ) -> None:
-        """The fleet-key path: authenticate (cached), plan, check the key may use the plan's
-        model, take the key's limits (one Redis round trip when it has any), proxy, then settle
-        what the replica reports it used."""
-        plan: Plan | None = None
-        ticket: Ticket | None = None
-        try:
-            record = await self.gate.authenticate(authorization, None)
-            if trace is not None:
-                trace.authenticated(record.id if record is not None else None)
-            if refusal is not None:
-                raise refusal
-            key_id = record.id if record is not None else None
-            plan = self.planner.plan(route, path, method, incoming.body, pinned, key_id, session_id)
-            if record is not None:
-                record.check_model(plan.model)
-            ticket = await self.gate.admit(record, plan.reserve)
-        except APIError as err:
-            gone = conn.closed  # the client left while its key was checked: no one to answer
-            if not gone:
-                conn.respond_error(err)
-            status = CLIENT_GONE_STATUS if gone else err.status
-            model = plan.model if plan else ""
-            self.accounting.refused(route, model, status, started, incoming.request_id, trace)
-            return
-        if conn.closed:  # the client left while its key was checked
-            self.accounting.refused(
-                route, plan.model, CLIENT_GONE_STATUS, started, incoming.request_id, trace
-            )
-            await self.accounting.release(ticket)
-            return
-        if self.exact is not None and self.exact.active:
-            exact = self._exact_recipe(plan)
-            if exact is not None:
-                await self.exact.prepare(plan, exact[1], exact[0])
-        ex = self.proxy.start(
-            plan, conn, started, incoming.request_id, traceparent, trace, key_id or ""
-        )
-        await ex.wait_end()  # the server expects the answer out when this task returns
-        if ticket is not None:
-            await self.accounting.settle(ex, ticket)
+    ) -> Awaitable[bool] | None:
+        """The fleet-key path (router.keyed): a key cached here is checked now (APIError 401)
+        and the rest runs on callbacks; an unknown one is looked up in Redis, in a task."""
+        keyed = KeyedRequest(
+            self, incoming, conn, route, path, pinned, refusal, method, session_id, started,
+            traceparent, trace,
+        )  # fmt: skip
+        record = self.gate.known(authorization)
+        if record is None:
+            return keyed.look_up(authorization)
+        keyed.start(record)
+        return None
 
 
 def request_headers(

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 from fleet.control.errors import CLIENT_GONE_STATUS, APIError
+from fleet.control.keys import Ticket
 from router.backends.backend import Replica
 from router.http.connection import ClientConnection
 from router.http.upstream import AnswerTooLarge, UpstreamConnection
@@ -96,6 +97,7 @@ class Exchange:
     trail: StreamTrail | None = None  # a stream another replica could carry on
     resumes = 0
     trace: RequestTrace | None = None  # with tracing on (router.tracing)
+    ticket: Ticket | None = None  # a fleet key's hold on its limits, settled by accounting
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fleet.control.keys import Ticket
 from router.backends.pool import ReplicaPool
 from router.backends.retry_budget import RetryBudget
 from router.backends.watchdog import Watchdog
@@ -71,17 +72,21 @@ class Proxy:
         traceparent: bytes | None = None,
         trace: RequestTrace | None = None,
         key: str = "",
+        ticket: Ticket | None = None,
     ) -> Exchange:
         """Carry `plan` out for the client on `conn`: the exchange answers it from callbacks.
         The request id goes to the replica; so does the client's traceparent, unless the router
         traces (then each attempt sends its own, router.tracing). `key` names the caller for the
-        queue's fairness (a fleet key's id, a static key)."""
+        queue's fairness (a fleet key's id, a static key); a fleet key's `ticket` is settled
+        when the exchange ends (router.accounting)."""
         forward = b"x-request-id: %s\r\n" % request_id
         if traceparent is not None and trace is None:
             forward += b"traceparent: %s\r\n" % traceparent
         ex = Exchange(self, plan, conn, started, forward, trace)
         if key:
             ex.key = key
+        if ticket is not None:
+            ex.ticket = ticket
         ex.start()
         return ex
 

@@ -4,7 +4,7 @@ tracing work at all, not even an import (the router's CPU per request is measure
 
 One request is one `RequestTrace`, whose root span (`router.request`) continues the client's
 `traceparent` when it sent one. Under it: `router.auth` (the key check), `router.queue` (the wait
-in an admission queue, for a router that has one), `router.route` (the policy's choice) and one
+in the router queue, when no replica had room), `router.route` (the policy's choice) and one
 `router.upstream` per attempt at a replica, whose context goes to that replica as its
 `traceparent`, so the replica's spans hang under the attempt that reached it. The data path runs
 on callbacks, not in one task, so spans are started and ended explicitly, never made "current".
@@ -63,6 +63,7 @@ class RequestTrace:
         self.authenticated_at = 0  # time_ns once the key was checked
         self.attempt: Span | None = None
         self.attempts = 0
+        self.queue: Span | None = None  # while it waits in the router queue
 
     def _child(self, name: str, start_ns: int, attributes: dict[str, str | int]) -> Span:
         return self.tracer.start_span(
@@ -78,10 +79,19 @@ class RequestTrace:
         if key_id is not None:
             self.root.set_attribute("fleet.key_id", key_id)
 
-    def queued(self, entered_ns: int, depth: int) -> None:
-        """The request waited in an admission queue from `entered_ns` until now (the hook for a
-        router that queues; `depth`: requests ahead of it when it entered)."""
-        self._child("router.queue", entered_ns, {"fleet.queue_depth": depth}).end()
+    def queue_entered(self, depth: int) -> None:
+        """No replica had room: the request waits in the router queue (`depth` ahead of it)."""
+        self.queue = self._child("router.queue", time.time_ns(), {"fleet.queue_depth": depth})
+
+    def queue_left(self, outcome: str) -> None:
+        """It left the queue: `dispatched` to a replica, or `timeout` / `client_left`."""
+        span, self.queue = self.queue, None
+        if span is None:
+            return
+        span.set_attribute("fleet.queue_outcome", outcome)
+        if outcome != "dispatched":
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        span.end()
 
     def routed(
         self, start_ns: int, policy: str, outcome: str, replica_id: str, cached: int

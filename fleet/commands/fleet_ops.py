@@ -106,6 +106,13 @@ def up(
     admin_key: str = typer.Option(None, envvar=ADMIN_KEY_ENV, help="Admin key to use."),
     backend: str = typer.Option(None, help="local or ray."),
     ray_address: str = typer.Option(None, help="Ray cluster address (backend ray)."),
+    hosts: str = typer.Option(
+        None, help="Bring up a Ray cluster over SSH on these hosts (a,b,c; a is the head)."
+    ),
+    ssh_user: str = typer.Option(None, help="SSH user on the --hosts (default: yours)."),
+    ssh_key: str = typer.Option(
+        None, help="SSH private key for the --hosts (default: ~/.ssh/id_ed25519 or id_rsa)."
+    ),
     name: str = typer.Option(None, help="Fleet name (Ray actor names)."),
     max_restarts: int = typer.Option(None, help="Quick crashes in a row before giving up."),
     ready_timeout: float = typer.Option(None, help="Seconds a replica may take to load."),

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS, mask_redis_url, sync_client
+from fleet.spec import HostsSpec
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -125,3 +126,28 @@ def check_redis_reachable(url: str, flag: str = "--redis-url") -> None:
             client.ping()
     except REDIS_DOWN_ERRORS as exc:
         raise FlagError(f"{flag} {mask_redis_url(url)}: cannot reach Redis: {exc}") from None
+
+
+def check_hosts(hosts: HostsSpec, hosts_flag: str = "--hosts", key_flag: str = "--ssh-key") -> None:
+    """A readable SSH key, and every host letting us in with it: checked here, a host that refuses
+    is one line naming it, not a page of `ray up` output after the fleet began to start."""
+    from fleet.launch.ray_cluster import DEFAULT_KEYS, ssh_key, ssh_login
+
+    key = ssh_key(hosts.ssh_key)
+    if key is None:
+        raise FlagError(
+            f"{key_flag}: not given, and there is no ~/.ssh/{' or ~/.ssh/'.join(DEFAULT_KEYS)}"
+        )
+    if not key.is_file():
+        raise FlagError(f"{key_flag} {key}: no such file")
+    if not os.access(key, os.R_OK):
+        raise FlagError(f"{key_flag} {key}: cannot read it")
+    login = ssh_login(hosts)
+    refused = login.refusals(hosts.addresses)
+    if refused:
+        host, reason = next(iter(refused.items()))
+        more = f" (and {len(refused) - 1} more host(s))" if len(refused) > 1 else ""
+        raise FlagError(
+            f"{hosts_flag} {','.join(hosts.addresses)}: cannot log in to {host} over SSH as "
+            f"{login.user} with {key_flag} {key}: {reason}{more}"
+        )

@@ -10,7 +10,13 @@ from typing import Any
 import typer
 
 from fleet.commands.output import fail
-from fleet.commands.preflight import FlagError, check_model, check_port, check_redis_reachable
+from fleet.commands.preflight import (
+    FlagError,
+    check_hosts,
+    check_model,
+    check_port,
+    check_redis_reachable,
+)
 from fleet.control.redis_conn import mask_redis_url
 from fleet.spec import FleetSpec, SpecError, load_spec, parse_assignment
 
@@ -19,6 +25,9 @@ SPEC_PATHS = {
     "name": "name",
     "backend": "backend",
     "ray_address": "ray_address",
+    "hosts": "hosts.addresses",
+    "ssh_user": "hosts.ssh_user",
+    "ssh_key": "hosts.ssh_key",
     "redis_url": "redis.url",
     "host": "router.host",
     "port": "router.port",
@@ -54,6 +63,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     for flag, value in given_flags(flags).items():
         if flag == "replicas":
             value = value if value == "auto" else _int(value, "--replicas")
+        elif flag == "hosts":
+            value = _host_list(value)
         out[SPEC_PATHS[flag]] = value
     return out
 
@@ -63,6 +74,11 @@ def _int(text: str, flag: str) -> int:
         return int(text)
     except ValueError:
         raise typer.BadParameter(f"{flag}: expected a number or 'auto', got {text!r}") from None
+
+
+def _host_list(text: str) -> list[str]:
+    """`a,b,c` as a list (the spec checks each name, so a bad one is reported like any field)."""
+    return [host.strip() for host in text.split(",")]
 
 
 def build_spec(
@@ -91,7 +107,12 @@ def _one_line(message: str, spec_file: Path | None, sets: list[str], flags: dict
     for line in fields:
         loc, _, why = line.strip().removeprefix(where).partition(": ")
         origin = _origin(loc, sets, flags) or where.rstrip(": ")
-        described.append(f"{origin}: {why}" if origin.endswith(loc) else f"{origin}: {loc}: {why}")
+        if not origin:
+            described.append(f"{loc}: {why}")
+        else:
+            described.append(
+                f"{origin}: {why}" if origin.endswith(loc) else f"{origin}: {loc}: {why}"
+            )
     return f"{head}: " + "; ".join(described)
 
 
@@ -130,5 +151,9 @@ def preflight(spec: FleetSpec, flags: dict[str, Any]) -> None:
             for index, model in enumerate(spec.models):
                 if model.path is not None:
                     check_model(model.path, name("model", f"models.{index}.path"))
+        if spec.hosts.addresses:
+            check_hosts(
+                spec.hosts, name("hosts", "hosts.addresses"), name("ssh_key", "hosts.ssh_key")
+            )
     except FlagError as exc:
         fail(str(exc), 2)

@@ -227,6 +227,17 @@ class RespClient:
             raise reply
         return reply
 
+    def submit(self, data: bytes) -> asyncio.Future[Reply]:
+        """Send one command already encoded in RESP, from a callback: a future of its reply
+        (error replies included, not raised), opening the connection first if need be."""
+        protocol = self._protocol
+        if protocol is not None and protocol.closed is None:
+            return protocol.send(data)
+        return asyncio.ensure_future(self._send_connected(data))
+
+    async def _send_connected(self, data: bytes) -> Reply:
+        return await (await self._connect()).send(data)
+
     async def evalsha(
         self, script: LuaScript, keys: Sequence[str], args: Sequence[object]
     ) -> Reply:

@@ -22,6 +22,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
@@ -34,12 +35,16 @@ from fleet.launch.local import LocalBackend
 from fleet.launch.manager_socket import ManagerSocket
 from fleet.launch.operations import FleetOperations
 from fleet.launch.process import ProcessSpec
+from fleet.launch.ray_cluster import ClusterError, RayCluster
 from fleet.launch.replicas import ReplicaBackend, ReplicaHandle, ReplicaLaunch
 from fleet.launch.scrape import write_scrape_targets
 from fleet.launch.state import SCRAPE_TARGETS, FleetState, ProcessRecord
 from fleet.launch.supervisor import RestartPolicy, Supervisor, SupervisorEvent
 from fleet.launch.teardown import teardown
 from fleet.spec import FleetSpec, ModelSpec, replica_count, replica_device
+
+if TYPE_CHECKING:
+    from fleet.launch.ray_backend import RayBackend
 
 log = logging.getLogger("fleet.manager")
 
@@ -65,6 +70,7 @@ class FleetManager:
         self.model_names: list[str] = []  # served name of each spec model, in spec order
         self.model_paths: dict[str, str] = {}
         self._backend: ReplicaBackend | None = None  # made first by `start`
+        self.cluster: RayCluster | None = None  # the hosts' Ray cluster, once `ray up` ran
         self.state: FleetState | None = None
         self.socket: ManagerSocket | None = None
         self._stop = asyncio.Event()
@@ -146,10 +152,43 @@ class FleetManager:
         if self.spec.backend == "ray":
             from fleet.launch.ray_backend import RayBackend
 
-            backend = RayBackend(self.spec.name, self.spec.ray_address, self.policy, self.note)
+            address = self.spec.ray_address
+            if self.spec.hosts.addresses:
+                address = await self._start_cluster()
+            backend = RayBackend(self.spec.name, address, self.policy, self.note)
             await asyncio.to_thread(backend.connect)
+            if self.cluster is not None:
+                await self._wait_for_hosts(backend)
             return backend
         return LocalBackend(self.log_dir, self.policy, self._on_supervisor)
+
+    async def _start_cluster(self) -> str:
+        """`ray up` over the spec's hosts; the Ray Client address of their head."""
+        hosts = self.spec.hosts.addresses
+        try:
+            self.cluster = RayCluster.of(self.spec, self.run_dir)
+        except ClusterError as exc:
+            raise FleetStartError(str(exc)) from None
+        self.note(f"starting Ray over SSH on {', '.join(hosts)} (ray up; head {hosts[0]})")
+        began = time.monotonic()
+        try:
+            await asyncio.to_thread(self.cluster.up)
+        except ClusterError as exc:
+            raise FleetStartError(str(exc)) from None
+        self.note(f"Ray is up on head {hosts[0]} after {time.monotonic() - began:.0f}s")
+        return self.cluster.client_address
+
+    async def _wait_for_hosts(self, backend: RayBackend) -> None:
+        hosts = self.spec.hosts
+        joined = await asyncio.to_thread(
+            backend.wait_for_nodes, len(hosts.addresses), hosts.join_timeout_s
+        )
+        if joined < len(hosts.addresses):
+            raise FleetStartError(
+                f"only {joined} of {len(hosts.addresses)} hosts joined the Ray cluster within "
+                f"{hosts.join_timeout_s:.0f}s: the head ({hosts.addresses[0]}) starts the others "
+                "over SSH; see /tmp/ray/session_latest/logs/monitor.* there"
+            )
 
     async def start_redis(self) -> None:
         """The spec's Redis, or an embedded one that requires a freshly generated password (on
@@ -320,6 +359,10 @@ class FleetManager:
         await self._remove_stale_members()
         if self._backend is not None:
             await self._backend.close()
+        if self.cluster is not None:
+            self.note(f"stopping Ray on {', '.join(self.spec.hosts.addresses)}")
+            for line in await asyncio.to_thread(self.cluster.down):
+                self.note(line)
         if self.socket is not None:
             await self.socket.close()
         if self.redis is not None:

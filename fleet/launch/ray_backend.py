@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,11 @@ class RayReplica:
         return None  # the actor's constructor starts the server
 
     async def _ask(self, method: str, *args: Any, timeout: float = 5.0) -> Any:
-        return await asyncio.wait_for(getattr(self.actor, method).remote(*args), timeout)
+        # Shielded: an ask that times out must not cancel Ray Client's future of the answer, which
+        # Ray would then fail to resolve (a traceback in the log for every such ask).
+        answer = asyncio.ensure_future(getattr(self.actor, method).remote(*args))
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.wait_for(asyncio.shield(answer), timeout)
 
     async def wait_ready(self, timeout: float) -> bool:
         try:
@@ -176,16 +182,33 @@ class RayBackend:
         self.note = note
         self._actor_class: Any = None
 
+    @property
+    def client_mode(self) -> bool:
+        """Connected through Ray Client (`ray://head:port`): this host is no node of the cluster."""
+        return bool(self.address and self.address.startswith("ray://"))
+
     def connect(self) -> None:
         ray = _ray()
-        if not ray.is_initialized():
-            ray.init(
-                address=self.address,
-                namespace=NAMESPACE,
-                log_to_driver=False,
-                ignore_reinit_error=True,
-                configure_logging=False,
-            )
+        # Ray Client's head sometimes fails to start the server for a new connection: try again.
+        attempts = 5 if self.client_mode else 1
+        for attempt in range(1, attempts + 1):
+            if ray.is_initialized():
+                break
+            try:
+                ray.init(
+                    address=self.address,
+                    namespace=NAMESPACE,
+                    log_to_driver=False,
+                    ignore_reinit_error=True,
+                    configure_logging=False,
+                )
+            except ConnectionError as exc:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                if attempt == attempts:
+                    raise
+                self.note(f"Ray Client at {self.address}: {type(exc).__name__}; trying again")
+                time.sleep(2.0)
         for name in kill_fleet_actors(self.fleet, connected=True):
             self.note(f"removed leftover Ray actor {name}")
         self._actor_class = ray.remote(ReplicaActor)
@@ -198,7 +221,23 @@ class RayBackend:
     def gpu_count(self) -> int:
         return int(_ray().cluster_resources().get("GPU", 0))
 
+    def wait_for_nodes(self, count: int, timeout: float) -> int:
+        """Until `count` nodes are alive (hosts the head's autoscaler still starts); how many are."""
+        deadline = time.monotonic() + timeout
+        alive = 0
+        while True:
+            now = sum(1 for node in _ray().nodes() if node.get("Alive"))
+            if now != alive:
+                self.note(f"Ray cluster: {now} of {count} host(s) joined")
+                alive = now
+            if alive >= count or time.monotonic() > deadline:
+                return alive
+            time.sleep(1.0)
+
     def head_address(self) -> str:
+        if self.client_mode:  # the address of this host on the way to the cluster's head
+            assert self.address is not None
+            return local_address_towards(self.address.removeprefix("ray://").rsplit(":", 1)[0])
         return _ray().util.get_node_ip_address()
 
     def cpu_threads(self, cpu_replicas: int) -> int:
@@ -223,6 +262,15 @@ class RayBackend:
         ray = _ray()
         if ray.is_initialized():
             await asyncio.to_thread(ray.shutdown)
+
+
+def local_address_towards(host: str) -> str:
+    """This host's address that packets to `host` leave from (a UDP connect sends nothing)."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, 9))
+        return str(sock.getsockname()[0])
 
 
 def kill_fleet_actors(

@@ -1,9 +1,10 @@
 """`fleet down`: stop a fleet through its manager, and clean up after one that was killed.
 
-The normal path asks the manager to stop (it drains replicas, stops router and Redis, removes its
-state file). If the manager is gone or does not finish in time, the process groups recorded in the
-state file are ended directly, Ray actors of the fleet are killed by name, and membership entries
-the replicas left behind are deleted, so nothing keeps serving or advertising itself.
+The normal path asks the manager to stop (it drains replicas, stops router and Redis, stops Ray on
+the hosts it brought up, removes its state file). If the manager is gone or does not finish in
+time, the process groups recorded in the state file are ended directly, Ray actors of the fleet are
+killed by name, Ray is stopped on the fleet's hosts, and membership entries the replicas left
+behind are deleted, so nothing keeps serving or advertising itself.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from fleet.control import membership
 from fleet.control.redis_conn import REDIS_DOWN_ERRORS, async_client
@@ -23,8 +25,6 @@ from fleet.launch.state import FleetState, ProcessRecord, pid_alive
 
 
 def teardown(state: FleetState, timeout: float = 120.0) -> Iterator[str]:
-    from pathlib import Path
-
     clean = False
     if state.manager_alive():
         yield f"asking the fleet manager (pid {state.manager_pid}) to drain and stop"
@@ -45,10 +45,7 @@ def teardown(state: FleetState, timeout: float = 120.0) -> Iterator[str]:
         yield f"stopping leftover {record.kind} {record.name} (pid {record.pid})"
     _stop_groups(leftovers)
     if state.backend == "ray" and not clean:
-        from fleet.launch.ray_backend import kill_fleet_actors
-
-        for name in kill_fleet_actors(state.name, state.spec.get("ray_address")):
-            yield f"killed Ray actor {name}"
+        yield from _stop_ray(state)
     removed = asyncio.run(_remove_members(state))
     for member_id in removed:
         yield f"removed stale membership entry {member_id}"
@@ -57,6 +54,26 @@ def teardown(state: FleetState, timeout: float = 120.0) -> Iterator[str]:
         yield f"stopping embedded Redis (pid {record.pid})"
     _stop_groups(redis)
     FleetState.remove(Path(state.run_dir))
+
+
+def _stop_ray(state: FleetState) -> Iterator[str]:
+    """What a manager that died left on Ray: the fleet's actors, and the hosts' cluster."""
+    from fleet.launch.ray_backend import kill_fleet_actors
+    from fleet.launch.ray_cluster import ClusterError, RayCluster
+    from fleet.spec import FleetSpec
+
+    spec = FleetSpec.model_validate(state.spec)
+    cluster = None
+    if spec.hosts.addresses:
+        try:
+            cluster = RayCluster.of(spec, Path(state.run_dir))
+        except ClusterError as exc:
+            yield f"cannot stop Ray on {', '.join(spec.hosts.addresses)}: {exc}"
+    address = cluster.client_address if cluster is not None else spec.ray_address
+    for name in kill_fleet_actors(state.name, address):
+        yield f"killed Ray actor {name}"
+    if cluster is not None:
+        yield from cluster.down()
 
 
 def _wait_gone(pids: Sequence[int | None], timeout: float) -> bool:

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from fleet.control.errors import CLIENT_GONE_STATUS, APIError
 from fleet.web_errors import error_response
 from replica.engine.sampling_params import SamplingParamsError
+from replica.http_api.tracing import REQUEST_ID_SCOPE_KEY
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
@@ -41,7 +42,11 @@ async def client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
-    return error_response(APIError(500, "internal server error"))
+    """Starlette answers this outside every middleware, so the request id that tracing.py keeps
+    in the scope is added here."""
+    request_id: bytes | None = request.scope.get(REQUEST_ID_SCOPE_KEY)
+    headers = {"X-Request-Id": request_id.decode("latin-1")} if request_id else {}
+    return error_response(APIError(500, "internal server error", headers=headers))
 
 
 EXCEPTION_HANDLERS = {

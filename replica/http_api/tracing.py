@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from replica.engine.outputs import RequestOutput
 
 UNTRACED = frozenset({"/health", "/load", "/metrics", "/version"})
+REQUEST_ID_SCOPE_KEY = "fleet.request_id"
 
 
 @dataclass
@@ -65,6 +66,7 @@ class RequestTracing:
             elif name == b"traceparent":
                 traceparent = value
         request_id = request_id_for(given)
+        scope[REQUEST_ID_SCOPE_KEY] = request_id  # for the 500 answered outside (errors.py)
         context = RequestContext(request_id.decode("latin-1"))
         if self.tracer is not None and scope["path"] not in UNTRACED:
             context.tracer = self.tracer

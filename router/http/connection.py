@@ -307,13 +307,15 @@ class ClientConnection(asyncio.Protocol):
         self.respond(status, headers, body)
         return True
 
-    async def _serve(self, request: Request, pending: Awaitable[None]) -> None:
-        """Run a handler that waits on something; it must answer before it returns."""
+    async def _serve(self, request: Request, pending: Awaitable[bool | None]) -> None:
+        """Run a handler that waits on something; it must answer before it returns, or return
+        True when callbacks answer for it."""
+        handed_over = False
         try:
-            await pending
+            handed_over = bool(await pending)
         except Exception:
             self._handler_failed(request)
-        if self._answering(request):  # it returned without answering
+        if not handed_over and self._answering(request):  # it returned without answering
             self.close()
             self._finished()
 

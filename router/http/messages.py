@@ -31,9 +31,10 @@ class Request:
     request_id: bytes = field(default_factory=new_request_id)  # fleet.request_id
 
 
-# What the server calls per request: answers through the connection, now (returns None) or in
-# the awaitable it returns, which the server runs as a task.
-Handler = Callable[[Request, "ClientConnection"], Awaitable[None] | None]
+# What the server calls per request: answers through the connection, now or from callbacks
+# (returns None), or in the awaitable it returns, which the server runs as a task; that one's
+# answer is out when it is done, unless it returns True (it handed the answer to callbacks).
+Handler = Callable[[Request, "ClientConnection"], Awaitable[bool | None] | None]
 
 
 def response_head(status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:

@@ -85,6 +85,8 @@ class RequestQueue:
         now = time.monotonic()
         ex.queued_at = now
         ex.deadline = now + settings.timeout_s
+        if ex.trace is not None:
+            ex.trace.queue_entered(self.depth)
         self.waiting.push(ex.key, ex)
         self.depth += 1
 
@@ -115,6 +117,8 @@ class RequestQueue:
             misses = 0
             self.metrics.queue_waited(now - ex.queued_at)
             ex.queued_at = 0.0
+            if ex.trace is not None:
+                ex.trace.queue_left("dispatched")
             ex.dispatch(decision)
 
     @staticmethod
@@ -150,3 +154,5 @@ class RequestQueue:
             self.depth -= 1
             self.metrics.queue_rejected(reason)
         ex.queued_at = 0.0
+        if ex.trace is not None:
+            ex.trace.queue_left(reason)

@@ -16,10 +16,10 @@ ROUTER_DEFAULTS = {
     "upstream_api_key": None, "metrics_key": None, "max_body_bytes": 8 * MiB,
     "max_answer_bytes": 64 * MiB, "connect_timeout": 3.0, "ttfb_timeout": 300.0,
     "idle_timeout": 60.0, "max_attempts": 3, "retry_budget": 0.2, "prefix_queue_weight": 64.0,
-    "kv_events": True, "tokenizer": [], "workers": 1,
+    "kv_events": True, "tokenizer": [],
     "probe_interval": 1.0, "load_interval": 1.0, "log_level": "info", "max_connections": 10_000,
     "upstream_ca_certs": None, "queue_size": 1024, "queue_timeout": 30.0, "queue_per_key": 0,
-    "replica_max_in_flight": 0, "otlp_endpoint": None,
+    "replica_max_in_flight": 0, "otlp_endpoint": None, "workers": 1,
 }  # fmt: skip
 REPLICA_DEFAULTS = {
     "model": "m", "served_model_name": None, "host": "127.0.0.1", "port": 8001, "device": "auto",

@@ -27,6 +27,7 @@ from router_harness import FAST_POOL, RunningRouter, run_router
 from fleet.control.keys import KeyStore
 from fleet.request_id import request_id_for
 from router.config import RouterConfig
+from router.queueing.request_queue import QueueSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from live_replica import LiveReplica, serve
@@ -198,6 +199,37 @@ async def test_one_chat_request_is_one_trace_across_router_and_replica(
     found = await spans_of([spans.exporter, replica_spans.exporter], ROUTER_SPANS | REPLICA_SPANS)
     _, flat = check_one_trace(found, key_id, "client-req-42")
     assert key not in flat, "the key's secret is never an attribute"
+
+
+async def test_a_request_that_waited_in_the_router_queue_has_its_queue_span(
+    replica: LiveReplica, redis_url: str, secret
+) -> None:
+    """One request at a time per replica: the second of two waits in the router queue."""
+    spans = recorder("fleet-router")
+    auth = {"Authorization": f"Bearer {secret[1]}"}
+    config = RouterConfig(
+        redis_url=redis_url, redis_prefix=PREFIX, pool=FAST_POOL, port=0,
+        queue=QueueSettings(replica_max_in_flight=1),
+    )  # fmt: skip
+    async with run_router(config, tracer_provider=spans.provider) as router:
+        deadline = time.monotonic() + 10
+        while not router.app.pool.by_model.get(MODEL) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        answers = await asyncio.gather(
+            *(
+                router.client.post("/v1/chat/completions", json=chat(), headers=auth)
+                for _ in range(2)
+            )
+        )
+    assert [a.status_code for a in answers] == [200, 200]
+    found = spans.exporter.get_finished_spans()
+    [queue] = [s for s in found if s.name == "router.queue"]
+    trace = {s.name: s for s in found if s.context.trace_id == queue.context.trace_id}
+    assert queue.parent.span_id == trace["router.request"].context.span_id
+    assert queue.attributes["fleet.queue_outcome"] == "dispatched"
+    assert queue.attributes["fleet.queue_depth"] == 0
+    assert queue.end_time <= trace["router.upstream"].start_time
+    print(tree(list(trace.values())))
 
 
 async def test_a_streamed_request_is_one_trace_and_gets_a_new_request_id(

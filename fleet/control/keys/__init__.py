@@ -9,7 +9,8 @@ Hot path (router or replica server)::
         await store.settle(ticket, prompt_tokens, completion_tokens)  # real usage; frees the slot
 
 One job per module: records (plain data), credentials (secrets, admin key), layout (Redis key
-names), scripts (the Lua in scripts/*.lua), limits (admission and settlement), local (limits
+names), scripts (the Lua in scripts/*.lua), limits (admission and settlement), batch (one tick's
+admissions and settlements as one EVALSHA), local (limits
 during a Redis outage), refusals (the errors, counted), admin (create, revoke, rotate, usage),
 store (the cached view that ties them together), duration (`--expires-in` values).
 """

@@ -4,7 +4,7 @@
 `{p}:key:{{id}}:rpm` and `:tpm` HASH (unix second -> count: a 60-second sliding window of
 1-second buckets); `{p}:key:{{id}}:slots` ZSET (ticket -> deadline ms);
 `{p}:key:{{id}}:usage` HASH (requests, prompt_tokens, completion_tokens, last_used_at);
-`{p}:key:{{id}}:void:{ticket}` marker of a voided ticket (expires after `slot_ttl`);
+`{p}:key:{{id}}:voided` ZSET (voided ticket -> ms its marker lapses, after `slot_ttl`);
 channel `{p}:keys:events` (JSON {"id", "old_hash"}). `{{id}}` is the id in literal braces, a
 cluster hash tag, so one script may touch all of a key's limits.
 """
@@ -21,6 +21,7 @@ class LimitKeys(NamedTuple):
     tpm: str
     slots: str
     usage: str
+    voided: str
 
 
 class KeyLayout:
@@ -44,10 +45,8 @@ class KeyLayout:
         names = self._limit_keys.get(key_id)
         if names is None:
             base = f"{self.prefix}:key:{{{key_id}}}"
-            names = LimitKeys(f"{base}:rpm", f"{base}:tpm", f"{base}:slots", f"{base}:usage")
+            names = LimitKeys(
+                f"{base}:rpm", f"{base}:tpm", f"{base}:slots", f"{base}:usage", f"{base}:voided"
+            )
             self._limit_keys[key_id] = names
         return names
-
-    def void(self, key_id: str, ticket_id: str) -> str:
-        """The marker that voids one ticket (same hash tag as the key's limits)."""
-        return f"{self.prefix}:key:{{{key_id}}}:void:{ticket_id}"

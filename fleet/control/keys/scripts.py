@@ -14,8 +14,8 @@ def _source(name: str) -> str:
     return (files("fleet.control.keys") / "scripts" / f"{name}.lua").read_text(encoding="utf-8")
 
 
-ADMIT = LuaScript(_source("window") + _source("admit"))
-SETTLE = LuaScript(_source("settle"))
+# One tick's admissions and settlements (fleet.control.keys.batch).
+BATCH = LuaScript(_source("window") + _source("admit") + _source("settle") + _source("batch"))
 VOID = LuaScript(_source("void"))
 LOOKUP = LuaScript(_source("lookup"))
 # Run through redis-py's `register_script` by the admin side, which is not on the hot path.

@@ -16,6 +16,7 @@ import dataclasses
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from typing import cast
 
 import orjson
@@ -23,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
 from fleet.control.background import join, sleep_or_stop
+from fleet.control.errors import APIError
 from fleet.control.health import RedisHealth
 from fleet.control.keys.admin import KeyAdmin
 from fleet.control.keys.credentials import hash_secret
@@ -102,20 +104,27 @@ class KeyStore:
         """The cached record for a secret (no checks, no I/O)."""
         return self._by_hash.get(hash_secret(secret))
 
-    async def authenticate(self, secret: str | None, model: str | None = None) -> KeyRecord:
-        """The key's record, or APIError 401/403/503. Known keys never wait on Redis."""
+    def known(self, secret: str | None) -> KeyRecord | None:
+        """The record of a key this process knows, checked (no I/O; APIError 401); None when it
+        is not cached here (`authenticate` looks it up in Redis)."""
         if not secret:
             raise unauthorized("invalid", "Missing API key: send 'Authorization: Bearer <key>'.")
-        digest = hash_secret(secret)
+        return self.known_digest(hash_secret(secret))
+
+    def known_digest(self, digest: str) -> KeyRecord | None:
+        """`known`, given the secret's digest (`hash_secret`)."""
         record = self._by_hash.get(digest)
+        if record is not None:
+            _check(record, digest)
+        return record
+
+    async def authenticate(self, secret: str | None, model: str | None = None) -> KeyRecord:
+        """The key's record, or APIError 401/403/503. Known keys never wait on Redis."""
+        record = self.known(secret)
         if record is None:
+            digest = hash_secret(secret)  # type: ignore[arg-type]  # `known` refused None
             record = await self._fetch(digest)
-        if not hmac.compare_digest(record.secret_hash, digest):
-            raise unauthorized("invalid", "Incorrect API key provided.")
-        if record.revoked:
-            raise unauthorized("revoked", "This API key has been revoked or rotated.")
-        if record.expired():
-            raise unauthorized("expired", "This API key has expired.")
+            _check(record, digest)
         if model is not None:
             record.check_model(model)
         return record
@@ -147,7 +156,8 @@ class KeyStore:
     async def admit(self, record: KeyRecord, reserve_tokens: int = 0) -> Ticket:
         """Take one request (and `reserve_tokens` of the tpm budget, plus a concurrency slot).
 
-        One EVALSHA round-trip; during an outage, local counters decide. Raises APIError 429.
+        One EVALSHA per event-loop tick, whatever it carries; during an outage, local counters
+        decide. Raises APIError 429.
         """
         return await self.limits.admit(record, reserve_tokens)
 
@@ -157,9 +167,21 @@ class KeyStore:
         """Charge the real usage, return unused reserved tokens, free the slot. Never raises."""
         await self.limits.settle(ticket, prompt_tokens, completion_tokens)
 
+    def settle_soon(
+        self, ticket: Ticket, prompt_tokens: int = 0, completion_tokens: int = 0
+    ) -> None:
+        """`settle` without waiting for Redis (for callers with nothing left to do)."""
+        self.limits.settle_soon(ticket, prompt_tokens, completion_tokens)
+
     async def release(self, ticket: Ticket) -> None:
         """Failure path: refund the reservation and free the slot (no-op after `settle`)."""
         await self.limits.settle(ticket, 0, 0)
+
+    def admit_soon(
+        self, record: KeyRecord, reserve_tokens: int, done: Callable[[Ticket | APIError], None]
+    ) -> None:
+        """`admit` for callers on callbacks: `done` gets the ticket or the 429."""
+        self.limits.admit_soon(record, reserve_tokens, done)
 
     def admitted(
         self, record: KeyRecord, reserve_tokens: int = 0
@@ -276,3 +298,13 @@ class KeyStore:
                 if not await self.resync():
                     return
                 next_resync = now + self.resync_interval
+
+
+def _check(record: KeyRecord, digest: str) -> None:
+    """APIError 401 unless `record` is the live key of `digest`."""
+    if not hmac.compare_digest(record.secret_hash, digest):
+        raise unauthorized("invalid", "Incorrect API key provided.")
+    if record.revoked:
+        raise unauthorized("revoked", "This API key has been revoked or rotated.")
+    if record.expired():
+        raise unauthorized("expired", "This API key has expired.")

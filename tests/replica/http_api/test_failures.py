@@ -132,3 +132,23 @@ def replica(tiny_model) -> LiveReplica:
     """Its own server: these tests load it with many long requests."""
     with serve(tiny_model, api_key="sk-failures", max_model_len=2048) as live:
         yield live
+
+
+def test_an_unexpected_error_is_a_500_with_its_request_id(tiny_model, monkeypatch) -> None:
+    """Starlette answers a bug outside every middleware; the answer still carries the id the
+    logs and traces know the request by, and nothing of the exception."""
+
+    def broken(name: str | None) -> str:
+        raise RuntimeError("a bug in check_model")
+
+    with serve(tiny_model) as replica, replica.http() as http:
+        monkeypatch.setattr(replica.runtime, "check_model", broken)
+        answer = http.post(
+            "/v1/completions",
+            json={"prompt": "x", "max_tokens": 1},
+            headers={"X-Request-Id": "bug-1"},
+        )
+    assert answer.status_code == 500
+    assert answer.headers["x-request-id"] == "bug-1"
+    assert_valid("ErrorResponse", answer.json())
+    assert "a bug" not in answer.text
