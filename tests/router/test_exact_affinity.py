@@ -143,17 +143,23 @@ async def test_router_follows_the_real_cache_not_its_estimate(
     tiny_model, redis_url: str, prefix: str
 ) -> None:
     """A prompt prefilled on one replica behind the router's back (directly): with events the
-    router sends the next request with that prefix there; its estimate could not know."""
+    router sends the next request with that prefix there; its estimate could not know. Requests
+    alternate between a static key and a fleet key (two paths to the exchange)."""
+    from fleet.control.keys import KeyStore
+
+    store = KeyStore(redis_url, prefix=prefix)
+    _, secret = await store.admin.create("exact")
+    auth = [{"Authorization": "Bearer sk-static"}, {"Authorization": f"Bearer {secret}"}]
     server = {"redis_prefix": prefix, "fleet_keys": False}
     with (
         serve(tiny_model, redis_url=redis_url, server=server, kv_cache_tokens=2048) as one,
         serve(tiny_model, redis_url=redis_url, server=server, kv_cache_tokens=2048) as two,
     ):
         config = RouterConfig(
-            redis_url=redis_url, redis_prefix=prefix, fleet_keys=False, policy="prefix",
+            redis_url=redis_url, redis_prefix=prefix, api_keys=["sk-static"], policy="prefix",
             pool=PoolSettings(probe_interval_s=0.3, load_interval_s=0.3, probe_timeout_s=1.0),
         )  # fmt: skip
-        async with run_router(config) as router:
+        async with run_router(config, key_store=store) as router:
             app = router.app
             assert app.exact is not None
             assert await _until(lambda: len(app.pool.by_model.get(MODEL_NAME, ())) == 2)
@@ -174,7 +180,9 @@ async def test_router_follows_the_real_cache_not_its_estimate(
                 assert await _until(lambda w=warm, k=keys: (i := app.exact.reader.index(ids[w.url]))
                                     is not None and k <= i.blocks)  # fmt: skip
                 body["messages"][1]["content"] = "second"
-                answer = await router.client.post("/v1/chat/completions", json=body)
+                answer = await router.client.post(
+                    "/v1/chat/completions", json=body, headers=auth[n % 2]
+                )
                 assert answer.status_code == 200, answer.text
                 hits += answer.headers["x-fleet-replica"] == ids[warm.url]
             assert hits == 4
