@@ -97,6 +97,13 @@ def replica(
     advertise_url: str = typer.Option(
         None, rich_help_panel=flags.FLEET, help="URL routers use to reach this replica."
     ),
+    kv_events: bool = typer.Option(
+        True,
+        "--kv-events/--no-kv-events",
+        rich_help_panel=flags.FLEET,
+        help="Publish the prefix cache's stored and evicted blocks to Redis, for routers' exact "
+        "prefix affinity (needs --redis-url and prefix caching).",
+    ),
     replica_id: str = typer.Option(
         None, rich_help_panel=flags.FLEET, help="Membership id (default: random)."
     ),
@@ -225,6 +232,7 @@ def serve(args: argparse.Namespace) -> int:
         redis_prefix=args.redis_prefix,
         fleet_keys=args.fleet_keys,
         advertise_url=args.advertise_url,
+        kv_events=args.kv_events and args.enable_prefix_caching,
         replica_id=replica_id,
         max_waiting=args.max_waiting or None,
         max_seqs_per_request=args.max_seqs_per_request,

@@ -23,7 +23,8 @@ The folders are the design:
     router/http/        HTTP at both ends: the client-facing server (server, connection,
                         messages, asgi), paths and CORS, and the upstream client to replicas
     router/routing/     choosing a replica: pick (candidates, session, policy), policies/,
-                        prompt units, prefix index, token estimates, sticky sessions
+                        prompt units, prefix index, token estimates, sticky sessions, exact
+                        affinity (prompts hashed as replicas hash them, for their KV events)
     router/backends/    the replicas: pool (membership, probes), backend state, load reports,
                         circuit breaker, watchdog (timeouts), retry budget
     router/queueing/    requests no replica can take now wait here (bounded, with a deadline),

@@ -24,6 +24,14 @@ UPSTREAM_KEY_ENV = "FLEET_UPSTREAM_API_KEY"
 METRICS_KEY_ENV = "FLEET_METRICS_KEY"
 LIMITS, UPSTREAM, QUEUE = "Limits and timeouts", "Replicas", "Queue"
 
+
+def _model_paths(specs: list[str]) -> list[str]:
+    for spec in specs:
+        if "=" not in spec.strip("="):
+            raise typer.BadParameter(f"{spec!r}: expected MODEL=PATH")
+    return specs
+
+
 app = flags.server_app("One OpenAI-compatible endpoint in front of the fleet's replicas.")
 
 
@@ -102,6 +110,19 @@ def router(
     ),
     prefix_queue_weight: float = typer.Option(
         64.0, min=0, help="Prefix policy: prompt tokens one queued request is worth."
+    ),
+    kv_events: bool = typer.Option(
+        True,
+        "--kv-events/--no-kv-events",
+        help="Prefix policy: exact affinity from the KV-cache events replicas publish in Redis "
+        "(tokenizes prompts with the replica's tokenizer); off: estimate for every replica.",
+    ),
+    tokenizer: list[str] = typer.Option(
+        [],
+        metavar="MODEL=PATH",
+        callback=_model_paths,
+        help="Tokenizer folder or Hub id for a model's exact affinity, instead of the path its "
+        "replicas publish (repeatable).",
     ),
     probe_interval: float = typer.Option(
         1.0, min=0, rich_help_panel=UPSTREAM, help="Seconds between /health probes."
@@ -195,6 +216,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_attempts=args.max_attempts,
         retry_budget_ratio=args.retry_budget,
         prefix_queue_weight=args.prefix_queue_weight,
+        kv_events=args.kv_events,
+        tokenizers=dict(spec.split("=", 1) for spec in args.tokenizer),
         pool=PoolSettings(
             probe_interval_s=args.probe_interval,
             load_interval_s=args.load_interval,

@@ -22,6 +22,7 @@ from router.backends.backend import Replica, ReplicaView
 from router.backends.pool import ReplicaPool
 from router.backends.retry_budget import RetryBudget
 from router.metrics import RouterMetrics
+from router.routing.exact import ExactAffinity
 from router.routing.policies import Policy
 from router.routing.tokens import TokenEstimator
 
@@ -38,6 +39,7 @@ def routes(
     budget: RetryBudget,
     metrics: RouterMetrics,
     started_at: float,
+    exact: ExactAffinity | None = None,
 ) -> list[Route]:
     """The admin routes, over the parts they read and change (never the whole RouterApp)."""
 
@@ -56,6 +58,9 @@ def routes(
         indexed: Callable[[str], int] | None = getattr(policy, "indexed_chunks", None)  # prefix
         if indexed is not None:
             view["prefix_index_chunks"] = indexed(replica.id)
+        if exact is not None and exact.reader.tracking(replica.id):
+            index = exact.reader.index(replica.id)  # None: out of sync, on the estimate
+            view["kv_exact_blocks"] = len(index.blocks) if index is not None else None
         return view
 
     async def list_replicas(request: Request) -> Response:
@@ -89,6 +94,7 @@ def routes(
                 "models": pool.models(),
                 "chars_per_token": tokens.chars_per_token,
                 "retry_budget": round(budget.tokens, 2),
+                **({"kv_events": exact.describe()} if exact is not None else {}),
                 **metrics.snapshot(),
             }
         )

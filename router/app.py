@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
+from fleet.control.kv_reader import KVEventReader
 from fleet.control.membership import MembershipWatcher
+from fleet.control.redis_conn import async_client
 from router import admin
 from router.accounting import Accounting
 from router.auth import Gate
@@ -40,9 +42,11 @@ from router.http.messages import Request
 from router.http.paths import PINNED_PREFIX, canonical, needs_canonical, pinned_target
 from router.keyed import KeyedRequest
 from router.metrics import RouterMetrics
-from router.plan import INFERENCE_KINDS, Planner
+from router.plan import INFERENCE_KINDS, Plan, Planner
 from router.proxy import Proxy
+from router.routing.exact import ExactAffinity, Recipe
 from router.routing.policies import make_policy
+from router.routing.policies.prefix import PrefixPolicy
 from router.routing.tokens import TokenEstimator
 from router.side_app import InfoRoutes, side_app
 from router.workers.metrics import WorkerMetrics
@@ -66,6 +70,7 @@ INFERENCE_ROUTES = {
     EMBEDDINGS_PATH: "embeddings",
 }
 PLAIN_ROUTES = frozenset({"/tokenize", "/detokenize"})
+EXACT_ROUTES = frozenset({"chat", "completions"})  # prompts exact affinity can hash
 
 
 class RouterApp:
@@ -106,6 +111,17 @@ class RouterApp:
             internal_secret=config.internal_secret,
             static_key=config.upstream_api_key,
         )
+        self.exact: ExactAffinity | None = None
+        if (
+            config.kv_events
+            and config.redis_url
+            and watcher is not None
+            and isinstance(self.policy, PrefixPolicy)
+        ):
+            reader = KVEventReader(async_client(config.redis_url), config.redis_prefix)
+            self.exact = ExactAffinity(reader, config.tokenizers)
+            self.policy.exact = self.exact.index_for
+            watcher.add_listener(self.exact.on_membership)
         self.gate = Gate(key_store, config.api_keys)
         self.tokens = TokenEstimator()
         self.planner = Planner(self.pool, self.tokens)
@@ -132,7 +148,7 @@ class RouterApp:
             InfoRoutes(config, self.pool, self.gate, self.metrics, self.started_at),
             admin.routes(
                 config.admin_key, self.pool, self.policy, self.tokens, self.proxy.budget,
-                self.metrics, self.started_at,
+                self.metrics, self.started_at, self.exact,
             ),
             self.dashboard.routes(),
         )  # fmt: skip
@@ -142,6 +158,8 @@ class RouterApp:
     async def start(self) -> None:
         if self.key_store is not None:
             await self.key_store.start()
+        if self.exact is not None:
+            self.exact.start()
         await self.pool.start()
         self.proxy.watchdog.start()
         self.dashboard.start()
@@ -160,6 +178,9 @@ class RouterApp:
         await self.dashboard.stop()
         await self.proxy.close()
         await self.pool.close()
+        if self.exact is not None:
+            await self.exact.stop()
+            await self.exact.reader.client.aclose()
         if self.key_store is not None:
             await self.key_store.close()
         if self.tracer is not None:
@@ -261,10 +282,44 @@ class RouterApp:
             conn.respond_error(err)
             self.accounting.refused(route, "", err.status, started, incoming.request_id, trace)
             return None
+        if self.exact is not None and self.exact.active:
+            exact = self.exact_recipe(plan)
+            if exact is not None:
+                return self._proxied_exact(
+                    plan, exact, conn, started, incoming.request_id, traceparent, trace,
+                    authorization or "",
+                )  # fmt: skip
         self.proxy.start(
             plan, conn, started, incoming.request_id, traceparent, trace, authorization or ""
         )
         return None
+
+    def exact_recipe(self, plan: Plan) -> tuple[Recipe, list[Replica]] | None:
+        """How to hash this plan's prompt for exact affinity, if it can use it (exact is on)."""
+        assert self.exact is not None
+        if plan.pinned is not None or plan.routing.session_id or plan.route not in EXACT_ROUTES:
+            return None
+        replicas = self.pool.by_model.get(plan.model)
+        recipe = self.exact.recipe_for(replicas) if replicas else None
+        return (recipe, replicas) if recipe is not None and replicas else None
+
+    async def _proxied_exact(
+        self,
+        plan: Plan,
+        exact: tuple[Recipe, list[Replica]],
+        conn: ClientConnection,
+        started: float,
+        request_id: bytes,
+        traceparent: bytes | None,
+        trace: RequestTrace | None,
+        caller: str,
+    ) -> bool:
+        """A static key's request whose prompt is tokenized first (off the event loop); then
+        the exchange answers from callbacks."""
+        assert self.exact is not None
+        await self.exact.prepare(plan, exact[1], exact[0])
+        self.proxy.start(plan, conn, started, request_id, traceparent, trace, caller)
+        return True
 
     def _proxied_with_key(
         self,

@@ -35,6 +35,8 @@ class RouterConfig:
     max_answer_bytes: int = 64 * 1024 * 1024
     metrics_key: str | None = None
     prefix_queue_weight: float = 64.0
+    kv_events: bool = True  # exact prefix affinity where replicas publish KV events (Redis only)
+    tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer, for kv_events
     pool: PoolSettings = field(default_factory=PoolSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     max_connections: int = 10_000

@@ -10,6 +10,7 @@ looked up in Redis first, in a task.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -22,9 +23,11 @@ from router.plan import Plan
 
 if TYPE_CHECKING:
     from router.app import RouterApp
+    from router.routing.exact import Recipe
     from router.tracing import RequestTrace
 
 log = logging.getLogger("router")
+_HASHING: set[asyncio.Task[None]] = set()  # requests whose prompts are being hashed (exact.py)
 
 
 class KeyedRequest:
@@ -111,6 +114,23 @@ class KeyedRequest:
             return
         plan = self.plan
         assert plan is not None
+        exact = self.app.exact
+        if exact is not None and exact.active:
+            how = self.app.exact_recipe(plan)
+            if how is not None:  # tokenize the prompt first, on a worker thread
+                task = asyncio.get_running_loop().create_task(self._hashed(plan, result, how))
+                _HASHING.add(task)  # a strong reference until it is done
+                task.add_done_callback(_HASHING.discard)
+                return
+        self._start(plan, result)
+
+    async def _hashed(self, plan: Plan, ticket: Ticket, how: tuple[Recipe, list[Replica]]) -> None:
+        exact = self.app.exact
+        assert exact is not None
+        await exact.prepare(plan, how[1], how[0])
+        self._start(plan, ticket)
+
+    def _start(self, plan: Plan, result: Ticket) -> None:
         accounting = self.app.accounting
         if self.conn.closed:  # the client left while its key was checked
             accounting.refused(

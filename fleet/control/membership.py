@@ -76,6 +76,13 @@ class ReplicaInfo:
     # "generate" or "embed" (`--task`); None where not said: records written before this field
     # (fleetserve replicas then only generated) and engines registered by hand without --task.
     task: str | None = None
+    # The prefix cache's events (fleet/control/kv_events.py): their scheme, where this replica
+    # publishes them; None for replicas that publish nothing (vLLM, SGLang, older ours). With
+    # them, what a router needs to hash a request as the replica does: the tokenizer's folder or
+    # Hugging Face id and the `--chat-template` file, if one replaces the tokenizer's.
+    kv_events: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    chat_template: str | None = None
 
     @property
     def takes_work(self) -> bool:

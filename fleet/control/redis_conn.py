@@ -14,6 +14,8 @@ Key layout (all under one prefix, default `fleet`, so several fleets or tests ca
               count), `{prefix}:key:{{id}}:slots` (ZSET ticket -> deadline, ms),
               `{prefix}:key:{{id}}:usage` (HASH), channel `{prefix}:keys:events`
               (`{{id}}`: the id inside literal braces, a Redis Cluster hash tag)
+  kv events   `{prefix}:kv:{id}` (STREAM of a replica's prefix-cache changes, MAXLEN ~),
+              `{prefix}:kv:{id}:snapshot` (HASH), `{prefix}:kv:{id}:want` (see kv_events.py)
 
 The request hot path uses the pipelined client in fleet.control.resp; everything else redis-py.
 """

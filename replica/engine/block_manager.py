@@ -5,6 +5,12 @@ hash names a whole prefix. A block whose hash is registered can be shared by any
 same prefix; blocks are reference counted, and a block nobody uses keeps its contents (and hash)
 in the free list until it is reused, oldest-freed first (LRU). A sequence's blocks are freed tail
 first, so the end of a prefix is evicted before its beginning.
+
+With `events` on, every change to the set of cached hashes is noted by its first 8 bytes (a
+big-endian 64-bit key: what a router's index holds, see fleet/control/kv_events.py): True when a
+hash is registered, False when its block is reused or the cache reset. One dict entry per hash, the
+last change winning, is the whole cost in the step; whoever takes them (AsyncEngine, after each
+step) gets the net change since the last take.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ def block_hash(parent: bytes, token_ids: list[int], salt: str | None) -> bytes:
     return digest.digest()
 
 
+def hash_key(digest: bytes) -> int:
+    """A block hash's 64-bit key: its first 8 bytes, big-endian (the published form)."""
+    return int.from_bytes(digest[:8], "big")
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         self.num_blocks = num_blocks
@@ -36,6 +47,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found in the cache
+        self.events: dict[int, bool] | None = None  # hash key -> cached now (see the docstring)
 
     @property
     def num_free_blocks(self) -> int:
@@ -92,6 +104,8 @@ class BlockManager:
             if old is not None:
                 del self.cached[old]
                 self.hashes[block] = None
+                if self.events is not None:
+                    self.events[hash_key(old)] = False
             self.ref_counts[block] = 1
             seq.block_table.append(block)
         if self.enable_prefix_caching:
@@ -114,6 +128,26 @@ class BlockManager:
             if digest is not None and self.ref_counts[block] == 0:
                 del self.cached[digest]
                 self.hashes[block] = None
+                if self.events is not None:
+                    self.events[hash_key(digest)] = False
+
+    def record_events(self) -> None:
+        """Start noting cache changes (see the module docstring)."""
+        if self.events is None:
+            self.events = {}
+
+    def take_events(self) -> dict[int, bool]:
+        """The net changes since the last take (hash key -> cached now)."""
+        events = self.events
+        if not events:
+            return {}
+        self.events = {}
+        return events
+
+    def cached_digests(self) -> list[bytes]:
+        """Every cached hash: a snapshot of what the events describe. A copy made in C (a few ms
+        for a million blocks), so the step thread never converts a whole cache to keys."""
+        return list(self.cached)
 
     def _register(self, seq: Sequence, num_full_blocks: int) -> None:
         """Offer the sequence's newly filled blocks (full once this step runs) to the cache.
@@ -129,6 +163,8 @@ class BlockManager:
             if self.hashes[block] is None and digest not in self.cached:
                 self.cached[digest] = block
                 self.hashes[block] = digest
+                if self.events is not None:
+                    self.events[hash_key(digest)] = True
         seq.num_registered_blocks = num_full_blocks
 
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:

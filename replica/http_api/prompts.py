@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
+from fleet.chat_prompt import apply_template
 from fleet.control.errors import APIError
 
 if TYPE_CHECKING:
@@ -96,15 +97,15 @@ def render_chat(
     (protocol.py refuses the renderer's own arguments); `tools` are OpenAI-shaped function tools."""
     if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-    try:
-        text = tokenizer.apply_chat_template(
+    try:  # the router renders with the same call to hash prompts as this replica caches them
+        return apply_template(
+            tokenizer,
             messages,
-            chat_template=chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tools=[*tools] if tools else None,
-            **(template_kwargs or {}),
+            add_generation_prompt,
+            continue_final_message,
+            template_kwargs,
+            chat_template,
+            tools,
         )
     except Exception as exc:
         detail = str(exc)
@@ -113,7 +114,6 @@ def render_chat(
         raise APIError(
             400, f"the chat template rejected the messages: {detail}", "messages"
         ) from None
-    return cast(str, text)  # tokenize=False: the rendered text
 
 
 def template_text(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from typing import TYPE_CHECKING, Literal
 
 from fleet.control.errors import APIError
 from fleet.control.keys import KeyStore
+from fleet.control.kv_events import events_info
+from fleet.control.kv_publisher import KVEventPublisher
 from fleet.control.membership import MembershipLease, ReplicaInfo, new_replica_id
-from fleet.control.redis_conn import DEFAULT_PREFIX
+from fleet.control.redis_conn import DEFAULT_PREFIX, async_client
 from fleet.json_body import DEFAULT_MAX_BODY_BYTES
 from fleet.web_security import CORSSettings, TLSSettings
 from replica.engine.outputs import EngineLoad
@@ -67,6 +70,9 @@ class ReplicaSettings:
     redis_prefix: str = DEFAULT_PREFIX
     fleet_keys: bool = True
     advertise_url: str | None = None
+    # Publish the prefix cache's events to Redis (fleet/control/kv_publisher.py): routers then
+    # know exactly which prefixes this replica holds.
+    kv_events: bool = True
     replica_id: str | None = None
     # Sequences (prompts x n) allowed to queue beyond the engine's running batch; None: no limit.
     max_waiting: int | None = 1024
@@ -113,6 +119,7 @@ class ReplicaRuntime:
         self.auth = Auth(settings.api_key, None, internal_key=settings.internal_key)
         self.texts: TokenTexts | None = None
         self.lease: MembershipLease | None = None
+        self.kv_publisher: KVEventPublisher | None = None
         # A burst as large as the waiting queue may prepare its prompts at once (each job waits
         # for a thread within the prompt budget); only beyond that is the replica too busy.
         self.prompts = PromptWorker(
@@ -183,8 +190,10 @@ class ReplicaRuntime:
             break
         load = self.load()
         assert load is not None
+        replica_id = self.settings.replica_id or new_replica_id()
+        publishes = self._start_kv_events(replica_id)
         info = ReplicaInfo(
-            id=self.settings.replica_id or new_replica_id(),
+            id=replica_id,
             url=self.settings.url,
             model=self.settings.served_model_name,
             aliases=self.settings.served_names[1:],
@@ -193,12 +202,43 @@ class ReplicaRuntime:
             block_size=load["block_size"],
             kv_capacity_tokens=load["kv_capacity_tokens"],
             task=self.task,
+            kv_events=dict(events_info(load["block_size"])) if publishes else None,
+            tokenizer=self._tokenizer_source() if publishes else None,
+            chat_template=self._template_path() if publishes else None,
         )
         self.lease = MembershipLease(
             info, self.settings.redis_url, prefix=self.settings.redis_prefix
         )
         await self.lease.register()
         log.info("registered in fleet membership as %s", info.id)
+
+    def _start_kv_events(self, replica_id: str) -> bool:
+        """Publish the prefix cache's events, where routers can use them: a generating engine
+        with prefix caching, in a fleet."""
+        args = self.engine.args
+        if not (self.settings.kv_events and self.settings.redis_url):
+            return False
+        if args.task != "generate" or not args.enable_prefix_caching:
+            return False
+        engine = self.engine
+        publisher = KVEventPublisher(
+            async_client(self.settings.redis_url),
+            self.settings.redis_prefix,
+            replica_id,
+            lambda: engine.kv_snapshot(publisher),
+        )
+        publisher.start()
+        self.kv_publisher = publisher
+        return True
+
+    def _tokenizer_source(self) -> str:
+        """Where routers load this replica's tokenizer: its folder (absolute) or Hub id."""
+        source = self.engine.args.tokenizer or self.settings.model
+        return os.path.abspath(source) if os.path.exists(source) else source
+
+    def _template_path(self) -> str | None:
+        template = self.settings.chat_template
+        return os.path.abspath(template) if template else None
 
     async def drain(self) -> None:
         """Stop taking work, let in-flight requests finish (up to the grace period), leave the fleet."""
@@ -225,6 +265,10 @@ class ReplicaRuntime:
         if self.lease is not None:
             await self.lease.close()
             self.lease = None
+        if self.kv_publisher is not None:
+            await self.kv_publisher.stop()
+            await self.kv_publisher.client.aclose()
+            self.kv_publisher = None
 
     async def stop(self) -> None:
         self.status = "stopped"

@@ -46,6 +46,7 @@ class LoadView(TypedDict):
 
 class _PolicyView(TypedDict, total=False):
     prefix_index_chunks: int  # added by the admin API when the routing policy indexes prefixes
+    kv_exact_blocks: int | None  # blocks in its exact index (KV events); None: out of sync
 
 
 class ReplicaView(_PolicyView):

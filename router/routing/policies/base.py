@@ -18,6 +18,12 @@ class RouteRequest:
     units_per_token: float = 4.0
     session_id: str | None = None
     hashes: list[int] | None = field(default=None)
+    # Exact affinity (router/routing/exact.py), when this request's prompt was tokenized: its
+    # block keys per block size, how they were made (only replicas hashing alike match them)
+    # and the prompt's token count.
+    blocks: dict[int, list[int]] | None = None
+    recipe: object = None
+    block_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -23,6 +23,17 @@ chunk picks on a consistent-hash ring of the candidates, plus the (at most PROBE
 replicas holding the prefix, so it costs about the same at 1,000 replicas as at 64 ("power of d
 choices"), and every router weighs the same ones.
 
+Exact affinity: where the request's prompt was tokenized (router/routing/exact.py) and a replica
+publishes its cache's events, its cached prefix is read from its exact index (the blocks it
+actually holds) instead of estimated; replicas that publish nothing (vLLM, SGLang) keep the
+estimate, so mixed fleets compare like with like (cached prompt tokens). The estimate's index is
+kept for every replica all the same: placement's claims read it, and a replica whose events fall
+out of sync falls back to it. The events lag what this router has just sent (a prompt's blocks
+are published once the replica schedules it): for RECENT_S after sending a prefix to a replica,
+the estimate's match there stands where the index has less, so a burst of one new prefix does not
+scatter over replicas that all look empty. In fleets of more than SCAN_ALL replicas the weighed
+replicas are still chosen by the estimate's holders.
+
 Memory is bounded per replica: its index holds at most MAX_INDEX_CHUNKS chunks, each about 130
 bytes with its share of the claims and holders maps (loadtests/sim_routing.py measures it), so
 under 5 MiB per replica whatever its KV cache; a larger cache is tracked by its most recent
@@ -32,10 +43,13 @@ under 5 MiB per replica whatever its KV cache; a larger cache is tracked by its 
 from __future__ import annotations
 
 import heapq
+import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from fleet.control.kv_events import ExactIndex
 from router.backends.backend import Replica
 from router.routing.policies.base import Decision, Policy, RouteRequest, rotated
 from router.routing.prefix_index import PrefixIndex
@@ -53,6 +67,8 @@ PROBES = 16
 RING_POINTS = 8
 MAX_VIEWS = 16
 MAX_INDEX_CHUNKS = 32768
+RECENT_S = 2.0  # exact affinity: how long a prefix just sent counts as on its way to the cache
+MAX_RECENT = 65536
 _MIX = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1
 
@@ -124,6 +140,9 @@ class PrefixPolicy(Policy):
         self._holders: dict[int, set[str]] = {}  # anchor chunk -> replicas whose index claims it
         self._rings: dict[tuple[Replica, ...], _Ring] = {}
         self._turn = 0
+        # (replica id, recipe) -> its exact index if in sync (set by the router with KV events)
+        self.exact: Callable[[str, object], ExactIndex | None] | None = None
+        self._sent: dict[tuple[str, int], float] = {}  # (replica id, first chunk) -> when
 
     def _chunk_size(self, request: RouteRequest) -> int:
         return self.text_chunk if isinstance(request.units, str) else self.id_chunk
@@ -198,13 +217,15 @@ class PrefixPolicy(Policy):
         prompt_tokens = request.prompt_tokens
         anchor = stable_anchor(request.units, unit)
         holders = self._holders.get(hashes[0], set())
+        blocks, exact = request.blocks, self.exact
+        now = time.monotonic() if blocks is not None else 0.0
         placed = None  # where another worker placed this prefix, when none here holds it
         if not holders and self.placements is not None:
             placed = self.placements.get(anchor)
             if placed is not None:
                 holders = {r.id for r in candidates if r.salt == placed}
         rows = []
-        most_matched = 0
+        most_cached = 0
         for replica in self._weighed(anchor, holders, candidates):
             index = self.index_for(replica, unit, per_token)
             if placed is not None:
@@ -212,12 +233,18 @@ class PrefixPolicy(Policy):
             else:
                 matched = index.match(hashes) if replica.id in holders else 0
             cached = min(int(matched * tokens_per_chunk), prompt_tokens)
+            if blocks is not None and exact is not None:
+                exact_cached = self._exact_cached(
+                    request, blocks, exact(replica.id, request.recipe), cached
+                )
+                sent = self._sent.get((replica.id, hashes[0]), -RECENT_S)
+                if exact_cached >= cached or now - sent >= RECENT_S:
+                    cached = exact_cached
             cost = prompt_tokens - cached + self._queued(replica)
             fill = self._fill(replica, index, len(hashes))
             score = ((anchor ^ replica.salt) * _MIX) & _MASK
             rows.append((cost, fill, -score, matched, cached, replica, index))
-            most_matched = max(most_matched, matched)
-        most_cached = min(int(most_matched * tokens_per_chunk), prompt_tokens)
+            most_cached = max(most_cached, cached)
         if most_cached < KNOWN_SHARE * prompt_tokens:
             best = min(rows, key=lambda row: (row[1], int(row[0] // step), row[2]))
         else:
@@ -233,15 +260,33 @@ class PrefixPolicy(Policy):
             )
         _, _, _, matched, cached, replica, index = best
         self._record(replica.id, index, hashes, matched)
-        if most_matched == 0:
+        if blocks is not None:
+            if len(self._sent) >= MAX_RECENT:
+                self._sent = {k: t for k, t in self._sent.items() if now - t < RECENT_S}
+            self._sent[(replica.id, hashes[0])] = now
+        if most_cached == 0:
             outcome = "prefix_miss"
             if self.placements is not None:
                 self.placements.put(anchor, replica.salt)
-        elif matched == most_matched:
+        elif cached == most_cached:
             outcome = "prefix_hit"
         else:
             outcome = "load_fallback"
         return Decision(replica, outcome, cached)
+
+    @staticmethod
+    def _exact_cached(
+        request: RouteRequest, blocks: dict[int, list[int]], index: ExactIndex | None, estimate: int
+    ) -> int:
+        """Prompt tokens the replica holds, from its exact index (the estimate where it has none).
+        The prompt's last token is always computed, so only blocks before it count."""
+        if index is None:
+            return estimate
+        keys = blocks.get(index.block_size)
+        if keys is None:
+            return estimate
+        usable = (request.block_tokens - 1) // index.block_size
+        return index.match(keys, usable) * index.block_size
 
     def place(self, request: RouteRequest, replica: Replica, outcome: str) -> Decision:
         hashes = self._hashes(request)
