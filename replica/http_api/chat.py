@@ -48,13 +48,7 @@ from replica.http_api.tool_calls import ToolCallParser, assemble, delta_fields
 
 async def create_chat_completion(request: Request) -> Response:
     opened = await open_generation(request, ChatCompletionRequest)
-    runtime, engine, body, resume, model = (
-        opened.runtime,
-        opened.engine,
-        opened.body,
-        opened.resume,
-        opened.model,
-    )
+    runtime, engine, body, resume, model = opened.parts()
     runtime.check_fanout(body.n or 1)
     tools = await runtime.prompts.run(lambda: chat_tools(body, runtime.tool_parser), "tools")
     prompt_ids = await runtime.prompts.run(

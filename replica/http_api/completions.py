@@ -49,13 +49,7 @@ class Prompt:
 
 async def create_completion(request: Request) -> Response:
     opened = await open_generation(request, CompletionRequest)
-    runtime, engine, body, resume, model = (
-        opened.runtime,
-        opened.engine,
-        opened.body,
-        opened.resume,
-        opened.model,
-    )
+    runtime, engine, body, resume, model = opened.parts()
     tokenizer = engine.tokenizer
     runtime.check_fanout(len(body.prompts) * (body.n or 1))
     prompt_ids = await runtime.prompts.run(

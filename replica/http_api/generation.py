@@ -42,6 +42,9 @@ class Opened(Generic[BodyT]):
     resume: StreamResume
     model: str  # the served name the answer carries
 
+    def parts(self) -> tuple[ReplicaRuntime, AsyncEngine, BodyT, StreamResume, str]:
+        return self.runtime, self.engine, self.body, self.resume, self.model
+
 
 async def open_generation(request: Request, kind: type[BodyT]) -> Opened[BodyT]:
     """Authenticate, take the engine (503 unless ready), validate the body, its resume

@@ -134,7 +134,6 @@ def test_down_after_the_manager_was_killed_leaves_nothing(
         assert "is gone: cleaning up after it" in down.out
         for host in hosts.hosts:
             assert f"stopped Ray on {host.address}" in down.out, down.out
-        assert "killed Ray actor hosts-ci." in down.out, down.out
         _nothing_left(hosts, tmp_path)
         print(f"\nfleet down after kill -9 of the manager: nothing left after "
               f"{time.monotonic() - began:.1f}s")  # fmt: skip

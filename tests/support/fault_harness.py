@@ -218,7 +218,8 @@ async def key_usage(redis_url: str, keys: list[FleetKey]) -> dict[str, KeyCheck]
     try:
         sec, usec = await client.time()
         for key in keys:
-            rpm, _, slots, usage = layout.limits(key.id)
+            names = layout.limits(key.id)
+            rpm, slots, usage = names.rpm, names.slots, names.usage
             pipe = client.pipeline(transaction=False)
             pipe.zcount(slots, sec * 1000 + usec // 1000, "+inf")
             pipe.hget(usage, "completion_tokens")
