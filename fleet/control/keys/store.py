@@ -100,10 +100,6 @@ class KeyStore:
 
     # -- authentication
 
-    def cached(self, secret: str) -> KeyRecord | None:
-        """The cached record for a secret (no checks, no I/O)."""
-        return self._by_hash.get(hash_secret(secret))
-
     def known(self, secret: str | None) -> KeyRecord | None:
         """The record of a key this process knows, checked (no I/O; APIError 401); None when it
         is not cached here (`authenticate` looks it up in Redis)."""
